@@ -1,0 +1,280 @@
+"""A client's connection to its node: leases, keepalive, and revocations."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from client.devices import resolve_near
+from client.lease import Lease
+from harvestd.errors import HarvestError, InvalidArgument, Unavailable, from_rpc_error
+from harvestd.paths import node_name, resolve_address
+from lender.backends import BackendKind, Exported, get_backend
+from lender.pickup import pick_up
+from protos import harvest_pb2 as pb
+from protos import harvest_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReclaimResult:
+    """What a reclaim did."""
+
+    revoked: list[str]
+    reclaimed: int
+    freed: bool
+    elapsed_s: float
+
+
+class Client:
+    """A process's connection to the Harvest node; make one with :func:`connect`."""
+
+    def __init__(self, address: str, node: str | None = None, timeout_s: float = 10.0,
+                 margin_s: float | None = None) -> None:
+        self.address = address
+        self.node = node or node_name()
+        self.id = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.timeout_s = timeout_s
+        self._margin = margin_s
+        self._channel = grpc.insecure_channel(address)
+        self._broker = pb_grpc.BrokerStub(self._channel)
+        self._lock = threading.Lock()
+        self._leases: dict[str, Lease] = {}
+        self._closed = threading.Event()
+        self._watching = threading.Event()
+        self._stream = None
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise Unavailable(f"no Harvest broker answers at {address}") from None
+        self._threads = [
+            threading.Thread(target=self._watch, name="harvest-watch", daemon=True),
+            threading.Thread(target=self._renew, name="harvest-keepalive", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        # Revocations must reach us from the first lease on.
+        self._watching.wait(timeout_s)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _call(self, method, request, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout or self.timeout_s)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def __repr__(self) -> str:
+        return f"Client(id={self.id!r}, address={self.address!r}, leases={len(self._leases)})"
+
+    # ------------------------------------------------------------ leases
+
+    def lease(self, nbytes: int, ttl: float | None = None, near: Any = None,
+              priority: int = 0, backend: str | BackendKind | None = None) -> Lease:
+        """Borrow ``nbytes`` on this node, mapped into this process.
+
+        ``ttl``: seconds between keepalives before the lease lapses (the broker's default
+        if None). ``near``: this process's own GPU (index, ``torch.device``, ``"cuda:N"`` or
+        a UUID): never lend from it, prefer its fastest links, and map the memory for it.
+        ``priority``: lower is revoked first. ``backend``: ``"host"``, ``"cuda-vmm"``, ...
+        Raises :class:`client.NoCapacity` at once when no lender can meet it.
+        """
+        if self._closed.is_set():
+            raise InvalidArgument("this client is closed")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
+            raise InvalidArgument(f"nbytes must be a positive int, got {nbytes!r}")
+        if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
+            raise InvalidArgument(f"ttl must be a positive number of seconds, got {ttl!r}")
+        device, near_uuid = resolve_near(near)
+        kind = BackendKind(backend) if backend else None
+        grant = self._call(self._broker.Grant, pb.GrantRequest(
+            client_id=self.id, nbytes=nbytes, ttl_s=float(ttl or 0), node=self.node,
+            near_gpu=near_uuid, priority=priority, holder_pid=os.getpid(),
+            backend=kind.pb if kind else 0))
+        try:
+            mapping = self._pick_up(grant, device)
+        except BaseException:
+            self._release_id(grant.id)
+            raise
+        margin = self._margin if self._margin is not None else min(1.0, grant.ttl_s / 4)
+        lease = Lease(self, grant, mapping, margin)
+        with self._lock:
+            self._leases[lease.id] = lease
+        return lease
+
+    def _pick_up(self, grant: pb.Lease, device: Any):
+        reply, fd = pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
+        kind = BackendKind.from_pb(reply.backend)
+        exported = Exported(kind=kind, alloc_bytes=reply.alloc_bytes, fd=fd,
+                            ipc_handle=reply.ipc_handle, gpu_uuid=reply.gpu_uuid)
+        backend = _client_backend(kind)
+        imported = backend.import_handle(exported)
+        return backend.map(imported, reply.alloc_bytes, device)
+
+    def leases(self) -> list[Lease]:
+        """This client's leases that are still usable."""
+        with self._lock:
+            return list(self._leases.values())
+
+    def _forget(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases.pop(lease.id, None)
+
+    def _release(self, lease: Lease) -> None:
+        self._release_id(lease.id)
+
+    def _release_id(self, lease_id: str) -> None:
+        try:
+            self._call(self._broker.Release, pb.ReleaseRequest(client_id=self.id,
+                                                              lease_id=lease_id))
+        except HarvestError as err:
+            log.info("release of %s failed: %s", lease_id, err)
+
+    def _ack(self, lease: Lease) -> None:
+        try:
+            self._call(self._broker.AckRevoke, pb.AckRevokeRequest(client_id=self.id,
+                                                                  lease_id=lease.id))
+        except HarvestError as err:
+            log.info("acknowledging revocation of %s failed: %s", lease.id, err)
+
+    def _keepalive(self, leases: list[Lease]) -> None:
+        sent = time.monotonic()
+        reply = self._call(self._broker.KeepAlive, pb.KeepAliveRequest(
+            client_id=self.id, lease_ids=[l.id for l in leases]))
+        by_id = {l.id: l for l in leases}
+        for alive in reply.alive:
+            if alive.id in by_id:
+                by_id[alive.id]._renewed(sent)
+        for lost in reply.lost:
+            if lost.id in by_id:
+                by_id[lost.id]._end("revoked", lost.reason or "lease lost", ack=False)
+
+    # ------------------------------------------------------------ background
+
+    def _renew(self) -> None:
+        """Renew every lease a third of its TTL after the last renewal; fence any whose
+        own deadline passes unrenewed (the broker may be unreachable)."""
+        last: dict[str, float] = {}
+        while not self._closed.wait(0.05):
+            now = time.monotonic()
+            leases = self.leases()
+            due = [l for l in leases if now - last.get(l.id, 0.0) >= l.ttl / 3]
+            for lease in leases:
+                if now >= lease.deadline:
+                    lease._end("revoked", "not renewed in time (broker unreachable?)",
+                               ack=False)
+            if not due:
+                continue
+            try:
+                self._keepalive(due)
+                for lease in due:
+                    last[lease.id] = now
+            except HarvestError as err:
+                log.info("keepalive failed: %s", err)
+            live = {l.id for l in leases}
+            for key in [k for k in last if k not in live]:
+                del last[key]
+
+    def _watch(self) -> None:
+        backoff = 0.05
+        while not self._closed.is_set():
+            try:
+                self._stream = self._broker.Watch(pb.WatchRequest(client_id=self.id))
+                for event in self._stream:
+                    backoff = 0.05
+                    if event.kind == pb.LeaseEvent.HELLO:
+                        self._watching.set()
+                    else:
+                        self._on_event(event)
+            except grpc.RpcError as err:
+                if not self._closed.is_set():
+                    log.info("revocation stream broke (%s); reconnecting",
+                             from_rpc_error(err))
+            self._closed.wait(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _on_event(self, event: pb.LeaseEvent) -> None:
+        with self._lock:
+            lease = self._leases.get(event.lease.id)
+        if lease is None:
+            if event.kind == pb.LeaseEvent.REVOKE:
+                # Not ours any more (already released or fenced): acknowledge anyway.
+                self._ack_id(event.lease.id)
+            return
+        if event.kind == pb.LeaseEvent.REVOKE:
+            wait = max(0.0, event.lease.revoke_deadline - time.time() - 0.2)
+            threading.Thread(target=lease._end, args=("revoked", event.lease.reason, True, wait),
+                             daemon=True).start()
+        elif event.kind == pb.LeaseEvent.ENDED:
+            lease._end("revoked", event.lease.reason or "lease ended", ack=False)
+
+    def _ack_id(self, lease_id: str) -> None:
+        try:
+            self._call(self._broker.AckRevoke, pb.AckRevokeRequest(client_id=self.id,
+                                                                  lease_id=lease_id))
+        except HarvestError:
+            pass
+
+    # ------------------------------------------------------------ tenants and operators
+
+    def reclaim(self, lender: str, nbytes: int, timeout: float = 0.0) -> ReclaimResult:
+        """Act as ``lender``'s tenant: take ``nbytes`` back, revoking just enough leases;
+        returns once their memory is free (or ``timeout`` passes)."""
+        if not isinstance(nbytes, int) or nbytes < 0:
+            raise InvalidArgument(f"nbytes must be a non-negative int, got {nbytes!r}")
+        reply = self._call(self._broker.Reclaim, pb.ReclaimRequest(
+            lender_id=lender, nbytes=nbytes, timeout_s=timeout), timeout=(timeout or 60) + 5)
+        return ReclaimResult(list(reply.revoked), reply.reclaimed, reply.freed, reply.elapsed_s)
+
+    def restore(self, lender: str, nbytes: int = 0) -> int:
+        """Give reclaimed memory (``nbytes``, or all) back to lending; the reclaimed total."""
+        return self._call(self._broker.Restore, pb.RestoreRequest(lender_id=lender,
+                                                                 nbytes=nbytes)).reclaimed
+
+    def lenders(self) -> list[pb.Lender]:
+        """Every lender the broker knows."""
+        return list(self._call(self._broker.ListLenders, pb.ListLendersRequest()).lenders)
+
+    def status(self) -> pb.StatusReply:
+        """The broker's summary."""
+        return self._call(self._broker.Status, pb.StatusRequest())
+
+    # ------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Release every lease and disconnect."""
+        for lease in self.leases():
+            lease.release()
+        self._closed.set()
+        if self._stream is not None:
+            self._stream.cancel()
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_BACKENDS: dict[BackendKind, Any] = {}
+
+
+def _client_backend(kind: BackendKind):
+    if kind not in _BACKENDS:
+        _BACKENDS[kind] = get_backend(kind)
+    return _BACKENDS[kind]
+
+
+def connect(address: str | None = None, *, state_dir: str | None = None,
+            node: str | None = None, timeout: float = 10.0) -> Client:
+    """Connect to the Harvest node: ``address`` (a gRPC target), else ``$HARVEST_ADDRESS``,
+    else the node whose state dir is ``state_dir`` / ``$HARVEST_STATE_DIR`` / the default."""
+    return Client(resolve_address(address, state_dir), node=node, timeout_s=timeout)

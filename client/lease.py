@@ -1,0 +1,207 @@
+"""A lease as its holder sees it: borrowed memory mapped into this process, usable
+until it is released or revoked, and fenced the moment it is not."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+from harvestd.errors import HarvestError, InvalidArgument, LeaseRevoked
+from lender.backends.base import BackendKind, Mapping
+
+if TYPE_CHECKING:
+    import torch
+
+    from client.connection import Client
+
+log = logging.getLogger(__name__)
+
+RevokeCallback = Callable[["Lease", str], None]
+
+
+class Lease:
+    """Borrowed memory: ``lease.tensor(dtype, shape)`` is a torch tensor over it, with no
+    copy. Keepalive runs in the background; ``on_revoke`` tells you when it is gone, and
+    every use after that raises :class:`client.LeaseRevoked`."""
+
+    def __init__(self, client: "Client", grant, mapping: Mapping, margin_s: float) -> None:
+        self._client = client
+        self.id: str = grant.id
+        self.nbytes: int = grant.nbytes
+        self.lender: str = grant.lender_id
+        self.generation: int = grant.generation
+        self.ttl: float = grant.ttl_s
+        self.backend = BackendKind.from_pb(grant.backend)
+        self.gpu_uuid: str = grant.gpu_uuid
+        self._mapping = mapping
+        self._margin = margin_s
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._ended: str = ""          # why it ended; empty while usable
+        self._state = "granted"
+        self._callbacks: list[RevokeCallback] = []
+        # The holder's own deadline, on its own monotonic clock: past it, the broker may
+        # already have given the memory to someone else, so we stop using it even if we
+        # cannot reach the broker to hear so.
+        self._deadline = time.monotonic() + self.ttl - margin_s
+
+    # ------------------------------------------------------------ description
+
+    def __repr__(self) -> str:
+        return (f"Lease(id={self.id!r}, nbytes={self.nbytes}, lender={self.lender!r}, "
+                f"backend={self.backend.value!r}, state={self.state!r})")
+
+    @property
+    def state(self) -> str:
+        """``granted``, ``revoked`` or ``released``."""
+        return self._state
+
+    @property
+    def revoked(self) -> bool:
+        """Whether the lease is gone (revoked, expired or released)."""
+        return bool(self._ended)
+
+    @property
+    def device(self) -> Any:
+        """The torch device the memory is addressed from."""
+        return self._mapping.device
+
+    @property
+    def deadline(self) -> float:
+        """``time.monotonic()`` past which this holder stops using the lease unrenewed."""
+        return self._deadline
+
+    # ------------------------------------------------------------ use
+
+    def _check(self) -> None:
+        if self._ended:
+            raise LeaseRevoked(f"lease {self.id} is gone: {self._ended}")
+        if time.monotonic() >= self._deadline:
+            self._end("revoked", "not renewed in time (broker unreachable?)", ack=False)
+            raise LeaseRevoked(f"lease {self.id} is gone: not renewed in time")
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[None]:
+        """Hold the lease for a read or write: a revocation waits (up to its grace) for
+        every ``use`` in flight before it fences the memory, and no new one starts after."""
+        with self._cond:
+            self._check()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    def as_bytes(self) -> "torch.Tensor":
+        """A ``uint8`` tensor of ``nbytes`` over the borrowed memory (no copy)."""
+        self._check()
+        return self._mapping.as_tensor()[: self.nbytes]
+
+    def tensor(self, dtype: "torch.dtype", shape: Sequence[int] | int | None = None,
+               offset: int = 0) -> "torch.Tensor":
+        """A tensor of ``dtype`` and ``shape`` over the borrowed memory at byte ``offset``
+        (no copy). Without a shape: as many elements as fit."""
+        import torch
+
+        self._check()
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if offset < 0 or offset % itemsize:
+            raise InvalidArgument(f"offset {offset} must be a non-negative multiple of "
+                                  f"{itemsize}")
+        if shape is None:
+            shape = ((self.nbytes - offset) // itemsize,)
+        elif isinstance(shape, int):
+            shape = (shape,)
+        shape = tuple(int(s) for s in shape)
+        if any(s < 0 for s in shape):
+            raise InvalidArgument(f"shape {shape} has a negative size")
+        need = math.prod(shape) * itemsize
+        if offset + need > self.nbytes:
+            raise InvalidArgument(f"a {dtype} tensor of shape {shape} at offset {offset} "
+                                  f"needs {offset + need} bytes; the lease has {self.nbytes}")
+        raw = self._mapping.as_tensor()[offset: offset + need]
+        return raw.view(dtype).view(shape)
+
+    def gather(self, offsets: Sequence[int] | "torch.Tensor", block_bytes: int,
+               out: "torch.Tensor") -> "torch.Tensor":
+        """Copy the blocks at byte ``offsets`` (each ``block_bytes`` long) into ``out``, in
+        one launch: the fast way to move many small blocks."""
+        from client.blocks import gather
+
+        with self.use():
+            return gather(self.as_bytes(), offsets, block_bytes, out)
+
+    def scatter(self, src: "torch.Tensor", offsets: Sequence[int] | "torch.Tensor",
+                block_bytes: int) -> None:
+        """Copy the rows of ``src`` (``block_bytes`` each) to byte ``offsets``, in one launch."""
+        from client.blocks import scatter
+
+        with self.use():
+            scatter(self.as_bytes(), src, offsets, block_bytes)
+
+    # ------------------------------------------------------------ life
+
+    def on_revoke(self, callback: RevokeCallback) -> None:
+        """Call ``callback(lease, reason)`` once the memory is gone (at once if it is)."""
+        with self._cond:
+            if not self._ended:
+                self._callbacks.append(callback)
+                return
+        callback(self, self._ended)
+
+    def keepalive(self) -> None:
+        """Renew now (the background thread does this on its own)."""
+        self._check()
+        self._client._keepalive([self])
+
+    def _renewed(self, sent_at: float) -> None:
+        """The broker extended the lease by a keepalive sent at monotonic ``sent_at``."""
+        with self._cond:
+            self._deadline = max(self._deadline, sent_at + self.ttl - self._margin)
+
+    def release(self) -> None:
+        """Give the memory back; idempotent."""
+        if self._ended:
+            return
+        self._end("released", "released by its holder", ack=False)
+        try:
+            self._client._release(self)
+        except HarvestError as err:
+            log.info("release of %s: %s", self.id, err)
+
+    def _end(self, state: str, reason: str, ack: bool, wait_s: float = 0.0) -> None:
+        """Fence: no new use, wait (up to ``wait_s``) for uses in flight, cut the mapping
+        off from the lender's memory, then acknowledge and tell the callbacks."""
+        with self._cond:
+            if self._ended:
+                return
+            self._ended = reason
+            self._state = state
+            deadline = time.monotonic() + wait_s
+            while self._readers and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            callbacks, self._callbacks = self._callbacks, []
+        try:
+            self._mapping.close()
+        except Exception:  # noqa: BLE001 - the fence must not stop the acknowledgement
+            log.exception("fencing lease %s failed", self.id)
+        self._client._forget(self)
+        if ack:
+            self._client._ack(self)
+        for callback in callbacks:
+            try:
+                callback(self, reason)
+            except Exception:  # noqa: BLE001 - one bad callback must not hide the others
+                log.exception("on_revoke callback for %s failed", self.id)
+        log.info("lease %s %s: %s", self.id, state, reason)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

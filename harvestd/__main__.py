@@ -1,0 +1,4 @@
+"""``python -m harvestd`` is the ``harvestd`` CLI."""
+from harvestd.cli import main
+
+main()

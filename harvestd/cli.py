@@ -1,0 +1,372 @@
+"""``harvestd``: start and stop a node, and inspect and change its leases.
+
+Every command takes ``--state-dir``; read commands take ``--json``. Bad arguments, or no
+node where one is needed, end with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+import click
+import grpc
+
+from harvestd.errors import HarvestError, InvalidArgument, Unavailable, from_rpc_error
+from harvestd.node import NodeOptions, broker_ready, running_node, stop_node
+from harvestd.paths import StateDir, resolve_address
+from harvestd.sizes import format_size, parse_size
+from harvestd.table import Timing
+from protos import harvest_pb2 as pb
+from protos import harvest_pb2_grpc as pb_grpc
+
+EXIT_USAGE = 2
+
+
+class _Cli(click.Group):
+    """A group that turns every expected failure into one line and exit code 2."""
+
+    def main(self, *args, **kwargs):  # noqa: D401 - click's signature
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("harvestd: aborted", err=True)
+            sys.exit(1)
+        except click.exceptions.UsageError as err:
+            hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx else ""
+            click.echo(f"harvestd: error: {err.format_message()}{hint}", err=True)
+            sys.exit(EXIT_USAGE)
+        except click.exceptions.ClickException as err:
+            click.echo(f"harvestd: error: {err.format_message()}", err=True)
+            sys.exit(EXIT_USAGE)
+        except HarvestError as err:
+            click.echo(f"harvestd: error: {err}", err=True)
+            sys.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        size = parse_size(value)
+    except InvalidArgument as err:
+        raise click.BadParameter(str(err)) from None
+    return size
+
+
+state_dir_option = click.option(
+    "--state-dir", type=click.Path(file_okay=False), default=None,
+    help="The node's state directory (default: $HARVEST_STATE_DIR, else "
+         "$XDG_RUNTIME_DIR/harvest, else ~/.cache/harvest).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="harvest", prog_name="harvestd")
+def cli() -> None:
+    """Harvest: lend idle GPU memory to other jobs as a revocable cache tier."""
+
+
+# ---------------------------------------------------------------- start / stop
+
+@cli.command()
+@state_dir_option
+@click.option("--address", default=None, help="Join this Ray cluster (default: $RAY_ADDRESS, "
+              "else start a local Ray instance).")
+@click.option("--backend", type=click.Choice(["auto", "host", "cuda-vmm", "cuda-ipc"]),
+              default="auto", show_default=True,
+              help="What to lend: GPU memory (auto where a GPU is found) or host memory.")
+@click.option("--host-bytes", callback=_size, default="1GiB", show_default=True,
+              help="Host memory the host lender lends.")
+@click.option("--gpus", default="", help="Comma-separated GPU indexes or UUIDs to lend "
+              "(default: all).")
+@click.option("--reserve", default="10%", show_default=True,
+              help="GPU memory kept for the GPU's own tenant: bytes (e.g. 8GiB) or a "
+                   "percentage of the GPU.")
+@click.option("--cap", callback=_size, default=None, help="Lend at most this much per GPU.")
+@click.option("--ttl", type=float, default=Timing.default_ttl, show_default=True,
+              help="Default lease TTL in seconds.")
+@click.option("--grace", type=float, default=Timing.grace, show_default=True,
+              help="Seconds a holder has to acknowledge a revocation.")
+@click.option("--listen", default="", help="Also serve gRPC on this loopback HOST:PORT.")
+@click.option("--no-ray-broker", is_flag=True,
+              help="Run the broker as a plain process instead of a Ray actor.")
+@click.option("--detach", is_flag=True, help="Return once the node answers.")
+@click.option("--timeout", type=float, default=180.0, show_default=True,
+              help="With --detach: seconds to wait for the node.")
+def start(state_dir, address, backend, host_bytes, gpus, reserve, cap, ttl, grace, listen,
+          no_ray_broker, detach, timeout) -> None:
+    """Start a node: Ray, the broker, and one lender per GPU (or a host lender)."""
+    state = StateDir.resolve(state_dir)
+    if host_bytes <= 0:
+        raise InvalidArgument("--host-bytes must be positive")
+    if ttl <= 0 or grace <= 0:
+        raise InvalidArgument("--ttl and --grace must be positive")
+    reserve_bytes, reserve_fraction = _reserve(reserve)
+    if running_node(state) is not None:
+        raise HarvestError(f"a Harvest node already runs with state dir {state.root}")
+    state.create()
+    opts = NodeOptions(state_dir=str(state.root), ray_address=address or "", backend=backend,
+                       host_bytes=host_bytes, gpus=[g for g in gpus.split(",") if g],
+                       reserve_bytes=reserve_bytes, reserve_fraction=reserve_fraction,
+                       cap_bytes=cap or 0, ttl_s=ttl, grace_s=grace, listen=listen,
+                       ray_broker=not no_ray_broker)
+    if not detach:
+        from harvestd.logs import setup_logging
+        from harvestd.node import run_node
+
+        setup_logging()
+        run_node(opts, ready=lambda info: click.echo(
+            f"harvest node {info.node} ready: broker {info.broker_address}, lenders "
+            f"{', '.join(info.lenders)} (Ctrl-C stops it)"))
+        return
+    _start_detached(state, opts, timeout)
+
+
+def _reserve(text: str) -> tuple[int, float]:
+    text = text.strip()
+    if text.endswith("%"):
+        try:
+            fraction = float(text[:-1]) / 100
+        except ValueError:
+            raise InvalidArgument(f"--reserve {text!r} is not a percentage") from None
+        if not 0 <= fraction < 1:
+            raise InvalidArgument("--reserve must be between 0% and 100%")
+        return 0, fraction
+    return parse_size(text), 0.0
+
+
+def _start_detached(state: StateDir, opts: NodeOptions, timeout: float) -> None:
+    log_path = state.logs_dir / "daemon.log"
+    with open(log_path, "ab") as log_file:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "harvestd.daemon", json.dumps(asdict(opts))],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=str(state.root))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = state.read_node()
+        if info is not None and info.daemon_pid == daemon.pid and broker_ready(
+                info.broker_address):
+            click.echo(f"harvest node {info.node} ready: broker {info.broker_address}, "
+                       f"lenders {', '.join(info.lenders)}, state dir {state.root}")
+            return
+        if daemon.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise HarvestError("the node failed to start: " + " | ".join(tail))
+        time.sleep(0.2)
+    daemon.terminate()
+    raise HarvestError(f"the node did not answer within {timeout:.0f} s; see {log_path}")
+
+
+@cli.command()
+@state_dir_option
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+def stop(state_dir, timeout) -> None:
+    """Stop the node: lenders, broker, and the Ray instance it started."""
+    state = StateDir.resolve(state_dir)
+    info = stop_node(state, timeout)
+    click.echo(f"harvest node {info.node} stopped")
+
+
+# ---------------------------------------------------------------- reading
+
+def _stub(state_dir: str | None) -> tuple[pb_grpc.BrokerStub, grpc.Channel]:
+    address = resolve_address(None, state_dir) if state_dir else resolve_address()
+    channel = grpc.insecure_channel(address)
+    return pb_grpc.BrokerStub(channel), channel
+
+
+def _call(state_dir: str | None, method: str, request, timeout: float = 10.0):
+    stub, channel = _stub(state_dir)
+    try:
+        return getattr(stub, method)(request, timeout=timeout)
+    except grpc.RpcError as err:
+        error = from_rpc_error(err)
+        if isinstance(error, Unavailable):
+            raise Unavailable(f"no Harvest node answers ({error})") from None
+        raise error from None
+    finally:
+        channel.close()
+
+
+def lease_json(lease: pb.Lease) -> dict[str, Any]:
+    """The JSON form of a lease (``harvestd leases --json``)."""
+    return {"id": lease.id, "lender": lease.lender_id, "nbytes": lease.nbytes,
+            "state": pb.LeaseState.Name(lease.state).lower(), "holder_pid": lease.holder_pid,
+            "expires_at": lease.expires_at, "client_id": lease.client_id,
+            "generation": lease.generation, "ttl_s": lease.ttl_s, "node": lease.node,
+            "priority": lease.priority, "created_at": lease.created_at, "reason": lease.reason,
+            "backend": pb.Backend.Name(lease.backend).removeprefix("BACKEND_").lower()}
+
+
+def lender_json(lender: pb.Lender) -> dict[str, Any]:
+    """The JSON form of a lender (``harvestd lenders --json``)."""
+    lendable = max(0, lender.capacity - lender.reclaimed)
+    return {"id": lender.id, "backend": pb.Backend.Name(lender.backend)
+            .removeprefix("BACKEND_").lower().replace("_", "-"), "node": lender.node,
+            "capacity": lender.capacity, "granted": lender.granted,
+            "reclaimed": lender.reclaimed, "lendable": lendable,
+            "free": max(0, lendable - lender.granted),
+            "state": pb.LenderState.Name(lender.state).removeprefix("LENDER_").lower(),
+            "gpu_uuid": lender.gpu_uuid, "gpu_index": lender.gpu_index,
+            "links": {l.peer_uuid: l.nvlinks for l in lender.links},
+            "generation": lender.generation, "pickup_address": lender.pickup_address,
+            "last_report": lender.last_report, "pid": lender.pid}
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _ago(ts: float) -> str:
+    delta = ts - time.time()
+    return f"in {delta:.1f}s" if delta >= 0 else f"{-delta:.1f}s ago"
+
+
+@cli.command()
+@state_dir_option
+@json_option
+def status(state_dir, as_json) -> None:
+    """The node's summary."""
+    reply = _call(state_dir, "Status", pb.StatusRequest())
+    data = {"version": reply.version, "address": reply.address, "store": reply.store_path,
+            "broker_pid": reply.pid, "started_at": reply.started_at,
+            "lenders_up": reply.lenders_up, "leases_active": reply.leases_active,
+            "bytes_lendable": reply.bytes_lendable, "bytes_granted": reply.bytes_granted,
+            "generation": reply.generation}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"broker     {reply.address} (pid {reply.pid}, up {time.time() - reply.started_at:.0f} s, "
+               f"harvest {reply.version})")
+    click.echo(f"store      {reply.store_path} (generation {reply.generation})")
+    click.echo(f"lenders    {reply.lenders_up} up, {format_size(reply.bytes_lendable)} lendable")
+    click.echo(f"leases     {reply.leases_active} active, {format_size(reply.bytes_granted)} granted")
+
+
+@cli.command()
+@state_dir_option
+@json_option
+def lenders(state_dir, as_json) -> None:
+    """Every lender: backend, GPU, capacity, what is granted."""
+    reply = _call(state_dir, "ListLenders", pb.ListLendersRequest())
+    items = [lender_json(l) for l in reply.lenders]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    _table("lenders", ["id", "node", "backend", "gpu", "state", "capacity", "reclaimed",
+                       "granted", "free", "gen"],
+           [[l["id"], l["node"], l["backend"], str(l["gpu_index"]) if l["gpu_uuid"] else "-",
+             l["state"], format_size(l["capacity"]), format_size(l["reclaimed"]),
+             format_size(l["granted"]), format_size(l["free"]), str(l["generation"])]
+            for l in items])
+
+
+@cli.command()
+@state_dir_option
+@json_option
+@click.option("--all", "include_ended", is_flag=True, help="Include ended leases.")
+@click.option("--lender", default="", help="Only this lender's leases.")
+def leases(state_dir, as_json, include_ended, lender) -> None:
+    """Leases: who holds what, on which lender, until when."""
+    reply = _call(state_dir, "ListLeases", pb.ListLeasesRequest(
+        lender_id=lender, include_ended=include_ended))
+    items = [lease_json(l) for l in reply.leases]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    _table("leases", ["id", "lender", "size", "state", "holder pid", "expires", "reason"],
+           [[l["id"], l["lender"], format_size(l["nbytes"]), l["state"], str(l["holder_pid"]),
+             _ago(l["expires_at"]) if l["state"] in ("granted", "revoking") else "-",
+             l["reason"]] for l in items])
+
+
+# ---------------------------------------------------------------- changing
+
+@cli.command()
+@state_dir_option
+@click.argument("lease_id")
+@click.option("--force", is_flag=True, help="End it now, without the holder's acknowledgement.")
+@click.option("--reason", default="revoked by operator")
+def revoke(state_dir, lease_id, force, reason) -> None:
+    """Revoke one lease: the holder is told, fences and acknowledges."""
+    reply = _call(state_dir, "Revoke", pb.RevokeRequest(lease_id=lease_id, reason=reason,
+                                                        force=force))
+    click.echo(f"lease {lease_id} {pb.LeaseState.Name(reply.lease.state).lower()}")
+
+
+def _wait_command(state_dir, method: str, request, timeout: float,
+                  describe: Callable[[Any], str]) -> None:
+    reply = _call(state_dir, method, request, timeout=(timeout or 60.0) + 10)
+    click.echo(describe(reply))
+
+
+@cli.command()
+@state_dir_option
+@click.argument("lender_id")
+@click.option("--timeout", type=float, default=0.0,
+              help="Seconds to wait for the memory (default: the grace period + 2).")
+def drain(state_dir, lender_id, timeout) -> None:
+    """Stop a lender's grants and revoke all its leases."""
+    if timeout < 0:
+        raise InvalidArgument("--timeout must not be negative")
+    _wait_command(state_dir, "Drain", pb.DrainRequest(lender_id=lender_id, timeout_s=timeout),
+                  timeout, lambda r: f"lender {lender_id} draining: {len(r.revoked)} leases "
+                  f"revoked, memory {'free' if r.freed else 'not yet free'}")
+
+
+@cli.command()
+@state_dir_option
+@click.option("--lender", "lender_id", required=True, help="The lender whose tenant reclaims.")
+@click.option("--bytes", "nbytes", required=True, callback=_size,
+              help="How much memory the tenant takes back (e.g. 512MiB).")
+@click.option("--timeout", type=float, default=0.0,
+              help="Seconds to wait for the memory (default: the grace period + 2).")
+def reclaim(state_dir, lender_id, nbytes, timeout) -> None:
+    """Act as a lender's tenant: take memory back, revoking just enough leases."""
+    if timeout < 0:
+        raise InvalidArgument("--timeout must not be negative")
+    _wait_command(state_dir, "Reclaim", pb.ReclaimRequest(
+        lender_id=lender_id, nbytes=nbytes, timeout_s=timeout), timeout,
+        lambda r: f"reclaimed {format_size(nbytes)} on {lender_id}: {len(r.revoked)} leases "
+                  f"revoked, memory {'free' if r.freed else 'NOT free yet'} after "
+                  f"{r.elapsed_s * 1e3:.1f} ms (tenant holds {format_size(r.reclaimed)})")
+
+
+@cli.command()
+@state_dir_option
+@click.option("--lender", "lender_id", required=True)
+@click.option("--bytes", "nbytes", callback=_size, default="0",
+              help="How much to give back to lending (default: all).")
+def restore(state_dir, lender_id, nbytes) -> None:
+    """Give memory a tenant reclaimed back to lending (and end a drain)."""
+    reply = _call(state_dir, "Restore", pb.RestoreRequest(lender_id=lender_id, nbytes=nbytes))
+    click.echo(f"lender {lender_id}: tenant holds {format_size(reply.reclaimed)}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="harvestd")
+
+
+if __name__ == "__main__":
+    main()

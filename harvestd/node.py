@@ -1,0 +1,273 @@
+"""A Harvest node: Ray, the broker and one lender per GPU (or a host lender), started
+and stopped together by ``harvestd start`` / ``harvestd stop``.
+
+The daemon process (:func:`run_node`) is the Ray driver: it starts a local Ray instance
+(or joins the cluster at ``--address`` / ``RAY_ADDRESS``), starts the broker as a named
+detached actor (or a plain process with ``--no-ray-broker``) and the lenders as actors
+pinned to this node, writes ``node.json``, and tears everything down on SIGTERM.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+from harvestd.broker import BROKER_ACTOR_NAME, RAY_NAMESPACE, BrokerConfig, broker_actor_class
+from harvestd.errors import FailedPrecondition, HarvestError, InvalidArgument, Unavailable
+from harvestd.paths import NodeInfo, StateDir, node_name
+from harvestd.table import Timing
+from lender.lender import LENDER_ACTOR_PREFIX, LenderConfig, lender_actor_class
+from protos import harvest_pb2 as pb
+from protos import harvest_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+@dataclass
+class NodeOptions:
+    """Everything ``harvestd start`` takes."""
+
+    state_dir: str
+    ray_address: str = ""          # empty: RAY_ADDRESS, else a new local Ray instance
+    backend: str = "auto"          # auto | host | cuda-vmm | cuda-ipc
+    host_bytes: int = 1 << 30
+    gpus: list[str] = field(default_factory=list)  # UUIDs or NVML indexes; empty: all
+    reserve_bytes: int = 0
+    reserve_fraction: float = 0.1
+    cap_bytes: int = 0
+    ttl_s: float = Timing.default_ttl
+    grace_s: float = Timing.grace
+    listen: str = ""
+    ray_broker: bool = True        # False: the broker runs as a plain process
+    node: str = ""
+
+
+def broker_ready(address: str, timeout_s: float = 1.0) -> pb.StatusReply | None:
+    """The broker's status if it answers at ``address`` within ``timeout_s``, else None."""
+    channel = grpc.insecure_channel(address)
+    try:
+        return pb_grpc.BrokerStub(channel).Status(pb.StatusRequest(), timeout=timeout_s)
+    except grpc.RpcError:
+        return None
+    finally:
+        channel.close()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_node(state: StateDir) -> NodeInfo | None:
+    """The node that runs on this state dir now, if any."""
+    info = state.read_node()
+    if info is None or not pid_alive(info.daemon_pid):
+        return None
+    return info
+
+
+def plan_lenders(opts: NodeOptions, node: str) -> list[LenderConfig]:
+    """One lender per chosen GPU, or one host lender where there is no GPU (or asked)."""
+    backend = opts.backend
+    gpus = []
+    if backend != "host":
+        from lender.gpus import discover_gpus
+
+        gpus = discover_gpus()
+        if opts.gpus:
+            wanted = set(opts.gpus)
+            gpus = [g for g in gpus if g.uuid in wanted or str(g.index) in wanted]
+            missing = wanted - {g.uuid for g in gpus} - {str(g.index) for g in gpus}
+            if missing:
+                raise InvalidArgument(f"no such GPU on this node: {', '.join(sorted(missing))}")
+        if backend == "auto":
+            backend = "cuda-vmm" if gpus else "host"
+        elif not gpus:
+            raise InvalidArgument(f"--backend {backend} needs a GPU; none was found")
+    common = dict(state_dir=opts.state_dir, broker_address="", node=node)
+    if backend == "host":
+        return [LenderConfig(lender_id=f"{node}-host0", backend="host",
+                             host_bytes=opts.host_bytes, **common)]
+    return [LenderConfig(lender_id=f"{node}-gpu{g.index}", backend=backend, gpu_uuid=g.uuid,
+                         reserve_bytes=opts.reserve_bytes,
+                         reserve_fraction=opts.reserve_fraction, cap_bytes=opts.cap_bytes,
+                         **common) for g in gpus]
+
+
+class Node:
+    """The pieces of a running node, owned by the daemon process."""
+
+    def __init__(self, opts: NodeOptions) -> None:
+        self.opts = opts
+        self.state = StateDir.resolve(opts.state_dir).create()
+        self.node = opts.node or node_name()
+        self.broker_actor = None
+        self.broker_process: subprocess.Popen | None = None
+        self.lender_actors: dict[str, object] = {}
+        self.ray_started_here = False
+
+    def start(self) -> NodeInfo:
+        """Start Ray, the broker and the lenders; write ``node.json``."""
+        if running_node(self.state) is not None:
+            raise FailedPrecondition(f"a Harvest node already runs with state dir "
+                                     f"{self.state.root} (stop it with `harvestd stop`)")
+        import ray
+
+        address = self.opts.ray_address or os.environ.get("RAY_ADDRESS", "")
+        env = {"PYTHONPATH": os.pathsep.join(
+            p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)}
+        init = dict(namespace=RAY_NAMESPACE, log_to_driver=False, configure_logging=False,
+                    runtime_env={"env_vars": env})
+        if address:
+            ray.init(address=address, **init)
+        else:
+            # Our own Ray stays on loopback and small: it hosts a few actors, no data.
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
+                     object_store_memory=80 << 20, **init)
+            self.ray_started_here = True
+        ray_node = ray.get_runtime_context().get_node_id()
+        here = self._pinned(ray_node)
+        self._start_broker(here)
+        address = self.state.broker_address
+        deadline = time.monotonic() + 60
+        while broker_ready(address) is None:
+            if time.monotonic() > deadline:
+                raise Unavailable("the broker did not answer within 60 s; see "
+                                  f"{self.state.logs_dir / 'broker.log'}")
+            time.sleep(0.1)
+        actor_cls = lender_actor_class()
+        for config in plan_lenders(self.opts, self.node):
+            config = LenderConfig(**{**asdict(config), "broker_address": address})
+            actor = actor_cls.options(name=LENDER_ACTOR_PREFIX + config.lender_id,
+                                      lifetime="detached", scheduling_strategy=here
+                                      ).remote(config)
+            self.lender_actors[config.lender_id] = actor
+        ray.get([a.info.remote() for a in self.lender_actors.values()], timeout=120)
+        info = NodeInfo(broker_address=address, daemon_pid=os.getpid(), node=self.node,
+                        ray_address=ray.get_runtime_context().gcs_address,
+                        started_at=time.time(), lenders=sorted(self.lender_actors),
+                        broker_mode="ray" if self.opts.ray_broker else "process")
+        self.state.write_node(info)
+        log.info("node %s up: broker %s, lenders %s", self.node, address, info.lenders)
+        return info
+
+    @staticmethod
+    def _pinned(ray_node: str):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # Sockets and the store live in this node's state dir: the actors must run here.
+        return NodeAffinitySchedulingStrategy(node_id=ray_node, soft=False)
+
+    def _start_broker(self, here) -> None:
+        config = BrokerConfig(state_dir=str(self.state.root), listen=self.opts.listen,
+                              timing=Timing(default_ttl=self.opts.ttl_s, grace=self.opts.grace_s))
+        if self.opts.ray_broker:
+            import ray
+
+            try:  # a broker left behind by a daemon that died
+                ray.kill(ray.get_actor(BROKER_ACTOR_NAME, namespace=RAY_NAMESPACE))
+            except ValueError:
+                pass
+            self.broker_actor = broker_actor_class().options(
+                name=BROKER_ACTOR_NAME, lifetime="detached", scheduling_strategy=here
+            ).remote(config)
+            ray.get(self.broker_actor.address.remote(), timeout=60)
+            return
+        log_file = open(self.state.logs_dir / "broker.out", "ab")
+        self.broker_process = subprocess.Popen(
+            [sys.executable, "-m", "harvestd.broker", "--state-dir", str(self.state.root),
+             "--ttl", str(self.opts.ttl_s), "--grace", str(self.opts.grace_s)]
+            + (["--listen", self.opts.listen] if self.opts.listen else []),
+            stdout=log_file, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)})
+
+    def stop(self) -> None:
+        """Stop the lenders, then the broker, then Ray (if this node started it)."""
+        import ray
+
+        for lender_id, actor in self.lender_actors.items():
+            try:
+                ray.get(actor.shutdown.remote(), timeout=10)
+            except Exception as exc:  # noqa: BLE001 - stopping goes on regardless
+                log.warning("lender %s did not shut down cleanly: %s", lender_id, exc)
+            ray.kill(actor, no_restart=True)
+        if self.broker_actor is not None:
+            try:
+                ray.get(self.broker_actor.shutdown.remote(), timeout=10)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("broker did not shut down cleanly: %s", exc)
+            ray.kill(self.broker_actor, no_restart=True)
+        if self.broker_process is not None:
+            self.broker_process.terminate()
+            try:
+                self.broker_process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.broker_process.kill()
+        if ray.is_initialized():
+            ray.shutdown()
+        for path in (self.state.node_file, self.state.broker_socket):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        log.info("node %s stopped", self.node)
+
+
+def run_node(opts: NodeOptions, ready: "callable | None" = None) -> None:
+    """Run a node in this process until SIGTERM or SIGINT (the daemon's main loop)."""
+    done = threading.Event()
+
+    def on_signal(*_) -> None:
+        done.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    node = Node(opts)
+    try:
+        info = node.start()
+        # ray.init may install handlers of its own; ours decide when the node stops.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        if ready is not None:
+            ready(info)
+        done.wait()
+    finally:
+        node.stop()
+
+
+def stop_node(state: StateDir, timeout_s: float = 60.0) -> NodeInfo:
+    """Ask the daemon of the node on ``state`` to stop, and wait until it has."""
+    info = running_node(state)
+    if info is None:
+        for path in (state.node_file, state.broker_socket):
+            if path.exists():
+                path.unlink()
+        raise Unavailable(f"no Harvest node runs with state dir {state.root}")
+    os.kill(info.daemon_pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(info.daemon_pid):
+        if time.monotonic() > deadline:
+            os.kill(info.daemon_pid, signal.SIGKILL)
+            raise HarvestError(f"the daemon (pid {info.daemon_pid}) did not stop within "
+                               f"{timeout_s:.0f} s and was killed")
+        time.sleep(0.1)
+    return info

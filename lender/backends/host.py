@@ -1,0 +1,179 @@
+"""Host memory lent as memfd files: the backend every machine has, and the CPU twin of
+the CUDA VMM backend (same protocol: an fd over SCM_RIGHTS, mapped by the client).
+
+The client maps the memfd itself (``mmap`` through libc, so that it controls the
+address), and fences by mapping private anonymous pages over the very same addresses:
+tensors made before the fence stay valid Python objects, but from then on they read
+zeros that belong to this process, never the lender's pages.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import threading
+import weakref
+from typing import Any
+
+from harvestd.errors import BackendUnavailable, InvalidArgument
+from lender.backends.base import Allocation, BackendKind, Exported, round_up
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.fallocate.restype = ctypes.c_int
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
+_MAP_ANONYMOUS = getattr(mmap, "MAP_ANONYMOUS", 0x20)
+
+
+def _mmap(addr: int | None, nbytes: int, flags: int, fd: int) -> int:
+    ptr = _libc.mmap(addr, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+    if ptr is None or ptr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of {nbytes} bytes failed: {os.strerror(err)}")
+    return ptr
+
+
+class HostMapping:
+    """A memfd mapped into this process (see :class:`lender.backends.base.Mapping`)."""
+
+    def __init__(self, fd: int, nbytes: int, device: Any = None) -> None:
+        import torch
+
+        self.nbytes = nbytes
+        self._lock = threading.Lock()
+        self._fenced = False
+        self._addr = _mmap(None, nbytes, mmap.MAP_SHARED, fd)
+        # The ctypes array owns the address range: torch keeps it alive through every
+        # tensor made from it, and the finalizer unmaps only when the last one is gone.
+        self._buffer = (ctypes.c_ubyte * nbytes).from_address(self._addr)
+        weakref.finalize(self._buffer, _libc.munmap, self._addr, nbytes)
+        self._tensor = torch.frombuffer(self._buffer, dtype=torch.uint8)
+        self._device = torch.device("cpu")
+        self._pinned = False
+        if device is not None and torch.device(device).type == "cuda":
+            self._pin()
+
+    def _pin(self) -> None:
+        """Register the pages with CUDA so that GPU copies run at the PCIe link's speed."""
+        import torch
+
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(self._addr, self.nbytes, 0)
+        if int(err) != 0:  # pragma: no cover - needs a GPU
+            log.warning("cudaHostRegister failed (%s): host lease stays pageable", err)
+            return
+        self._pinned = True
+
+    @property
+    def device(self) -> Any:
+        """Host memory is addressed from the CPU (pinned when a GPU user asked for it)."""
+        return self._device
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the pages are registered with CUDA."""
+        return self._pinned
+
+    @property
+    def address(self) -> int:
+        """The mapping's virtual address in this process."""
+        return self._addr
+
+    def as_tensor(self) -> Any:
+        """A ``torch.uint8`` tensor over the mapped memory (no copy)."""
+        return self._tensor
+
+    def fence(self) -> None:
+        """Replace the lender's pages with private zero pages at the same addresses."""
+        with self._lock:
+            if self._fenced:
+                return
+            if self._pinned:  # pragma: no cover - needs a GPU
+                import torch
+
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaHostUnregister(self._addr)
+                self._pinned = False
+            _mmap(self._addr, self.nbytes,
+                  mmap.MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_FIXED, -1)
+            self._fenced = True
+
+    def close(self) -> None:
+        """Fence; the address range itself goes when the last tensor over it does."""
+        self.fence()
+        self._tensor = None
+
+
+class HostBackend:
+    """Host memory lent as memfd files (``--backend host``)."""
+
+    kind = BackendKind.HOST
+
+    def __init__(self, granularity: int = mmap.PAGESIZE) -> None:
+        if not hasattr(os, "memfd_create"):
+            raise BackendUnavailable("memfd_create is not available on this system")
+        self._granularity = granularity
+
+    @property
+    def granularity(self) -> int:
+        """Allocations are whole pages."""
+        return self._granularity
+
+    def allocate(self, nbytes: int) -> Allocation:
+        """A new memfd of ``nbytes`` rounded up to a page; the kernel hands it out zeroed."""
+        if nbytes <= 0:
+            raise InvalidArgument(f"allocation size must be positive, got {nbytes}")
+        size = round_up(nbytes, self._granularity)
+        fd = os.memfd_create("harvest-lease", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
+        return Allocation(nbytes=size, handle=fd)
+
+    def zero(self, alloc: Allocation) -> None:
+        """Punch the whole file out: its pages go back to the kernel and read as zeros.
+
+        Punching keeps the size, so a mapping still open elsewhere reads zeros rather
+        than faulting (truncating would raise SIGBUS there).
+        """
+        if _libc.fallocate(alloc.handle, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                           0, alloc.nbytes) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"zeroing a host allocation failed: {os.strerror(err)}")
+
+    def export(self, alloc: Allocation) -> Exported:
+        """A duplicate of the memfd, for SCM_RIGHTS."""
+        return Exported(kind=self.kind, alloc_bytes=alloc.nbytes, fd=os.dup(alloc.handle))
+
+    def free(self, alloc: Allocation) -> None:
+        """Close the lender's fd; the pages go once every client has unmapped them too."""
+        if alloc.handle is not None and alloc.handle >= 0:
+            os.close(alloc.handle)
+            alloc.handle = -1
+
+    def import_handle(self, exported: Exported) -> int:
+        """The received fd is the client's own reference."""
+        if exported.fd is None or exported.fd < 0:
+            raise InvalidArgument("host handle carries no file descriptor")
+        return exported.fd
+
+    def map(self, imported: int, nbytes: int, device: Any = None) -> HostMapping:
+        """Map ``nbytes`` of the memfd (pinned for CUDA when ``device`` is a GPU), then
+        close the fd: the mapping keeps the pages."""
+        try:
+            return HostMapping(imported, nbytes, device)
+        finally:
+            os.close(imported)

@@ -1,0 +1,258 @@
+"""A lender: lends one GPU's (or one host pool's) spare memory through the broker.
+
+It registers with the broker, reports what it can lend, hands allocations out through
+its pick-up socket once the broker vouches for the token, and frees (or zeroes and
+pools) an allocation when the broker says its lease ended. :func:`lender_actor_class`
+runs it as a Ray actor; it runs as well in any plain process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import grpc
+
+from harvestd.errors import (HarvestError, LeaseRevoked, NotFound, PermissionDenied,
+                             from_rpc_error)
+from harvestd.paths import StateDir, node_name
+from lender.backends import Allocation, BackendKind, get_backend
+from lender.capacity import Capacity, capacity_for
+from lender.pickup import Peer, PickupServer
+from lender.pool import Pool
+from protos import harvest_pb2 as pb
+from protos import harvest_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+LENDER_ACTOR_PREFIX = "harvest-lender-"
+
+
+@dataclass(frozen=True)
+class LenderConfig:
+    """What one lender lends and where it reports."""
+
+    lender_id: str
+    state_dir: str
+    broker_address: str
+    backend: str = BackendKind.HOST.value
+    host_bytes: int = 1 << 30
+    gpu_uuid: str = ""
+    reserve_bytes: int = 0
+    reserve_fraction: float = 0.0
+    cap_bytes: int = 0            # 0: no cap
+    node: str = ""
+    report_interval_s: float = 1.0
+
+
+class Lender:
+    """See the module docstring."""
+
+    def __init__(self, config: LenderConfig) -> None:
+        self.config = config
+        self.id = config.lender_id
+        self.node = config.node or node_name()
+        self.kind = BackendKind(config.backend)
+        self.state = StateDir.resolve(config.state_dir).create()
+        self.backend = get_backend(self.kind, **({"gpu_uuid": config.gpu_uuid}
+                                                 if self.kind.is_gpu else {}))
+        self.capacity: Capacity = capacity_for(config)
+        self.pool = Pool(self.backend, keep_bytes=self.capacity.pool_bytes())
+        self.generation = 0
+        self._lock = threading.Lock()
+        self._allocations: dict[str, Allocation] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()  # FREEs seen before a pick-up
+        self._stop = threading.Event()
+        self._channel = grpc.insecure_channel(config.broker_address)
+        self._broker = pb_grpc.BrokerStub(self._channel)
+        self._pickup = PickupServer(str(self.state.pickup_socket(self.id)), self._hand_out)
+        self._threads = [threading.Thread(target=self._watch, name="harvest-lender-watch",
+                                          daemon=True),
+                         threading.Thread(target=self._report, name="harvest-lender-report",
+                                          daemon=True)]
+
+    # ------------------------------------------------------------ life
+
+    def start(self) -> "Lender":
+        """Register with the broker, then serve pick-ups and follow the broker."""
+        self._register()
+        self._pickup.start()
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and free every allocation this process holds."""
+        self._stop.set()
+        self._pickup.close()
+        self._channel.close()
+        with self._lock:
+            allocations = list(self._allocations.values())
+            self._allocations.clear()
+        for alloc in allocations:
+            self.pool.give_back(alloc, clean=False)
+        self.pool.close()
+        log.info("lender %s stopped", self.id)
+
+    def _register(self) -> None:
+        info = self.capacity.describe()
+        lender = pb.Lender(
+            id=self.id, node=self.node, backend=self.kind.pb, gpu_uuid=info.gpu_uuid,
+            gpu_index=info.gpu_index,
+            links=[pb.GpuLink(peer_uuid=k, nvlinks=v) for k, v in info.links.items()],
+            pickup_address=self._pickup.path, capacity=self.capacity.lendable(self.held()),
+            pid=os.getpid(), granularity=self.backend.granularity)
+        reply = self._call(self._broker.RegisterLender, pb.RegisterLenderRequest(lender=lender))
+        self.generation = reply.generation
+        log.info("lender %s registered as generation %d (%s, %d bytes)", self.id,
+                 self.generation, self.kind.value, lender.capacity)
+
+    def _call(self, method, request, timeout: float = 10.0):
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def held(self) -> int:
+        """Bytes this process holds for lending (handed out and pooled)."""
+        return self.pool.out_bytes + self.pool.idle_bytes
+
+    def info(self) -> dict:
+        """A summary for the daemon and tests."""
+        with self._lock:
+            handed_out = len(self._allocations)
+        return {"id": self.id, "backend": self.kind.value, "node": self.node,
+                "generation": self.generation, "pid": os.getpid(),
+                "pickup_address": self._pickup.path, "handed_out": handed_out,
+                "out_bytes": self.pool.out_bytes, "idle_bytes": self.pool.idle_bytes}
+
+    # ------------------------------------------------------------ pick-up
+
+    def _hand_out(self, request: pb.PickupRequest, peer: Peer):
+        checked = self._call(self._broker.CheckPickup, pb.CheckPickupRequest(
+            lender_id=self.id, lender_generation=self.generation, lease_id=request.lease_id,
+            token=request.token, lease_generation=request.generation, holder_pid=peer.pid,
+            holder_uid=peer.uid))
+        alloc = self.pool.take(checked.nbytes)
+        with self._lock:
+            ended = request.lease_id in self._ended
+            if not ended:
+                self._allocations[request.lease_id] = alloc
+        if ended:  # the lease ended between the broker's check and now
+            self.pool.give_back(alloc, clean=True)
+            raise LeaseRevoked(f"lease {request.lease_id} ended during its pick-up")
+        exported = self.backend.export(alloc)
+        log.debug("lease %s picked up by pid %d", request.lease_id, peer.pid)
+        return pb.PickupReply(ok=True, nbytes=checked.nbytes, alloc_bytes=alloc.nbytes,
+                              backend=self.kind.pb, gpu_uuid=exported.gpu_uuid,
+                              ipc_handle=exported.ipc_handle), exported.fd
+
+    # ------------------------------------------------------------ following the broker
+
+    def _free(self, events: list[pb.LenderEvent]) -> None:
+        done = []
+        for event in events:
+            with self._lock:
+                alloc = self._allocations.pop(event.lease_id, None)
+                if alloc is None:
+                    self._ended[event.lease_id] = None
+                    while len(self._ended) > 100_000:
+                        self._ended.popitem(last=False)
+            if alloc is not None:
+                self.pool.give_back(alloc, clean=event.clean)
+            done.append(event.lease_id)
+        self._call(self._broker.ConfirmFree, pb.ConfirmFreeRequest(
+            lender_id=self.id, generation=self.generation, lease_ids=done))
+        log.debug("freed %d leases", len(done))
+
+    def _watch(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                stream = self._broker.WatchLender(pb.WatchLenderRequest(
+                    lender_id=self.id, generation=self.generation))
+                for event in stream:
+                    backoff = 0.1
+                    if event.kind == pb.LenderEvent.FREE:
+                        self._free([event])
+            except grpc.RpcError as err:
+                self._recover(from_rpc_error(err))
+            except HarvestError as err:
+                self._recover(err)
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _recover(self, err: HarvestError) -> None:
+        if self._stop.is_set():
+            return
+        if isinstance(err, (NotFound, PermissionDenied)):
+            # The broker no longer knows this generation: start over under a new one.
+            log.warning("broker refused lender %s (%s): registering again", self.id, err)
+            with self._lock:
+                allocations = list(self._allocations.values())
+                self._allocations.clear()
+            for alloc in allocations:
+                self.pool.give_back(alloc, clean=False)
+            try:
+                self._register()
+            except HarvestError as exc:
+                log.warning("registration failed: %s", exc)
+        else:
+            log.info("broker unreachable (%s); retrying", err)
+
+    def _report(self) -> None:
+        while not self._stop.wait(self.config.report_interval_s):
+            try:
+                lendable = self.capacity.lendable(self.held())
+                self._call(self._broker.ReportLender, pb.ReportLenderRequest(
+                    lender_id=self.id, generation=self.generation, capacity=lendable))
+                if self.capacity.under_pressure(self.held(), lendable, self.pool.out_bytes):
+                    self._give_tenant_room()
+            except HarvestError as err:
+                if not self._stop.is_set():
+                    log.info("report failed: %s", err)
+
+    def _give_tenant_room(self) -> None:
+        """The GPU's own tenant needs memory: free the idle pool, then have the broker
+        revoke leases down to what we may lend now, and free their memory."""
+        start = time.monotonic()
+        self.pool.trim(0)
+        reply = self._call(self._broker.Reclaim, pb.ReclaimRequest(lender_id=self.id, nbytes=0),
+                           timeout=60.0)
+        self.pool.trim(0)
+        log.info("tenant pressure on %s: %d leases revoked in %.1f ms (freed=%s)", self.id,
+                 len(reply.revoked), (time.monotonic() - start) * 1e3, reply.freed)
+
+
+def lender_actor_class():
+    """The lender as a Ray actor class (built lazily so that importing needs no Ray).
+
+    It asks Ray for no GPU: lending must not take the GPU away from Ray's scheduler,
+    and the lender finds its GPU by UUID, whatever ``CUDA_VISIBLE_DEVICES`` says.
+    """
+    import ray
+
+    @ray.remote(num_cpus=0, num_gpus=0, max_restarts=-1, max_task_retries=0)
+    class LenderActor:
+        """One lender in a Ray actor; Ray restarts it, and it registers again under a new
+        generation (its old leases are revoked: their memory died with it)."""
+
+        def __init__(self, config: LenderConfig) -> None:
+            from harvestd.logs import setup_logging
+
+            setup_logging(StateDir.resolve(config.state_dir).logs_dir
+                          / f"lender-{config.lender_id}.log")
+            self.lender = Lender(config).start()
+
+        def info(self) -> dict:
+            """See :meth:`Lender.info`."""
+            return self.lender.info()
+
+        def shutdown(self) -> None:
+            """Stop lending (the actor is killed after)."""
+            self.lender.stop()
+
+    return LenderActor
