@@ -22,6 +22,9 @@ from protos import harvest_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+# How long a lease that ended by force waits for uses in flight before it is fenced.
+_ENDED_WAIT_S = 0.5
+
 
 @dataclass(frozen=True)
 class ReclaimResult:
@@ -57,7 +60,8 @@ class Client:
             raise Unavailable(f"no Harvest broker answers at {address}") from None
         self._threads = [
             threading.Thread(target=self._watch, name="harvest-watch", daemon=True),
-            threading.Thread(target=self._renew, name="harvest-keepalive", daemon=True)]
+            threading.Thread(target=self._renew, name="harvest-keepalive", daemon=True),
+            threading.Thread(target=self._fence_overdue, name="harvest-fence", daemon=True)]
         for thread in self._threads:
             thread.start()
         # Revocations must reach us from the first lease on.
@@ -144,10 +148,10 @@ class Client:
         except HarvestError as err:
             log.info("acknowledging revocation of %s failed: %s", lease.id, err)
 
-    def _keepalive(self, leases: list[Lease]) -> None:
+    def _keepalive(self, leases: list[Lease], timeout: float | None = None) -> None:
         sent = time.monotonic()
         reply = self._call(self._broker.KeepAlive, pb.KeepAliveRequest(
-            client_id=self.id, lease_ids=[l.id for l in leases]))
+            client_id=self.id, lease_ids=[l.id for l in leases]), timeout=timeout)
         by_id = {l.id: l for l in leases}
         for alive in reply.alive:
             if alive.id in by_id:
@@ -159,28 +163,33 @@ class Client:
     # ------------------------------------------------------------ background
 
     def _renew(self) -> None:
-        """Renew every lease a third of its TTL after the last renewal; fence any whose
-        own deadline passes unrenewed (the broker may be unreachable)."""
+        """Renew every lease a third of its TTL after its last renewal."""
         last: dict[str, float] = {}
         while not self._closed.wait(0.05):
             now = time.monotonic()
             leases = self.leases()
             due = [l for l in leases if now - last.get(l.id, 0.0) >= l.ttl / 3]
-            for lease in leases:
-                if now >= lease.deadline:
-                    lease._end("revoked", "not renewed in time (broker unreachable?)",
-                               ack=False)
-            if not due:
-                continue
-            try:
-                self._keepalive(due)
-                for lease in due:
-                    last[lease.id] = now
-            except HarvestError as err:
-                log.info("keepalive failed: %s", err)
+            if due:
+                try:
+                    # A call that hangs must not outlive the renewal it is for.
+                    self._keepalive(due, timeout=max(0.05, min(l.ttl for l in due) / 3))
+                    for lease in due:
+                        last[lease.id] = now
+                except HarvestError as err:
+                    log.info("keepalive failed: %s", err)
             live = {l.id for l in leases}
             for key in [k for k in last if k not in live]:
                 del last[key]
+
+    def _fence_overdue(self) -> None:
+        """Fence any lease whose own deadline passed unrenewed: the broker may be
+        unreachable, and may already have given the memory to someone else."""
+        while not self._closed.wait(0.02):
+            now = time.monotonic()
+            for lease in self.leases():
+                if now >= lease.deadline:
+                    lease._end("revoked", "not renewed in time (broker unreachable?)",
+                               ack=False)
 
     def _watch(self) -> None:
         backoff = 0.05
@@ -213,7 +222,12 @@ class Client:
             threading.Thread(target=lease._end, args=("revoked", event.lease.reason, True, wait),
                              daemon=True).start()
         elif event.kind == pb.LeaseEvent.ENDED:
-            lease._end("revoked", event.lease.reason or "lease ended", ack=False)
+            # Nobody else gets these pages while we map them (the lender frees rather than
+            # pools memory of a lease that ended by force), so a short wait for reads in
+            # flight is safe, and spares them a LeaseRevoked.
+            threading.Thread(target=lease._end, args=("revoked", event.lease.reason
+                                                      or "lease ended", False, _ENDED_WAIT_S),
+                             daemon=True).start()
 
     def _ack_id(self, lease_id: str) -> None:
         try:

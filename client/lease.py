@@ -40,6 +40,7 @@ class Lease:
         self._margin = margin_s
         self._cond = threading.Condition()
         self._readers = 0
+        self._fenced = False
         self._ended: str = ""          # why it ended; empty while usable
         self._state = "granted"
         self._callbacks: list[RevokeCallback] = []
@@ -86,16 +87,26 @@ class Lease:
     @contextlib.contextmanager
     def use(self) -> Iterator[None]:
         """Hold the lease for a read or write: a revocation waits (up to its grace) for
-        every ``use`` in flight before it fences the memory, and no new one starts after."""
+        every ``use`` in flight before it fences the memory, and no new one starts after.
+
+        If the lease was nonetheless fenced while this ``use`` ran (a forced end that
+        could not wait), leaving the block raises :class:`LeaseRevoked`: what the block
+        read may be partly zeros, so the caller must discard it and fall back.
+        """
         with self._cond:
             self._check()
             self._readers += 1
+        completed = False
         try:
             yield
+            completed = True
         finally:
             with self._cond:
                 self._readers -= 1
+                fenced = self._fenced
                 self._cond.notify_all()
+        if completed and fenced:
+            raise LeaseRevoked(f"lease {self.id} was fenced during this use: {self._ended}")
 
     def as_bytes(self) -> "torch.Tensor":
         """A ``uint8`` tensor of ``nbytes`` over the borrowed memory (no copy)."""
@@ -190,6 +201,8 @@ class Lease:
             self._mapping.close()
         except Exception:  # noqa: BLE001 - the fence must not stop the acknowledgement
             log.exception("fencing lease %s failed", self.id)
+        with self._cond:
+            self._fenced = True
         self._client._forget(self)
         if ack:
             self._client._ack(self)

@@ -230,7 +230,8 @@ class LeaseTable:
                     or not hmac.compare_digest(lease.token, token)
                     or lease.generation != lease_generation
                     or lease.lender_generation != lender.generation):
-                raise PermissionDenied("no such lease for that token")
+                raise PermissionDenied("no live lease for that token (unknown id, wrong token, "
+                                       "or the lease ended)")
             if lease.state is not LeaseState.GRANTED or lease.expires_at <= self.clock():
                 raise LeaseRevoked(f"lease {lease_id} is {lease.state.label}")
             if lease.picked_up:

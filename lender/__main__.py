@@ -1,0 +1,41 @@
+"""Run one lender as a plain process (no Ray): ``python -m lender --id ID --state-dir D``."""
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from harvestd.logs import setup_logging
+from harvestd.paths import StateDir
+from harvestd.sizes import parse_size
+from lender.lender import Lender, LenderConfig
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Lend until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(prog="python -m lender")
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--state-dir", default=None)
+    parser.add_argument("--broker", default="", help="gRPC target (default: the state dir's)")
+    parser.add_argument("--backend", default="host")
+    parser.add_argument("--host-bytes", default="1GiB")
+    parser.add_argument("--gpu-uuid", default="")
+    parser.add_argument("--node", default="")
+    parser.add_argument("--report-interval", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    state = StateDir.resolve(args.state_dir).create()
+    setup_logging(state.logs_dir / f"lender-{args.id}.log")
+    lender = Lender(LenderConfig(
+        lender_id=args.id, state_dir=str(state.root),
+        broker_address=args.broker or state.broker_address, backend=args.backend,
+        host_bytes=parse_size(args.host_bytes), gpu_uuid=args.gpu_uuid, node=args.node,
+        report_interval_s=args.report_interval)).start()
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    lender.stop()
+
+
+if __name__ == "__main__":
+    main()

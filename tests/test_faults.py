@@ -1,0 +1,159 @@
+"""Faults injected for real on a plain-process node: kill -9, SIGSTOP, stale tokens,
+a holder that never acknowledges, and what the next holder sees."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grpc
+import pytest
+import torch
+
+from client import LeaseRevoked, NoCapacity, PermissionDenied
+from conftest import HOLDER, wait_for
+from lender.pickup import pick_up
+from protos import harvest_pb2 as pb
+from protos import harvest_pb2_grpc as pb_grpc
+
+MiB = 1 << 20
+
+
+def _stub(node):
+    channel = grpc.insecure_channel(f"unix://{node.state_dir}/broker.sock")
+    return pb_grpc.BrokerStub(channel), channel
+
+
+def test_client_crash_returns_memory_within_one_ttl(plain_node):
+    holder = plain_node.spawn(HOLDER, str(48 * MiB), "5", "2")
+    leased = holder.expect("leased")
+    with plain_node.connect() as client:
+        with pytest.raises(NoCapacity):
+            client.lease(48 * MiB)
+        killed_at = time.monotonic()
+        holder.kill()
+        holder.finish()
+        wait_for(lambda: plain_node.json("lenders")[0]["granted"] == 0, timeout=10,
+                 what="the dead holder's memory to come back")
+        assert time.monotonic() - killed_at < 2.0 + 1.0  # one TTL, plus the sweep and report
+        ended = {l["id"]: l for l in plain_node.json("leases", "--all")}[leased["id"]]
+        assert ended["state"] == "expired"
+        # Granted again, and zeroed: nothing of the dead holder's pattern is visible.
+        with client.lease(48 * MiB) as lease:
+            assert int(lease.as_bytes().count_nonzero()) == 0
+
+
+def test_every_byte_handed_out_is_zeroed(plain_node):
+    with plain_node.connect() as client:
+        for _ in range(3):
+            with client.lease(16 * MiB) as lease:
+                data = lease.as_bytes()
+                assert int(data.count_nonzero()) == 0
+                data.fill_(0xAB)
+
+
+def test_broker_sigstop_holder_fences_itself(plain_node):
+    with plain_node.connect() as client:
+        lease = client.lease(MiB, ttl=1.0)
+        ended = []
+        lease.on_revoke(lambda l, why: ended.append(why))
+        plain_node.broker.send_signal(signal.SIGSTOP)
+        try:
+            # No keepalive can get through; the holder's own clock ends its use before
+            # the broker could possibly have granted the memory to anyone else.
+            wait_for(lambda: lease.revoked, timeout=5, what="the holder to fence itself")
+            assert time.monotonic() < lease.deadline + 0.5
+            with pytest.raises(LeaseRevoked):
+                lease.tensor(torch.uint8, 16)
+            assert ended and "not renewed" in ended[0]
+        finally:
+            plain_node.broker.send_signal(signal.SIGCONT)
+        wait_for(lambda: {l["id"]: l for l in plain_node.json("leases", "--all")}
+                 [lease.id]["state"] == "expired", what="the broker to expire it")
+        # The client carries on with new leases once the broker is back.
+        with client.lease(MiB) as again:
+            assert again.generation > lease.generation
+
+
+def test_broker_kill9_restart_loses_nothing(plain_node):
+    with plain_node.connect() as client:
+        leases = [client.lease(MiB, ttl=2.0) for _ in range(5)]
+        before = {l["id"]: l for l in plain_node.json("leases")}
+        plain_node.broker.kill()
+        plain_node.broker.wait()
+        plain_node.start_broker()
+        after = {l["id"]: l for l in plain_node.json("leases")}
+        assert set(after) == set(before)
+        for lease_id, row in before.items():
+            assert after[lease_id]["generation"] == row["generation"]
+        time.sleep(3)  # past the TTL: the clients' keepalives reached the new broker
+        assert all(l.state == "granted" for l in leases)
+        fresh = client.lease(MiB)
+        assert fresh.generation > max(l.generation for l in leases)
+        assert plain_node.json("lenders")[0]["granted"] == 6 * MiB
+
+
+def test_stuck_holder_loses_lease_after_grace(plain_node):
+    stub, channel = _stub(plain_node)
+    try:
+        grant = stub.Grant(pb.GrantRequest(client_id="stuck", nbytes=MiB,
+                                           node=plain_node.json("lenders")[0]["node"]))
+        _, fd = pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
+        os.close(fd)
+        start = time.monotonic()
+        result = plain_node.cli("revoke", grant.id, check=True)
+        assert "revoking" in result.stdout
+        # It never acknowledges: after the 1 s grace the broker ends the lease anyway
+        # and the lender frees (never pools) the memory.
+        wait_for(lambda: {l["id"]: l for l in plain_node.json("leases", "--all")}
+                 [grant.id]["state"] == "revoked", what="forced revocation")
+        assert time.monotonic() - start >= 0.9
+        wait_for(lambda: plain_node.json("lenders")[0]["granted"] == 0, what="memory freed")
+        row = {l["id"]: l for l in plain_node.json("leases", "--all")}[grant.id]
+        assert "did not acknowledge" in row["reason"]
+    finally:
+        channel.close()
+
+
+def test_pickup_refuses_wrong_token_second_pickup_and_ended_lease(plain_node):
+    stub, channel = _stub(plain_node)
+    try:
+        node = plain_node.json("lenders")[0]["node"]
+        grant = stub.Grant(pb.GrantRequest(client_id="c", nbytes=MiB, node=node, ttl_s=0.5))
+        with pytest.raises(PermissionDenied):
+            pick_up(grant.pickup_address, grant.id, b"\0" * 32, grant.generation)
+        with pytest.raises(PermissionDenied):
+            pick_up(grant.pickup_address, "lease-guessed", grant.token, grant.generation)
+        with pytest.raises(PermissionDenied):
+            pick_up(grant.pickup_address, grant.id, grant.token, grant.generation + 1)
+        _, fd = pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
+        os.close(fd)
+        with pytest.raises(PermissionDenied):
+            pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
+        late = stub.Grant(pb.GrantRequest(client_id="c", nbytes=MiB, node=node, ttl_s=0.3))
+        time.sleep(0.6)  # its token has expired with it
+        with pytest.raises(PermissionDenied, match="ended"):
+            pick_up(late.pickup_address, late.id, late.token, late.generation)
+    finally:
+        channel.close()
+
+
+def test_revocation_waits_for_reads_in_flight(plain_node):
+    with plain_node.connect() as client:
+        lease = client.lease(MiB)
+        data = lease.as_bytes()
+        data.fill_(9)
+        with lease.use():
+            plain_node.cli("revoke", lease.id, check=True)
+            wait_for(lambda: lease.state == "revoked", what="the revocation to arrive")
+            time.sleep(0.3)
+            # New uses are refused, but the memory under this use is not fenced yet.
+            with pytest.raises(LeaseRevoked):
+                lease.tensor(torch.uint8, 8)
+            assert bool((data == 9).all())
+        wait_for(lambda: {l["id"]: l for l in plain_node.json("leases", "--all")}
+                 [lease.id]["state"] == "revoked", what="acknowledgement")
+        assert int(data.count_nonzero()) == 0  # fenced once the use ended
+        with pytest.raises(LeaseRevoked):
+            with lease.use():
+                pass
