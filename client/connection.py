@@ -81,22 +81,28 @@ class Client:
     # ------------------------------------------------------------ leases
 
     def lease(self, nbytes: int, ttl: float | None = None, near: Any = None,
-              priority: int = 0, backend: str | BackendKind | None = None) -> Lease:
+              priority: int = 0, backend: str | BackendKind | None = None,
+              device: Any = None) -> Lease:
         """Borrow ``nbytes`` on this node, mapped into this process.
 
         ``ttl``: seconds between keepalives before the lease lapses (the broker's default
         if None). ``near``: this process's own GPU (index, ``torch.device``, ``"cuda:N"`` or
         a UUID): never lend from it, prefer its fastest links, and map the memory for it.
         ``priority``: lower is revoked first. ``backend``: ``"host"``, ``"cuda-vmm"``, ...
+        ``device``: map the memory for this device instead of ``near``'s, without keeping
+        the lease off it (on a one-GPU machine, borrow from a process on the same GPU).
         Raises :class:`client.NoCapacity` at once when no lender can meet it.
         """
         if self._closed.is_set():
             raise InvalidArgument("this client is closed")
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
             raise InvalidArgument(f"nbytes must be a positive int, got {nbytes!r}")
+        device_arg = device
         if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
             raise InvalidArgument(f"ttl must be a positive number of seconds, got {ttl!r}")
         device, near_uuid = resolve_near(near)
+        if device_arg is not None:
+            device = resolve_near(device_arg)[0]
         kind = BackendKind(backend) if backend else None
         grant = self._call(self._broker.Grant, pb.GrantRequest(
             client_id=self.id, nbytes=nbytes, ttl_s=float(ttl or 0), node=self.node,
@@ -116,6 +122,10 @@ class Client:
     def _pick_up(self, grant: pb.Lease, device: Any):
         reply, fd = pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
         kind = BackendKind.from_pb(reply.backend)
+        if kind.is_gpu and device is None:
+            import torch
+
+            device = torch.device("cuda", torch.cuda.current_device())
         exported = Exported(kind=kind, alloc_bytes=reply.alloc_bytes, fd=fd,
                             ipc_handle=reply.ipc_handle, gpu_uuid=reply.gpu_uuid)
         backend = _client_backend(kind)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,8 +18,8 @@ import click
 import grpc
 
 from harvestd.errors import HarvestError, InvalidArgument, Unavailable, from_rpc_error
-from harvestd.node import NodeOptions, broker_ready, running_node, stop_node
-from harvestd.paths import StateDir, resolve_address
+from harvestd.node import NodeOptions, broker_ready, pid_alive, running_node, stop_node
+from harvestd.paths import StateDir, node_name, resolve_address
 from harvestd.sizes import format_size, parse_size
 from harvestd.table import Timing
 from protos import harvest_pb2 as pb
@@ -84,8 +85,9 @@ def cli() -> None:
 @click.option("--backend", type=click.Choice(["auto", "host", "cuda-vmm", "cuda-ipc"]),
               default="auto", show_default=True,
               help="What to lend: GPU memory (auto where a GPU is found) or host memory.")
-@click.option("--host-bytes", callback=_size, default="1GiB", show_default=True,
-              help="Host memory the host lender lends.")
+@click.option("--host-bytes", callback=_size, default=None,
+              help="Host memory a host lender lends (default: 1GiB on a node without GPUs; "
+                   "beside GPUs, set it to lend host memory too).")
 @click.option("--gpus", default="", help="Comma-separated GPU indexes or UUIDs to lend "
               "(default: all).")
 @click.option("--reserve", default="10%", show_default=True,
@@ -106,7 +108,7 @@ def start(state_dir, address, backend, host_bytes, gpus, reserve, cap, ttl, grac
           no_ray_broker, detach, timeout) -> None:
     """Start a node: Ray, the broker, and one lender per GPU (or a host lender)."""
     state = StateDir.resolve(state_dir)
-    if host_bytes <= 0:
+    if host_bytes is not None and host_bytes <= 0:
         raise InvalidArgument("--host-bytes must be positive")
     if ttl <= 0 or grace <= 0:
         raise InvalidArgument("--ttl and --grace must be positive")
@@ -306,12 +308,28 @@ def leases(state_dir, as_json, include_ended, lender) -> None:
 @state_dir_option
 @click.argument("lease_id")
 @click.option("--force", is_flag=True, help="End it now, without the holder's acknowledgement.")
+@click.option("--kill-holder", is_flag=True,
+              help="Also kill the holder's process (SIGKILL), the only way to make the "
+                   "driver release pages a stuck holder still maps. Implies --force.")
 @click.option("--reason", default="revoked by operator")
-def revoke(state_dir, lease_id, force, reason) -> None:
+def revoke(state_dir, lease_id, force, kill_holder, reason) -> None:
     """Revoke one lease: the holder is told, fences and acknowledges."""
+    holder_pid = 0
+    if kill_holder:
+        force = True
+        rows = _call(state_dir, "ListLeases", pb.ListLeasesRequest()).leases
+        lease = next((l for l in rows if l.id == lease_id), None)
+        if lease is not None and lease.node == node_name():
+            holder_pid = lease.holder_pid
     reply = _call(state_dir, "Revoke", pb.RevokeRequest(lease_id=lease_id, reason=reason,
                                                         force=force))
     click.echo(f"lease {lease_id} {pb.LeaseState.Name(reply.lease.state).lower()}")
+    if holder_pid and holder_pid != os.getpid() and pid_alive(holder_pid):
+        try:
+            os.kill(holder_pid, signal.SIGKILL)
+        except PermissionError:
+            raise HarvestError(f"not allowed to kill holder pid {holder_pid}") from None
+        click.echo(f"holder pid {holder_pid} killed")
 
 
 def _wait_command(state_dir, method: str, request, timeout: float,

@@ -31,6 +31,7 @@ from protos import harvest_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+DEFAULT_HOST_BYTES = 1 << 30
 
 
 @dataclass
@@ -40,7 +41,7 @@ class NodeOptions:
     state_dir: str
     ray_address: str = ""          # empty: RAY_ADDRESS, else a new local Ray instance
     backend: str = "auto"          # auto | host | cuda-vmm | cuda-ipc
-    host_bytes: int = 1 << 30
+    host_bytes: int | None = None  # None: DEFAULT_HOST_BYTES without GPUs, none beside them
     gpus: list[str] = field(default_factory=list)  # UUIDs or NVML indexes; empty: all
     reserve_bytes: int = 0
     reserve_fraction: float = 0.1
@@ -85,7 +86,8 @@ def running_node(state: StateDir) -> NodeInfo | None:
 
 
 def plan_lenders(opts: NodeOptions, node: str) -> list[LenderConfig]:
-    """One lender per chosen GPU, or one host lender where there is no GPU (or asked)."""
+    """One lender per chosen GPU, plus a host lender where there is no GPU, where the
+    host backend is asked for, or where ``host_bytes`` is set beside GPUs."""
     backend = opts.backend
     gpus = []
     if backend != "host":
@@ -102,14 +104,20 @@ def plan_lenders(opts: NodeOptions, node: str) -> list[LenderConfig]:
             backend = "cuda-vmm" if gpus else "host"
         elif not gpus:
             raise InvalidArgument(f"--backend {backend} needs a GPU; none was found")
-    common = dict(state_dir=opts.state_dir, broker_address="", node=node)
-    if backend == "host":
-        return [LenderConfig(lender_id=f"{node}-host0", backend="host",
-                             host_bytes=opts.host_bytes, **common)]
-    return [LenderConfig(lender_id=f"{node}-gpu{g.index}", backend=backend, gpu_uuid=g.uuid,
-                         reserve_bytes=opts.reserve_bytes,
-                         reserve_fraction=opts.reserve_fraction, cap_bytes=opts.cap_bytes,
-                         **common) for g in gpus]
+    common = dict(state_dir=opts.state_dir, broker_address="", node=node,
+                  cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    plans = []
+    if backend != "host":
+        plans = [LenderConfig(lender_id=f"{node}-gpu{g.index}", backend=backend,
+                              gpu_uuid=g.uuid, reserve_bytes=opts.reserve_bytes,
+                              reserve_fraction=opts.reserve_fraction, cap_bytes=opts.cap_bytes,
+                              **common) for g in gpus]
+    host_bytes = opts.host_bytes if opts.host_bytes is not None else (
+        DEFAULT_HOST_BYTES if backend == "host" else 0)
+    if host_bytes:
+        plans.append(LenderConfig(lender_id=f"{node}-host0", backend="host",
+                                  host_bytes=host_bytes, **common))
+    return plans
 
 
 class Node:

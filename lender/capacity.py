@@ -21,6 +21,8 @@ class DeviceInfo:
 class Capacity(Protocol):
     """A lender's budget."""
 
+    watches_tenant: bool  # whether the lender must poll it for its tenant's pressure
+
     def describe(self) -> DeviceInfo:
         """The device and its links."""
 
@@ -30,12 +32,11 @@ class Capacity(Protocol):
     def pool_bytes(self) -> int:
         """How many freed bytes it may keep allocated for reuse."""
 
-    def under_pressure(self, held: int, lendable: int, out: int) -> bool:
-        """Whether the tenant needs memory back now."""
-
 
 class HostCapacity:
     """A fixed budget of host memory (``--host-bytes``); its tenant reclaims by asking."""
+
+    watches_tenant = False
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
@@ -52,13 +53,11 @@ class HostCapacity:
         """Fresh memfds come zeroed from the kernel for free: nothing to pool."""
         return 0
 
-    def under_pressure(self, held: int, lendable: int, out: int) -> bool:
-        """Host tenants reclaim explicitly (``harvestd reclaim``)."""
-        return False
-
 
 class GpuCapacity:
     """What the GPU's tenant leaves free, watched through NVML."""
+
+    watches_tenant = True
 
     def __init__(self, gpu_uuid: str, reserve_bytes: int, reserve_fraction: float,
                  cap_bytes: int) -> None:
@@ -81,10 +80,6 @@ class GpuCapacity:
     def pool_bytes(self) -> int:
         """Keep freed memory up to the cap (or all of it): cuMemCreate is not free."""
         return self.watch.cap_bytes or (1 << 62)
-
-    def under_pressure(self, held: int, lendable: int, out: int) -> bool:
-        """The tenant grew into the reserve: we hold more than we may lend."""
-        return held > lendable
 
 
 def capacity_for(config: "LenderConfig") -> Capacity:

@@ -46,6 +46,11 @@ class LenderConfig:
     cap_bytes: int = 0            # 0: no cap
     node: str = ""
     report_interval_s: float = 1.0
+    pressure_interval_s: float = 0.01  # how often a GPU lender looks at its tenant (NVML)
+    # CUDA_VISIBLE_DEVICES as the daemon saw it (None: unset). Ray rewrites the variable
+    # in actors that ask for no GPU; the lender restores the node's own view, then finds
+    # its GPU by UUID.
+    cuda_visible_devices: str | None = None
 
 
 class Lender:
@@ -62,6 +67,7 @@ class Lender:
         self.capacity: Capacity = capacity_for(config)
         self.pool = Pool(self.backend, keep_bytes=self.capacity.pool_bytes())
         self.generation = 0
+        self.last_reclaim_s = 0.0
         self._lock = threading.Lock()
         self._allocations: dict[str, Allocation] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()  # FREEs seen before a pick-up
@@ -73,6 +79,9 @@ class Lender:
                                           daemon=True),
                          threading.Thread(target=self._report, name="harvest-lender-report",
                                           daemon=True)]
+        if self.capacity.watches_tenant:
+            self._threads.append(threading.Thread(target=self._watch_tenant,
+                                                  name="harvest-lender-tenant", daemon=True))
 
     # ------------------------------------------------------------ life
 
@@ -127,7 +136,8 @@ class Lender:
         return {"id": self.id, "backend": self.kind.value, "node": self.node,
                 "generation": self.generation, "pid": os.getpid(),
                 "pickup_address": self._pickup.path, "handed_out": handed_out,
-                "out_bytes": self.pool.out_bytes, "idle_bytes": self.pool.idle_bytes}
+                "out_bytes": self.pool.out_bytes, "idle_bytes": self.pool.idle_bytes,
+                "last_reclaim_s": self.last_reclaim_s}
 
     # ------------------------------------------------------------ pick-up
 
@@ -206,25 +216,46 @@ class Lender:
     def _report(self) -> None:
         while not self._stop.wait(self.config.report_interval_s):
             try:
-                lendable = self.capacity.lendable(self.held())
                 self._call(self._broker.ReportLender, pb.ReportLenderRequest(
-                    lender_id=self.id, generation=self.generation, capacity=lendable))
-                if self.capacity.under_pressure(self.held(), lendable, self.pool.out_bytes):
-                    self._give_tenant_room()
+                    lender_id=self.id, generation=self.generation,
+                    capacity=self.capacity.lendable(self.held())))
             except HarvestError as err:
                 if not self._stop.is_set():
                     log.info("report failed: %s", err)
 
-    def _give_tenant_room(self) -> None:
-        """The GPU's own tenant needs memory: free the idle pool, then have the broker
-        revoke leases down to what we may lend now, and free their memory."""
+    def _watch_tenant(self) -> None:
+        """Look at the GPU's tenant often: when it grows into the reserve, give memory
+        back before its next allocation needs it."""
+        while not self._stop.wait(self.config.pressure_interval_s):
+            try:
+                lendable = self.capacity.lendable(self.held())
+                # Under pressure, memory coming back is freed at once (not zeroed and kept).
+                self.pool.keep_bytes = min(self.capacity.pool_bytes(),
+                                           max(0, lendable - self.pool.out_bytes))
+                if self.held() > lendable:
+                    self._give_tenant_room(lendable)
+            except HarvestError as err:
+                if not self._stop.is_set():
+                    log.info("tenant watch failed: %s", err)
+            except Exception:  # noqa: BLE001 - NVML hiccups must not stop the watch
+                log.exception("tenant watch failed")
+
+    def _give_tenant_room(self, lendable: int) -> None:
+        """Free the idle pool first (no borrower notices); if that is not enough, tell the
+        broker what we may lend now and have it revoke leases down to it, then free
+        their memory."""
         start = time.monotonic()
-        self.pool.trim(0)
+        self.pool.trim(max(0, lendable - self.pool.out_bytes))
+        if self.pool.out_bytes <= lendable:
+            return
+        self._call(self._broker.ReportLender, pb.ReportLenderRequest(
+            lender_id=self.id, generation=self.generation, capacity=lendable))
         reply = self._call(self._broker.Reclaim, pb.ReclaimRequest(lender_id=self.id, nbytes=0),
                            timeout=60.0)
-        self.pool.trim(0)
-        log.info("tenant pressure on %s: %d leases revoked in %.1f ms (freed=%s)", self.id,
-                 len(reply.revoked), (time.monotonic() - start) * 1e3, reply.freed)
+        self.pool.trim(max(0, lendable - self.pool.out_bytes))
+        self.last_reclaim_s = time.monotonic() - start
+        log.info("tenant pressure on %s: %d leases revoked, memory free=%s in %.1f ms",
+                 self.id, len(reply.revoked), reply.freed, self.last_reclaim_s * 1e3)
 
 
 def lender_actor_class():
@@ -242,6 +273,11 @@ def lender_actor_class():
 
         def __init__(self, config: LenderConfig) -> None:
             from harvestd.logs import setup_logging
+
+            if config.cuda_visible_devices is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
 
             setup_logging(StateDir.resolve(config.state_dir).logs_dir
                           / f"lender-{config.lender_id}.log")
