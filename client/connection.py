@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from client import metrics
 from client.devices import resolve_near
 from client.lease import Lease
 from harvestd.errors import HarvestError, InvalidArgument, Unavailable, from_rpc_error
@@ -100,6 +101,7 @@ class Client:
         device_arg = device
         if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
             raise InvalidArgument(f"ttl must be a positive number of seconds, got {ttl!r}")
+        start = time.perf_counter()
         device, near_uuid = resolve_near(near)
         if device_arg is not None:
             device = resolve_near(device_arg)[0]
@@ -117,6 +119,9 @@ class Client:
         lease = Lease(self, grant, mapping, margin)
         with self._lock:
             self._leases[lease.id] = lease
+        metrics.LEASES.labels(backend=lease.backend.value).inc()
+        metrics.LEASED_BYTES.labels(backend=lease.backend.value).inc(lease.nbytes)
+        metrics.LEASE_LATENCY.observe(time.perf_counter() - start)
         return lease
 
     def _pick_up(self, grant: pb.Lease, device: Any):
@@ -139,7 +144,9 @@ class Client:
 
     def _forget(self, lease: Lease) -> None:
         with self._lock:
-            self._leases.pop(lease.id, None)
+            known = self._leases.pop(lease.id, None)
+        if known is not None:
+            metrics.LEASED_BYTES.labels(backend=lease.backend.value).dec(lease.nbytes)
 
     def _release(self, lease: Lease) -> None:
         self._release_id(lease.id)

@@ -204,6 +204,10 @@ class Lease:
         with self._cond:
             self._fenced = True
         self._client._forget(self)
+        if state == "revoked":
+            from client import metrics
+
+            metrics.REVOCATIONS.labels(how="acknowledged" if ack else "ended").inc()
         if ack:
             self._client._ack(self)
         for callback in callbacks:

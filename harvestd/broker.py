@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from harvestd.errors import InvalidArgument
+from harvestd.metrics import BrokerMetrics
 from harvestd.paths import StateDir
 from harvestd.service import BrokerService, EventHub
 from harvestd.store import SqliteStore
@@ -38,6 +39,9 @@ class BrokerConfig:
     timing: Timing = Timing()
     sweep_interval_s: float = 0.05
     max_workers: int = 256      # each open watch stream holds one
+    metrics_port: int = 0       # 0: no metrics endpoint
+    log_format: str = "text"
+    log_level: str = "info"
 
 
 def check_listen(listen: str) -> str:
@@ -67,7 +71,9 @@ class BrokerServer:
         listen = check_listen(config.listen)
         self.store = SqliteStore(str(self.state.store_path))
         self.hub = EventHub(lambda: self.table)
-        self.table = LeaseTable(self.store, notifier=self.hub, timing=config.timing)
+        self.metrics = BrokerMetrics(lambda: self.table)
+        self.table = LeaseTable(self.store, notifier=self.hub, timing=config.timing,
+                                observer=self.metrics)
         self.address = self.state.broker_address
         self.service = BrokerService(self.table, self.hub, self.address,
                                      str(self.state.store_path))
@@ -90,6 +96,8 @@ class BrokerServer:
         finally:
             os.umask(old)
         os.chmod(self.state.broker_socket, 0o600)
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port)
         self._sweeper.start()
         log.info("broker serving on %s (store %s)", self.address, self.state.store_path)
         return self
@@ -126,7 +134,8 @@ def broker_actor_class():
         def __init__(self, config: BrokerConfig) -> None:
             from harvestd.logs import setup_logging
 
-            setup_logging(StateDir.resolve(config.state_dir).logs_dir / "broker.log")
+            setup_logging(StateDir.resolve(config.state_dir).logs_dir / "broker.log",
+                          config.log_level, config.log_format)
             self.server = BrokerServer(config).start()
 
         def address(self) -> str:
@@ -153,12 +162,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", default="")
     parser.add_argument("--ttl", type=float, default=Timing.default_ttl)
     parser.add_argument("--grace", type=float, default=Timing.grace)
+    parser.add_argument("--metrics-port", type=int, default=0)
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     state = StateDir.resolve(args.state_dir).create()
-    setup_logging(state.logs_dir / "broker.log")
+    setup_logging(state.logs_dir / "broker.log", args.log_level, args.log_format)
     server = BrokerServer(BrokerConfig(
         state_dir=str(state.root), listen=args.listen,
-        timing=Timing(default_ttl=args.ttl, grace=args.grace))).start()
+        timing=Timing(default_ttl=args.ttl, grace=args.grace),
+        metrics_port=args.metrics_port)).start()
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

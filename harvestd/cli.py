@@ -17,11 +17,11 @@ from typing import Any, Callable
 import click
 import grpc
 
+from harvestd.config import load_config, reserve_parts
 from harvestd.errors import HarvestError, InvalidArgument, Unavailable, from_rpc_error
 from harvestd.node import NodeOptions, broker_ready, pid_alive, running_node, stop_node
 from harvestd.paths import StateDir, node_name, resolve_address
 from harvestd.sizes import format_size, parse_size
-from harvestd.table import Timing
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
 
@@ -78,54 +78,78 @@ def cli() -> None:
 
 # ---------------------------------------------------------------- start / stop
 
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                             default=None, help="TOML settings file (default: "
+                             "$HARVEST_CONFIG); HARVEST_* variables and flags override it.")
+
+
+def _start_flags(state_dir, address, backend, host_bytes, gpus, reserve, cap, ttl, grace,
+                 listen, metrics_port, no_ray_broker) -> dict:
+    return {"state_dir": state_dir, "ray_address": address, "backend": backend,
+            "host_bytes": host_bytes, "gpus": gpus, "reserve": reserve, "cap": cap,
+            "ttl": ttl, "grace": grace, "listen": listen, "metrics_port": metrics_port,
+            "ray_broker": False if no_ray_broker else None}
+
+
+def _start_options(f):
+    for option in reversed([
+        state_dir_option, config_option,
+        click.option("--address", default=None, help="Join this Ray cluster (default: "
+                     "$RAY_ADDRESS, else start a local Ray instance)."),
+        click.option("--backend", default=None, help="auto (GPU memory where a GPU is "
+                     "found, else host memory), host, cuda-vmm or cuda-ipc."),
+        click.option("--host-bytes", default=None, help="Host memory a host lender lends "
+                     "(default: 1GiB on a node without GPUs; beside GPUs, set it to lend "
+                     "host memory too)."),
+        click.option("--gpus", default=None, help="Comma-separated GPU indexes or UUIDs "
+                     "that lend (default: all)."),
+        click.option("--reserve", default=None, help="GPU memory kept for the GPU's own "
+                     "tenant: bytes (8GiB) or a percentage (default 10%)."),
+        click.option("--cap", default=None, help="Lend at most this much per GPU."),
+        click.option("--ttl", default=None, help="Default lease TTL in seconds (30)."),
+        click.option("--grace", default=None, help="Seconds a holder has to acknowledge a "
+                     "revocation (5)."),
+        click.option("--listen", default=None, help="Also serve gRPC on this loopback "
+                     "HOST:PORT."),
+        click.option("--metrics-port", default=None, help="Serve Prometheus metrics: the "
+                     "broker on this port, lenders on the next ones."),
+        click.option("--no-ray-broker", is_flag=True, help="Run the broker as a plain "
+                     "process instead of a Ray actor."),
+    ]):
+        f = option(f)
+    return f
+
+
 @cli.command()
-@state_dir_option
-@click.option("--address", default=None, help="Join this Ray cluster (default: $RAY_ADDRESS, "
-              "else start a local Ray instance).")
-@click.option("--backend", type=click.Choice(["auto", "host", "cuda-vmm", "cuda-ipc"]),
-              default="auto", show_default=True,
-              help="What to lend: GPU memory (auto where a GPU is found) or host memory.")
-@click.option("--host-bytes", callback=_size, default=None,
-              help="Host memory a host lender lends (default: 1GiB on a node without GPUs; "
-                   "beside GPUs, set it to lend host memory too).")
-@click.option("--gpus", default="", help="Comma-separated GPU indexes or UUIDs to lend "
-              "(default: all).")
-@click.option("--reserve", default="10%", show_default=True,
-              help="GPU memory kept for the GPU's own tenant: bytes (e.g. 8GiB) or a "
-                   "percentage of the GPU.")
-@click.option("--cap", callback=_size, default=None, help="Lend at most this much per GPU.")
-@click.option("--ttl", type=float, default=Timing.default_ttl, show_default=True,
-              help="Default lease TTL in seconds.")
-@click.option("--grace", type=float, default=Timing.grace, show_default=True,
-              help="Seconds a holder has to acknowledge a revocation.")
-@click.option("--listen", default="", help="Also serve gRPC on this loopback HOST:PORT.")
-@click.option("--no-ray-broker", is_flag=True,
-              help="Run the broker as a plain process instead of a Ray actor.")
+@_start_options
 @click.option("--detach", is_flag=True, help="Return once the node answers.")
 @click.option("--timeout", type=float, default=180.0, show_default=True,
               help="With --detach: seconds to wait for the node.")
-def start(state_dir, address, backend, host_bytes, gpus, reserve, cap, ttl, grace, listen,
-          no_ray_broker, detach, timeout) -> None:
+def start(state_dir, config_path, address, backend, host_bytes, gpus, reserve, cap, ttl,
+          grace, listen, metrics_port, no_ray_broker, detach, timeout) -> None:
     """Start a node: Ray, the broker, and one lender per GPU (or a host lender)."""
-    state = StateDir.resolve(state_dir)
-    if host_bytes is not None and host_bytes <= 0:
-        raise InvalidArgument("--host-bytes must be positive")
-    if ttl <= 0 or grace <= 0:
-        raise InvalidArgument("--ttl and --grace must be positive")
-    reserve_bytes, reserve_fraction = _reserve(reserve)
+    config = load_config(config_path, _start_flags(
+        state_dir, address, backend, host_bytes, gpus, reserve, cap, ttl, grace, listen,
+        metrics_port, no_ray_broker))
+    if config.host_bytes == 0:
+        raise InvalidArgument("host_bytes: must be positive")
+    state = StateDir.resolve(config.state_dir or None)
     if running_node(state) is not None:
         raise HarvestError(f"a Harvest node already runs with state dir {state.root}")
     state.create()
-    opts = NodeOptions(state_dir=str(state.root), ray_address=address or "", backend=backend,
-                       host_bytes=host_bytes, gpus=[g for g in gpus.split(",") if g],
+    reserve_bytes, reserve_fraction = reserve_parts(config.reserve)
+    opts = NodeOptions(state_dir=str(state.root), ray_address=config.ray_address,
+                       backend=config.backend, host_bytes=config.host_bytes, gpus=config.gpus,
                        reserve_bytes=reserve_bytes, reserve_fraction=reserve_fraction,
-                       cap_bytes=cap or 0, ttl_s=ttl, grace_s=grace, listen=listen,
-                       ray_broker=not no_ray_broker)
+                       cap_bytes=config.cap, per_gpu=config.per_gpu, ttl_s=config.ttl,
+                       grace_s=config.grace, listen=config.listen,
+                       ray_broker=config.ray_broker, metrics_port=config.metrics_port,
+                       log_format=config.log_format, log_level=config.log_level)
     if not detach:
         from harvestd.logs import setup_logging
         from harvestd.node import run_node
 
-        setup_logging()
+        setup_logging(fmt=config.log_format, level=config.log_level)
         run_node(opts, ready=lambda info: click.echo(
             f"harvest node {info.node} ready: broker {info.broker_address}, lenders "
             f"{', '.join(info.lenders)} (Ctrl-C stops it)"))
@@ -133,17 +157,26 @@ def start(state_dir, address, backend, host_bytes, gpus, reserve, cap, ttl, grac
     _start_detached(state, opts, timeout)
 
 
-def _reserve(text: str) -> tuple[int, float]:
-    text = text.strip()
-    if text.endswith("%"):
-        try:
-            fraction = float(text[:-1]) / 100
-        except ValueError:
-            raise InvalidArgument(f"--reserve {text!r} is not a percentage") from None
-        if not 0 <= fraction < 1:
-            raise InvalidArgument("--reserve must be between 0% and 100%")
-        return 0, fraction
-    return parse_size(text), 0.0
+@cli.command("config")
+@_start_options
+@json_option
+def show_config(state_dir, config_path, address, backend, host_bytes, gpus, reserve, cap,
+                ttl, grace, listen, metrics_port, no_ray_broker, as_json) -> None:
+    """The settings `harvestd start` would use with these flags, and where each came from."""
+    config = load_config(config_path, _start_flags(
+        state_dir, address, backend, host_bytes, gpus, reserve, cap, ttl, grace, listen,
+        metrics_port, no_ray_broker))
+    if as_json:
+        click.echo(json.dumps({"settings": {k: {"value": v, "source": config.sources[k]}
+                                            for k, v in config.values.items()},
+                               "gpu": config.per_gpu}, indent=2))
+        return
+    width = max(len(k) for k in config.values)
+    for key, value in config.values.items():
+        click.echo(f"{key:<{width}}  {json.dumps(value):<24}  {config.sources[key]}")
+    for gpu, table in config.per_gpu.items():
+        for key, value in table.items():
+            click.echo(f"gpu.{gpu}.{key}  {json.dumps(value)}")
 
 
 def _start_detached(state: StateDir, opts: NodeOptions, timeout: float) -> None:

@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m harvestd.daemon OPTIONS_JSON``."""
     argv = sys.argv[1:] if argv is None else argv
     opts = NodeOptions(**json.loads(argv[0]))
-    setup_logging(StateDir.resolve(opts.state_dir).logs_dir / "daemon.log")
+    setup_logging(StateDir.resolve(opts.state_dir).logs_dir / "daemon.log", opts.log_level,
+                  opts.log_format)
     run_node(opts)
 
 

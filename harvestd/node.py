@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 
+from harvestd.config import reserve_parts
 from harvestd.broker import BROKER_ACTOR_NAME, RAY_NAMESPACE, BrokerConfig, broker_actor_class
 from harvestd.errors import FailedPrecondition, HarvestError, InvalidArgument, Unavailable
 from harvestd.paths import NodeInfo, StateDir, node_name
@@ -51,6 +52,10 @@ class NodeOptions:
     listen: str = ""
     ray_broker: bool = True        # False: the broker runs as a plain process
     node: str = ""
+    per_gpu: dict[str, dict] = field(default_factory=dict)  # index or UUID -> reserve, cap
+    metrics_port: int = 0          # broker's; lenders take the next ones; 0: off
+    log_format: str = "text"
+    log_level: str = "info"
 
 
 def broker_ready(address: str, timeout_s: float = 1.0) -> pb.StatusReply | None:
@@ -105,13 +110,17 @@ def plan_lenders(opts: NodeOptions, node: str) -> list[LenderConfig]:
         elif not gpus:
             raise InvalidArgument(f"--backend {backend} needs a GPU; none was found")
     common = dict(state_dir=opts.state_dir, broker_address="", node=node,
-                  cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
-    plans = []
-    if backend != "host":
-        plans = [LenderConfig(lender_id=f"{node}-gpu{g.index}", backend=backend,
-                              gpu_uuid=g.uuid, reserve_bytes=opts.reserve_bytes,
-                              reserve_fraction=opts.reserve_fraction, cap_bytes=opts.cap_bytes,
-                              **common) for g in gpus]
+                  cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                  log_format=opts.log_format, log_level=opts.log_level)
+    plans: list[LenderConfig] = []
+    for g in gpus if backend != "host" else []:
+        own = opts.per_gpu.get(str(g.index)) or opts.per_gpu.get(g.uuid) or {}
+        reserve_bytes, reserve_fraction = (reserve_parts(own["reserve"]) if "reserve" in own
+                                           else (opts.reserve_bytes, opts.reserve_fraction))
+        plans.append(LenderConfig(
+            lender_id=f"{node}-gpu{g.index}", backend=backend, gpu_uuid=g.uuid,
+            reserve_bytes=reserve_bytes, reserve_fraction=reserve_fraction,
+            cap_bytes=own.get("cap", opts.cap_bytes), **common))
     host_bytes = opts.host_bytes if opts.host_bytes is not None else (
         DEFAULT_HOST_BYTES if backend == "host" else 0)
     if host_bytes:
@@ -162,8 +171,10 @@ class Node:
                                   f"{self.state.logs_dir / 'broker.log'}")
             time.sleep(0.1)
         actor_cls = lender_actor_class()
-        for config in plan_lenders(self.opts, self.node):
-            config = LenderConfig(**{**asdict(config), "broker_address": address})
+        for i, config in enumerate(plan_lenders(self.opts, self.node)):
+            port = self.opts.metrics_port + 1 + i if self.opts.metrics_port else 0
+            config = LenderConfig(**{**asdict(config), "broker_address": address,
+                                     "metrics_port": port})
             actor = actor_cls.options(name=LENDER_ACTOR_PREFIX + config.lender_id,
                                       lifetime="detached", scheduling_strategy=here
                                       ).remote(config)
@@ -186,7 +197,9 @@ class Node:
 
     def _start_broker(self, here) -> None:
         config = BrokerConfig(state_dir=str(self.state.root), listen=self.opts.listen,
-                              timing=Timing(default_ttl=self.opts.ttl_s, grace=self.opts.grace_s))
+                              timing=Timing(default_ttl=self.opts.ttl_s, grace=self.opts.grace_s),
+                              metrics_port=self.opts.metrics_port,
+                              log_format=self.opts.log_format, log_level=self.opts.log_level)
         if self.opts.ray_broker:
             import ray
 
@@ -202,7 +215,9 @@ class Node:
         log_file = open(self.state.logs_dir / "broker.out", "ab")
         self.broker_process = subprocess.Popen(
             [sys.executable, "-m", "harvestd.broker", "--state-dir", str(self.state.root),
-             "--ttl", str(self.opts.ttl_s), "--grace", str(self.opts.grace_s)]
+             "--ttl", str(self.opts.ttl_s), "--grace", str(self.opts.grace_s),
+             "--metrics-port", str(self.opts.metrics_port),
+             "--log-format", self.opts.log_format, "--log-level", self.opts.log_level]
             + (["--listen", self.opts.listen] if self.opts.listen else []),
             stdout=log_file, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(

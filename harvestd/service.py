@@ -199,11 +199,14 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def Grant(self, request, context):
         """A new lease, or RESOURCE_EXHAUSTED at once."""
+        start = time.perf_counter()
         lease, lender = self.table.grant(
             _require(request.client_id, "client_id"), request.nbytes, request.ttl_s,
             request.node, request.near_gpu, request.priority, request.holder_pid,
             request.backend)
-        return lease.to_pb(lender, with_token=True)
+        reply = lease.to_pb(lender, with_token=True)
+        self.table.observer.observe("grant", time.perf_counter() - start)
+        return reply
 
     @_rpc
     def KeepAlive(self, request, context):
@@ -292,6 +295,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         leases = self.table.reclaim(_require(request.lender_id, "lender_id"), request.nbytes)
         ids = [l.id for l in leases]
         freed = self._wait_freed(ids, timeout)
+        if freed:
+            self.table.observer.observe("reclaim", time.monotonic() - start)
         lender = self.table.lenders[request.lender_id]
         return pb.ReclaimReply(revoked=ids, reclaimed=lender.reclaimed, freed=freed,
                                elapsed_s=time.monotonic() - start)

@@ -20,6 +20,7 @@ from harvestd.errors import (FailedPrecondition, InvalidArgument, LeaseRevoked, 
                              NotFound, PermissionDenied)
 from harvestd.model import LeaseRecord, LeaseState, LenderRecord, LenderState
 from harvestd.policy import NearestBestFit, Policy
+from harvestd.metrics import Observer, Silent
 from harvestd.store import Store
 from lender.backends.base import round_up
 
@@ -67,10 +68,12 @@ class LeaseTable:
 
     def __init__(self, store: Store, policy: Policy | None = None,
                  notifier: Notifier | None = None, timing: Timing = Timing(),
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 observer: Observer | None = None) -> None:
         self.store = store
         self.policy = policy or NearestBestFit()
         self.notifier: Notifier = notifier or _Silent()
+        self.observer: Observer = observer or Silent()
         self.timing = timing
         self.clock = clock
         self.lock = threading.RLock()
@@ -174,6 +177,8 @@ class LeaseTable:
                 lease.freed = True
             self.lenders[lender.id] = lender
             self.store.commit(revoked + dropped, [lender], self.generation)
+            if revoked:
+                self.observer.count("revoke_forced", len(revoked))
             for lease in revoked:
                 self.notifier.ended(lease)
             for lease in revoked + dropped:
@@ -260,6 +265,7 @@ class LeaseTable:
             lender = self.policy.place(list(self.lenders.values()), nbytes, node, near_gpu,
                                        backend)
             if lender is None:
+                self.observer.count("grant_refused")
                 raise NoCapacity(self._no_capacity_reason(nbytes, node, backend))
             now = self.clock()
             lease = LeaseRecord(
@@ -275,6 +281,7 @@ class LeaseTable:
                 lender.held -= lease.charged
                 raise
             self.leases[lease.id] = lease
+            self.observer.count("grant")
             log.debug("granted %s: %d bytes on %s to %s", lease.id, nbytes, lender.id, client_id)
             return lease, lender
 
@@ -314,6 +321,8 @@ class LeaseTable:
                     lost.append(lease)
             if alive:
                 self.store.commit(alive)
+            if lost:
+                self.observer.count("keepalive_miss", len(lost))
         return alive, lost
 
     def release(self, client_id: str, lease_id: str) -> LeaseRecord:
@@ -323,6 +332,7 @@ class LeaseTable:
             if not lease.state.active:
                 return lease
             self._end(lease, LeaseState.RELEASED, "released", True, self.clock())
+            self.observer.count("release")
             self.store.commit([lease], [self.lenders[lease.lender_id]]
                               if lease.lender_id in self.lenders else [])
             self._announce([lease], told_holder=True)
@@ -336,7 +346,11 @@ class LeaseTable:
             if lease.state is LeaseState.GRANTED:
                 raise FailedPrecondition(f"lease {lease_id} is not being revoked")
             if lease.state is LeaseState.REVOKING:
-                self._end(lease, LeaseState.REVOKED, lease.reason, True, self.clock())
+                now = self.clock()
+                self._end(lease, LeaseState.REVOKED, lease.reason, True, now)
+                self.observer.count("revoke_acked")
+                self.observer.observe("revocation",
+                                      now - (lease.revoke_deadline - self.timing.grace))
                 self.store.commit([lease])
                 self._announce([lease], told_holder=True)
                 self._forget(lease)
@@ -368,6 +382,9 @@ class LeaseTable:
                 asked.append(lease)
         if not asked and not ended:
             return
+        self.observer.count("revoke", len(asked) + len(ended))
+        if ended:
+            self.observer.count("revoke_forced", len(ended))
         self.store.commit(asked + ended, [self.lenders[l.lender_id] for l in ended
                                           if l.lender_id in self.lenders])
         for lease in asked:
@@ -384,8 +401,11 @@ class LeaseTable:
             raise InvalidArgument(f"reclaim size must be between 0 and {MAX_LEASE_BYTES}")
         with self.lock:
             lender = self._lender(lender_id)
-            lender.reclaimed = min(lender.capacity, lender.reclaimed + nbytes)
+            taken = min(lender.capacity, lender.reclaimed + nbytes) - lender.reclaimed
+            lender.reclaimed += taken
             self.store.commit(lenders=[lender])
+            self.observer.count("reclaim", lender=lender_id)
+            self.observer.count("reclaimed_bytes", taken, lender=lender_id)
             return self._make_room(lender, f"reclaimed by tenant of {lender_id}")
 
     def _make_room(self, lender: LenderRecord, reason: str) -> list[LeaseRecord]:
@@ -444,10 +464,12 @@ class LeaseTable:
                 if lease.state is LeaseState.GRANTED and lease.expires_at <= now:
                     self._end(lease, LeaseState.EXPIRED, "no keepalive within the TTL", False,
                               now)
+                    self.observer.count("expiry")
                     ended.append(lease)
                 elif lease.state is LeaseState.REVOKING and lease.revoke_deadline <= now:
                     self._end(lease, LeaseState.REVOKED,
                               lease.reason + " (holder did not acknowledge in time)", False, now)
+                    self.observer.count("revoke_forced")
                     ended.append(lease)
             down = []
             for lender in self.lenders.values():
@@ -455,10 +477,12 @@ class LeaseTable:
                         and now - lender.last_report > self.timing.lender_timeout):
                     lender.state = LenderState.DOWN
                     down.append(lender)
+                    self.observer.count("lender_down")
                     for lease in self.leases.values():
                         if lease.lender_id == lender.id and lease.state.active:
                             self._end(lease, LeaseState.REVOKED, "lender stopped reporting",
                                       False, now)
+                            self.observer.count("revoke_forced")
                             ended.append(lease)
             if ended or down:
                 self.store.commit(ended, list({l.lender_id: self.lenders[l.lender_id]

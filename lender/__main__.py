@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-uuid", default="")
     parser.add_argument("--node", default="")
     parser.add_argument("--report-interval", type=float, default=1.0)
+    parser.add_argument("--metrics-port", type=int, default=0)
     args = parser.parse_args(argv)
     state = StateDir.resolve(args.state_dir).create()
     setup_logging(state.logs_dir / f"lender-{args.id}.log")
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         lender_id=args.id, state_dir=str(state.root),
         broker_address=args.broker or state.broker_address, backend=args.backend,
         host_bytes=parse_size(args.host_bytes), gpu_uuid=args.gpu_uuid, node=args.node,
-        report_interval_s=args.report_interval)).start()
+        report_interval_s=args.report_interval, metrics_port=args.metrics_port)).start()
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

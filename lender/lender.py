@@ -21,6 +21,7 @@ from harvestd.errors import (HarvestError, LeaseRevoked, NotFound, PermissionDen
 from harvestd.paths import StateDir, node_name
 from lender.backends import Allocation, BackendKind, get_backend
 from lender.capacity import Capacity, capacity_for
+from lender.metrics import LenderMetrics
 from lender.pickup import Peer, PickupServer
 from lender.pool import Pool
 from protos import harvest_pb2 as pb
@@ -51,6 +52,9 @@ class LenderConfig:
     # in actors that ask for no GPU; the lender restores the node's own view, then finds
     # its GPU by UUID.
     cuda_visible_devices: str | None = None
+    metrics_port: int = 0              # 0: no metrics endpoint
+    log_format: str = "text"
+    log_level: str = "info"
 
 
 class Lender:
@@ -75,6 +79,7 @@ class Lender:
         self._channel = grpc.insecure_channel(config.broker_address)
         self._broker = pb_grpc.BrokerStub(self._channel)
         self._pickup = PickupServer(str(self.state.pickup_socket(self.id)), self._hand_out)
+        self.metrics = LenderMetrics(self)
         self._threads = [threading.Thread(target=self._watch, name="harvest-lender-watch",
                                           daemon=True),
                          threading.Thread(target=self._report, name="harvest-lender-report",
@@ -89,6 +94,8 @@ class Lender:
         """Register with the broker, then serve pick-ups and follow the broker."""
         self._register()
         self._pickup.start()
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port)
         for thread in self._threads:
             thread.start()
         return self
@@ -142,6 +149,17 @@ class Lender:
     # ------------------------------------------------------------ pick-up
 
     def _hand_out(self, request: pb.PickupRequest, peer: Peer):
+        start = time.perf_counter()
+        try:
+            reply = self._hand_out_checked(request, peer)
+        except HarvestError:
+            self.metrics.refused.inc()
+            raise
+        self.metrics.pickups.inc()
+        self.metrics.pickup_latency.observe(time.perf_counter() - start)
+        return reply
+
+    def _hand_out_checked(self, request: pb.PickupRequest, peer: Peer):
         checked = self._call(self._broker.CheckPickup, pb.CheckPickupRequest(
             lender_id=self.id, lender_generation=self.generation, lease_id=request.lease_id,
             token=request.token, lease_generation=request.generation, holder_pid=peer.pid,
@@ -173,6 +191,7 @@ class Lender:
                         self._ended.popitem(last=False)
             if alloc is not None:
                 self.pool.give_back(alloc, clean=event.clean)
+                self.metrics.freed(event.clean)
             done.append(event.lease_id)
         self._call(self._broker.ConfirmFree, pb.ConfirmFreeRequest(
             lender_id=self.id, generation=self.generation, lease_ids=done))
@@ -254,6 +273,7 @@ class Lender:
                            timeout=60.0)
         self.pool.trim(max(0, lendable - self.pool.out_bytes))
         self.last_reclaim_s = time.monotonic() - start
+        self.metrics.tenant_latency.observe(self.last_reclaim_s)
         log.info("tenant pressure on %s: %d leases revoked, memory free=%s in %.1f ms",
                  self.id, len(reply.revoked), reply.freed, self.last_reclaim_s * 1e3)
 
@@ -280,7 +300,8 @@ def lender_actor_class():
                 os.environ["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
 
             setup_logging(StateDir.resolve(config.state_dir).logs_dir
-                          / f"lender-{config.lender_id}.log")
+                          / f"lender-{config.lender_id}.log", config.log_level,
+                          config.log_format)
             self.lender = Lender(config).start()
 
         def info(self) -> dict:

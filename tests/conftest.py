@@ -27,6 +27,15 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def short_tmpdir() -> Path:
     """A state dir short enough for Unix socket paths, whatever pytest's tmp_path is."""
     return Path(tempfile.mkdtemp(prefix="hv-", dir="/tmp"))
@@ -151,8 +160,9 @@ class PlainNode(Node):
     kill, stop and restart piece by piece."""
 
     def __init__(self, state_dir: Path, host_bytes: str = "64MiB", ttl: float = 2.0,
-                 grace: float = 1.0, lender_id: str = "host-a") -> None:
+                 grace: float = 1.0, lender_id: str = "host-a", metrics_port: int = 0) -> None:
         super().__init__(state_dir)
+        self.metrics_port = metrics_port
         self.host_bytes = host_bytes
         self.ttl = ttl
         self.grace = grace
@@ -166,7 +176,8 @@ class PlainNode(Node):
 
         self.broker = subprocess.Popen(
             [PY, "-m", "harvestd.broker", "--state-dir", str(self.state_dir),
-             "--ttl", str(self.ttl), "--grace", str(self.grace)],
+             "--ttl", str(self.ttl), "--grace", str(self.grace),
+             "--metrics-port", str(self.metrics_port)],
             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         address = f"unix://{self.state_dir}/broker.sock"
         wait_for(lambda: self.broker.poll() is not None or broker_ready(address),
@@ -177,7 +188,8 @@ class PlainNode(Node):
         """Start the host lender process and wait for it to register."""
         self.lender = subprocess.Popen(
             [PY, "-m", "lender", "--id", self.id, "--state-dir", str(self.state_dir),
-             "--host-bytes", self.host_bytes, "--report-interval", "0.3"],
+             "--host-bytes", self.host_bytes, "--report-interval", "0.3",
+             "--metrics-port", str(self.metrics_port + 1 if self.metrics_port else 0)],
             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: any(l["id"] == self.id and l["state"] == "up"
                              for l in self.json("lenders")), what="lender to register")

@@ -1,0 +1,85 @@
+"""Prometheus metrics: a scripted run on a real node, scraped over HTTP, must show
+exactly the operations it did."""
+from __future__ import annotations
+
+import shutil
+import time
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import PlainNode, free_port, short_tmpdir, wait_for
+from protos import harvest_pb2 as pb
+from protos import harvest_pb2_grpc as pb_grpc
+
+MiB = 1 << 20
+
+
+def scrape(port: int) -> dict[tuple, float]:
+    """Every sample at ``port`` as {(name, sorted labels): value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def metered_node():
+    node = PlainNode(short_tmpdir(), metrics_port=free_port())
+    node.start_broker()
+    node.start_lender()
+    yield node
+    node.stop()
+    shutil.rmtree(node.state_dir, ignore_errors=True)
+
+
+def test_counts_match_a_scripted_run(metered_node):
+    node = metered_node
+    port = node.metrics_port
+    lender = node.id
+    with node.connect() as client:
+        kept = client.lease(2 * MiB)
+        released = client.lease(MiB)
+        revoked = client.lease(MiB)
+        released.release()
+        node.cli("revoke", revoked.id, check=True)
+        wait_for(lambda: revoked.revoked, what="revocation")
+        with pytest.raises(Exception):
+            client.lease(1 << 40)  # refused: no capacity
+        channel = grpc.insecure_channel(f"unix://{node.state_dir}/broker.sock")
+        stub = pb_grpc.BrokerStub(channel)
+        node_name = node.json("lenders")[0]["node"]
+        stub.Grant(pb.GrantRequest(client_id="lapsing", nbytes=MiB, ttl_s=0.3, node=node_name))
+        stub.KeepAlive(pb.KeepAliveRequest(client_id="lapsing", lease_ids=["lease-nope"]))
+        channel.close()
+        time.sleep(0.8)  # the lapsing lease expires
+        node.cli("reclaim", "--lender", lender, "--bytes", str(63 * MiB), check=True)
+        wait_for(lambda: kept.revoked, what="reclaim to revoke the kept lease")
+        broker = wait_for(lambda: (lambda s: s if value(s, "harvest_revocations_acked_total")
+                                   >= 2 else None)(scrape(port)), what="acknowledgements")
+    assert value(broker, "harvest_grants_total") == 4
+    assert value(broker, "harvest_grants_refused_total") == 1
+    assert value(broker, "harvest_releases_total") == 1
+    assert value(broker, "harvest_expiries_total") == 1
+    assert value(broker, "harvest_revocations_total") == 2
+    assert value(broker, "harvest_revocations_acked_total") == 2
+    assert value(broker, "harvest_keepalive_misses_total") == 1
+    assert value(broker, "harvest_reclaims_total", lender=lender) == 1
+    assert value(broker, "harvest_reclaimed_bytes_total", lender=lender) == 63 * MiB
+    assert value(broker, "harvest_grant_latency_seconds_count") == 4
+    assert value(broker, "harvest_revocation_latency_seconds_count") == 2
+    assert value(broker, "harvest_reclaim_latency_seconds_count") == 1
+    assert value(broker, "harvest_lender_bytes", lender=lender, node=node_name, gpu="host",
+                 kind="capacity") == 64 * MiB
+    assert value(broker, "harvest_lender_bytes", lender=lender, node=node_name, gpu="host",
+                 kind="reclaimed") == 63 * MiB
+    lender_side = scrape(port + 1)
+    assert value(lender_side, "harvest_lender_pickups_total", lender=lender, gpu="host") == 3
+    frees = (value(lender_side, "harvest_lender_frees_total", lender=lender, gpu="host",
+                   clean="true"))
+    assert frees == 3  # released, revoked and reclaimed: all acknowledged, all clean
