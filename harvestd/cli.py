@@ -46,7 +46,8 @@ class _Cli(click.Group):
             click.echo(f"harvestd: error: {err.format_message()}", err=True)
             sys.exit(EXIT_USAGE)
         except HarvestError as err:
-            click.echo(f"harvestd: error: {err}", err=True)
+            for line in str(err).splitlines() or [type(err).__name__]:
+                click.echo(f"harvestd: error: {line}", err=True)
             sys.exit(EXIT_USAGE)
         except KeyboardInterrupt:
             sys.exit(130)
@@ -255,7 +256,8 @@ def lender_json(lender: pb.Lender) -> dict[str, Any]:
             "gpu_uuid": lender.gpu_uuid, "gpu_index": lender.gpu_index,
             "links": {l.peer_uuid: l.nvlinks for l in lender.links},
             "generation": lender.generation, "pickup_address": lender.pickup_address,
-            "last_report": lender.last_report, "pid": lender.pid}
+            "last_report": lender.last_report, "pid": lender.pid,
+            "device_total": lender.device_total, "device_free": lender.device_free}
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -333,6 +335,45 @@ def leases(state_dir, as_json, include_ended, lender) -> None:
            [[l["id"], l["lender"], format_size(l["nbytes"]), l["state"], str(l["holder_pid"]),
              _ago(l["expires_at"]) if l["state"] in ("granted", "revoking") else "-",
              l["reason"]] for l in items])
+
+
+@cli.command()
+@state_dir_option
+@click.option("--interval", type=float, default=1.0, show_default=True,
+              help="Seconds between refreshes.")
+def top(state_dir, interval) -> None:
+    """A live view of the node: lenders, GPUs and links, leases, recent revocations."""
+    from harvestd.top import run_top
+
+    if interval <= 0:
+        raise InvalidArgument("--interval must be positive")
+
+    def fetch():
+        status = _call(state_dir, "Status", pb.StatusRequest())
+        lenders = _call(state_dir, "ListLenders", pb.ListLendersRequest()).lenders
+        leases = _call(state_dir, "ListLeases", pb.ListLeasesRequest(include_ended=True)).leases
+        return status, list(lenders), list(leases)
+
+    fetch()  # fail with one line, before taking over the terminal, if no node answers
+    run_top(fetch, interval)
+
+
+@cli.command()
+@state_dir_option
+@json_option
+def doctor(state_dir, as_json) -> None:
+    """Check what Harvest needs here: driver, CUDA, VMM and fd handles, NVLink, Ray, state dir."""
+    from harvestd.doctor import run_checks
+
+    checks = run_checks(StateDir.resolve(state_dir).root)
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in checks], indent=2))
+    else:
+        for c in checks:
+            mark = {True: "ok     ", False: "MISSING", None: "-      "}[c.ok]
+            click.echo(f"{mark} {c.name}: {c.detail}" + (f"  -> fix: {c.fix}"
+                                                         if c.ok is False and c.fix else ""))
+    return 1 if any(c.ok is False for c in checks) else 0
 
 
 # ---------------------------------------------------------------- changing

@@ -205,7 +205,7 @@ def load_config(path: str | os.PathLike | None = None, flags: dict[str, Any] | N
         if raw is not None:
             put(name, raw, "flag --" + name.replace("_", "-"))
     if errors:
-        raise InvalidArgument("invalid settings:\n" + "\n".join(errors))
+        raise InvalidArgument("\n".join(errors))
     return Config(values, sources, per_gpu)
 
 

@@ -59,6 +59,8 @@ class LenderRecord:
     last_report: float = 0.0
     pid: int = 0
     granularity: int = 4096
+    device_total: int = 0
+    device_free: int = 0
     held: int = 0  # bytes of leases not yet freed; derived, never stored
 
     @property
@@ -83,7 +85,7 @@ class LenderRecord:
         """Inverse of :meth:`to_json`."""
         data = dict(data)
         data["state"] = LenderState(data["state"])
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def to_pb(self) -> pb.Lender:
         """Wire form."""
@@ -94,7 +96,8 @@ class LenderRecord:
             pickup_address=self.pickup_address, capacity=self.capacity,
             reclaimed=self.reclaimed, granted=self.held, generation=self.generation,
             state=int(self.state), last_report=self.last_report, pid=self.pid,
-            granularity=self.granularity)
+            granularity=self.granularity, device_total=self.device_total,
+            device_free=self.device_free)
 
 
 @dataclass

@@ -152,14 +152,16 @@ class BrokerService(pb_grpc.BrokerServicer):
             id=info.id, node=info.node, backend=info.backend, pickup_address=info.pickup_address,
             capacity=info.capacity, generation=0, gpu_uuid=info.gpu_uuid,
             gpu_index=info.gpu_index, links={l.peer_uuid: l.nvlinks for l in info.links},
-            pid=info.pid, granularity=info.granularity or 4096)
+            pid=info.pid, granularity=info.granularity or 4096,
+            device_total=info.device_total, device_free=info.device_free)
         return pb.RegisterLenderReply(generation=self.table.register_lender(record))
 
     @_rpc
     def ReportLender(self, request, context):
         """A lender's periodic capacity report."""
         lender = self.table.report_lender(_require(request.lender_id, "lender_id"),
-                                          request.generation, request.capacity)
+                                          request.generation, request.capacity,
+                                          request.device_total, request.device_free)
         return pb.ReportLenderReply(reclaimed=lender.reclaimed)
 
     def WatchLender(self, request, context) -> Iterator[pb.LenderEvent]:

@@ -188,11 +188,14 @@ class LeaseTable:
                      lender.generation, lender.node, lender.capacity)
             return lender.generation
 
-    def report_lender(self, lender_id: str, generation: int, capacity: int) -> LenderRecord:
-        """A lender's periodic report of what it can lend."""
+    def report_lender(self, lender_id: str, generation: int, capacity: int,
+                      device_total: int = 0, device_free: int = 0) -> LenderRecord:
+        """A lender's periodic report of what it can lend (and of its GPU, if any)."""
         with self.lock:
             lender = self._current_lender(lender_id, generation)
             lender.capacity = capacity
+            lender.device_total = device_total
+            lender.device_free = device_free
             lender.last_report = self.clock()
             if lender.state is LenderState.DOWN:
                 lender.state = LenderState.UP

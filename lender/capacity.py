@@ -32,6 +32,9 @@ class Capacity(Protocol):
     def pool_bytes(self) -> int:
         """How many freed bytes it may keep allocated for reuse."""
 
+    def device_memory(self) -> tuple[int, int]:
+        """``(total, free)`` bytes of the device; ``(0, 0)`` for host memory."""
+
 
 class HostCapacity:
     """A fixed budget of host memory (``--host-bytes``); its tenant reclaims by asking."""
@@ -52,6 +55,10 @@ class HostCapacity:
     def pool_bytes(self) -> int:
         """Fresh memfds come zeroed from the kernel for free: nothing to pool."""
         return 0
+
+    def device_memory(self) -> tuple[int, int]:
+        """Host memory is no device."""
+        return 0, 0
 
 
 class GpuCapacity:
@@ -80,6 +87,11 @@ class GpuCapacity:
     def pool_bytes(self) -> int:
         """Keep freed memory up to the cap (or all of it): cuMemCreate is not free."""
         return self.watch.cap_bytes or (1 << 62)
+
+    def device_memory(self) -> tuple[int, int]:
+        """The GPU's total and free memory, from NVML."""
+        sample = self.watch.sample()
+        return sample.total, sample.free
 
 
 def capacity_for(config: "LenderConfig") -> Capacity:

@@ -120,7 +120,9 @@ class Lender:
             gpu_index=info.gpu_index,
             links=[pb.GpuLink(peer_uuid=k, nvlinks=v) for k, v in info.links.items()],
             pickup_address=self._pickup.path, capacity=self.capacity.lendable(self.held()),
-            pid=os.getpid(), granularity=self.backend.granularity)
+            pid=os.getpid(), granularity=self.backend.granularity,
+            device_total=self.capacity.device_memory()[0],
+            device_free=self.capacity.device_memory()[1])
         reply = self._call(self._broker.RegisterLender, pb.RegisterLenderRequest(lender=lender))
         self.generation = reply.generation
         log.info("lender %s registered as generation %d (%s, %d bytes)", self.id,
@@ -235,9 +237,11 @@ class Lender:
     def _report(self) -> None:
         while not self._stop.wait(self.config.report_interval_s):
             try:
+                total, free = self.capacity.device_memory()
                 self._call(self._broker.ReportLender, pb.ReportLenderRequest(
                     lender_id=self.id, generation=self.generation,
-                    capacity=self.capacity.lendable(self.held())))
+                    capacity=self.capacity.lendable(self.held()), device_total=total,
+                    device_free=free))
             except HarvestError as err:
                 if not self._stop.is_set():
                     log.info("report failed: %s", err)

@@ -53,7 +53,7 @@ class GpuLink(_message.Message):
     def __init__(self, peer_uuid: _Optional[str] = ..., nvlinks: _Optional[int] = ...) -> None: ...
 
 class Lender(_message.Message):
-    __slots__ = ("id", "node", "backend", "gpu_uuid", "gpu_index", "links", "pickup_address", "capacity", "reclaimed", "granted", "generation", "state", "last_report", "pid", "granularity")
+    __slots__ = ("id", "node", "backend", "gpu_uuid", "gpu_index", "links", "pickup_address", "capacity", "reclaimed", "granted", "generation", "state", "last_report", "pid", "granularity", "device_total", "device_free")
     ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,8 @@ class Lender(_message.Message):
     LAST_REPORT_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     GRANULARITY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FREE_FIELD_NUMBER: _ClassVar[int]
     id: str
     node: str
     backend: Backend
@@ -84,7 +86,9 @@ class Lender(_message.Message):
     last_report: float
     pid: int
     granularity: int
-    def __init__(self, id: _Optional[str] = ..., node: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., gpu_uuid: _Optional[str] = ..., gpu_index: _Optional[int] = ..., links: _Optional[_Iterable[_Union[GpuLink, _Mapping]]] = ..., pickup_address: _Optional[str] = ..., capacity: _Optional[int] = ..., reclaimed: _Optional[int] = ..., granted: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[_Union[LenderState, str]] = ..., last_report: _Optional[float] = ..., pid: _Optional[int] = ..., granularity: _Optional[int] = ...) -> None: ...
+    device_total: int
+    device_free: int
+    def __init__(self, id: _Optional[str] = ..., node: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., gpu_uuid: _Optional[str] = ..., gpu_index: _Optional[int] = ..., links: _Optional[_Iterable[_Union[GpuLink, _Mapping]]] = ..., pickup_address: _Optional[str] = ..., capacity: _Optional[int] = ..., reclaimed: _Optional[int] = ..., granted: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[_Union[LenderState, str]] = ..., last_report: _Optional[float] = ..., pid: _Optional[int] = ..., granularity: _Optional[int] = ..., device_total: _Optional[int] = ..., device_free: _Optional[int] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("id", "lender_id", "nbytes", "state", "ttl_s", "expires_at", "token", "generation", "pickup_address", "backend", "gpu_uuid", "client_id", "holder_pid", "node", "priority", "created_at", "reason", "revoke_deadline", "lender_generation")
@@ -141,14 +145,18 @@ class RegisterLenderReply(_message.Message):
     def __init__(self, generation: _Optional[int] = ...) -> None: ...
 
 class ReportLenderRequest(_message.Message):
-    __slots__ = ("lender_id", "generation", "capacity")
+    __slots__ = ("lender_id", "generation", "capacity", "device_total", "device_free")
     LENDER_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FREE_FIELD_NUMBER: _ClassVar[int]
     lender_id: str
     generation: int
     capacity: int
-    def __init__(self, lender_id: _Optional[str] = ..., generation: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+    device_total: int
+    device_free: int
+    def __init__(self, lender_id: _Optional[str] = ..., generation: _Optional[int] = ..., capacity: _Optional[int] = ..., device_total: _Optional[int] = ..., device_free: _Optional[int] = ...) -> None: ...
 
 class ReportLenderReply(_message.Message):
     __slots__ = ("reclaimed",)

@@ -1,0 +1,396 @@
+"""GPU memory lent through the CUDA virtual memory management (VMM) API: ``cuMemCreate``
+allocations exported as POSIX file descriptors, the GPU twin of :mod:`host`.
+
+Lender side: ``cuMemCreate`` on the lender's GPU (named by UUID), mapped into the
+lender too so that it can be zeroed; ``cuMemExportToShareableHandle`` gives a fresh fd
+per hand-out. Client side: ``cuMemImportFromShareableHandle`` + ``cuMemAddressReserve`` +
+``cuMemMap`` + ``cuMemSetAccess`` for the client's own GPU, and a torch tensor over it.
+
+Fencing mirrors the host backend: the client unmaps the lender's pages and maps a small
+chunk of its *own* GPU memory, over and over, across the same addresses. Tensors made
+before the fence stay valid objects that read local garbage; none can fault, and none can
+reach the lender's memory again. The driver keeps the physical pages alive until the last
+importer unmaps them, so a lender may free while a slow client still maps.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from harvestd.errors import BackendUnavailable, InvalidArgument
+from lender.backends import cuda_driver as cu
+from lender.backends.base import Allocation, BackendKind, Exported, round_up
+
+log = logging.getLogger(__name__)
+
+_fence_lock = threading.Lock()
+_fence_chunks: dict[int, tuple[Any, int]] = {}  # ordinal -> (physical handle, bytes)
+
+
+def _prop(drv: Any, ordinal: int, exportable: bool = True) -> Any:
+    prop = drv.CUmemAllocationProp()
+    prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    prop.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    prop.location.id = ordinal
+    if exportable:
+        prop.requestedHandleTypes = (
+            drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
+    return prop
+
+
+def _access(drv: Any, ordinal: int) -> Any:
+    desc = drv.CUmemAccessDesc()
+    desc.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    desc.location.id = ordinal
+    desc.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    return desc
+
+
+def granularity_of(ordinal: int) -> int:
+    """The recommended ``cuMemCreate`` granularity of device ``ordinal`` (fd-exportable)."""
+    drv = cu.driver()
+    return int(cu.check(drv.cuMemGetAllocationGranularity(
+        _prop(drv, ordinal), drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
+        "cuMemGetAllocationGranularity"))
+
+
+def _map_range(drv: Any, handle: Any, size: int, ordinal: int, align: int) -> int:
+    """Reserve ``size`` bytes of address space, map ``handle`` there, grant ``ordinal``
+    read/write; unwinds on failure. Returns the address."""
+    va = int(cu.check(drv.cuMemAddressReserve(size, align, 0, 0), "cuMemAddressReserve"))
+    mapped = False
+    try:
+        cu.check(drv.cuMemMap(va, size, 0, handle, 0), "cuMemMap")
+        mapped = True
+        cu.check(drv.cuMemSetAccess(va, size, [_access(drv, ordinal)], 1), "cuMemSetAccess")
+    except Exception:
+        if mapped:
+            drv.cuMemUnmap(va, size)
+        drv.cuMemAddressFree(va, size)
+        raise
+    return va
+
+
+def _fence_chunk(ordinal: int) -> tuple[Any, int]:
+    """One granularity-sized, zeroed allocation on ``ordinal``, shared by every fenced
+    mapping of this process on that device (kept for the life of the process)."""
+    with _fence_lock:
+        chunk = _fence_chunks.get(ordinal)
+        if chunk is None:
+            size = granularity_of(ordinal)
+            with cu.on_device(ordinal) as drv:
+                handle = cu.check(drv.cuMemCreate(size, _prop(drv, ordinal, False), 0),
+                                  "cuMemCreate (fence chunk)")
+                va = _map_range(drv, handle, size, ordinal, size)
+                try:
+                    cu.check(drv.cuMemsetD8(va, 0, size), "cuMemsetD8")
+                    cu.check(drv.cuCtxSynchronize(), "cuCtxSynchronize")
+                finally:
+                    drv.cuMemUnmap(va, size)
+                    drv.cuMemAddressFree(va, size)
+            chunk = _fence_chunks[ordinal] = (handle, size)
+    return chunk
+
+
+@dataclass
+class VmmAllocation:
+    """The lender's side of one allocation (``Allocation.handle``)."""
+
+    handle: Any   # CUmemGenericAllocationHandle; None once freed
+    va: int       # where the lender maps it, for zeroing
+    size: int
+    ordinal: int
+
+
+@dataclass
+class VmmImport:
+    """A client's imported allocation, not yet mapped (``map`` takes ownership)."""
+
+    handle: Any
+    alloc_bytes: int
+    gpu_uuid: str = ""
+
+
+@dataclass
+class _VaState:
+    """What a mapping's address range holds; freed by the owner's finalizer."""
+
+    ordinal: int
+    va: int
+    span: int
+    mapped: list[tuple[int, int]] = field(default_factory=list)
+    imported: Any = None  # the import's handle until the fence releases it
+
+
+def _release(state: _VaState) -> None:
+    """Unmap everything in the range, release the import if still held, free the range.
+
+    Runs when no tensor over the range is left; errors are logged, never raised (this
+    may run in a finalizer, or at interpreter exit after the driver went down)."""
+    try:
+        with cu.on_device(state.ordinal) as drv:
+            for ptr, size in state.mapped:
+                drv.cuMemUnmap(ptr, size)
+            state.mapped = []
+            if state.imported is not None:
+                drv.cuMemRelease(state.imported)
+                state.imported = None
+            if state.span:
+                drv.cuMemAddressFree(state.va, state.span)
+    except Exception:  # noqa: BLE001 - see docstring
+        log.debug("releasing a CUDA VMM mapping failed", exc_info=True)
+
+
+class _Owner:
+    """Kept alive by every tensor over a mapping; its finalizer frees the address range."""
+
+
+class CudaVmmMapping:
+    """An imported VMM allocation mapped for one of this process's GPUs (see
+    :class:`lender.backends.base.Mapping`)."""
+
+    def __init__(self, imported: VmmImport, nbytes: int, ordinal: int) -> None:
+        self.nbytes = nbytes
+        self._lock = threading.Lock()
+        self._fenced = False
+        try:
+            if nbytes <= 0 or nbytes > imported.alloc_bytes:
+                raise InvalidArgument(f"cannot map {nbytes} bytes of a "
+                                      f"{imported.alloc_bytes}-byte allocation")
+            gran = granularity_of(ordinal)
+            span = round_up(imported.alloc_bytes, gran)
+            with cu.on_device(ordinal) as drv:
+                va = int(cu.check(drv.cuMemAddressReserve(span, gran, 0, 0),
+                                  "cuMemAddressReserve"))
+        except Exception:
+            # The mapping owns the import from the start: release it on every failure.
+            _release(_VaState(ordinal, 0, 0, imported=imported.handle))
+            raise
+        with cu.on_device(ordinal) as drv:
+            state = _VaState(ordinal, va, span, imported=imported.handle)
+            try:
+                cu.check(drv.cuMemMap(va, imported.alloc_bytes, 0, imported.handle, 0),
+                         "cuMemMap")
+                state.mapped.append((va, imported.alloc_bytes))
+                # Access for the client's GPU only: a peer lender's GPU gets nothing here.
+                cu.check(drv.cuMemSetAccess(va, imported.alloc_bytes, [_access(drv, ordinal)],
+                                            1), "cuMemSetAccess")
+            except Exception:
+                _release(state)
+                raise
+        self._state = state
+        self._owner: _Owner | None = _Owner()
+        weakref.finalize(self._owner, _release, state)
+        self._tensor = cu.tensor_over(va, nbytes, ordinal, self._owner)
+
+    @property
+    def device(self) -> Any:
+        """The ``torch.device`` the memory is mapped for."""
+        import torch
+
+        return torch.device("cuda", self._state.ordinal)
+
+    @property
+    def address(self) -> int:
+        """The mapping's virtual address in this process."""
+        return self._state.va
+
+    @property
+    def fenced(self) -> bool:
+        """Whether the lender's memory is cut off."""
+        return self._fenced
+
+    def as_tensor(self) -> Any:
+        """A ``torch.uint8`` CUDA tensor of ``nbytes`` over the mapping (no copy)."""
+        if self._tensor is None:
+            raise InvalidArgument("the mapping is closed")
+        return self._tensor
+
+    def fence(self) -> None:
+        """Wait for this device's work, unmap the lender's pages, and map a local chunk
+        over the whole range so that stale tensors read local memory; release the import.
+
+        Kernels must not read the range *during* the fence (the lease's ``use()`` makes
+        sure): between unmap and remap an access would fault. Idempotent."""
+        with self._lock:
+            if self._fenced:
+                return
+            state = self._state
+            chunk, csize = _fence_chunk(state.ordinal)  # before unmapping: may fail cleanly
+            with cu.on_device(state.ordinal) as drv:
+                cu.check(drv.cuCtxSynchronize(), "cuCtxSynchronize")
+                for ptr, size in state.mapped:
+                    cu.check(drv.cuMemUnmap(ptr, size), "cuMemUnmap")
+                state.mapped = []
+                for off in range(0, state.span, csize):
+                    cu.check(drv.cuMemMap(state.va + off, csize, 0, chunk, 0), "cuMemMap (fence)")
+                    state.mapped.append((state.va + off, csize))
+                cu.check(drv.cuMemSetAccess(state.va, state.span, [_access(drv, state.ordinal)],
+                                            1), "cuMemSetAccess (fence)")
+                if state.imported is not None:
+                    cu.check(drv.cuMemRelease(state.imported), "cuMemRelease")
+                    state.imported = None
+            self._fenced = True
+
+    def close(self) -> None:
+        """Fence; the address range goes when the last tensor over it does."""
+        self.fence()
+        self._tensor = None
+        self._owner = None
+
+
+class CudaVmmBackend:
+    """GPU memory lent as ``cuMemCreate`` allocations exported as POSIX fds
+    (``--backend cuda-vmm``).
+
+    ``gpu_uuid`` (preferred) or ``device_index`` names the lender's GPU; with neither,
+    the backend serves the client side only (and lends from device 0 if asked to)."""
+
+    kind = BackendKind.CUDA_VMM
+
+    def __init__(self, gpu_uuid: str | None = None, device_index: int | None = None) -> None:
+        cu.driver()
+        if gpu_uuid:
+            ordinal: int | None = cu.ordinal_of_uuid(gpu_uuid)
+        elif device_index is not None:
+            ordinal = cu.device_index(int(device_index))
+        else:
+            ordinal = None
+        self._ordinal = ordinal
+        self._uuid = cu.device_uuid(ordinal) if ordinal is not None else ""
+        if ordinal is not None:
+            self._require_support(ordinal)
+        self._granularity: int | None = None
+        self._stream: Any = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _require_support(ordinal: int) -> None:
+        if not cu.attribute(ordinal, "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED"):
+            raise BackendUnavailable(f"CUDA device {ordinal} has no virtual memory management")
+        if not cu.attribute(ordinal, "HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED"):
+            raise BackendUnavailable(f"CUDA device {ordinal} cannot export POSIX fd handles")
+
+    def _lender(self) -> int:
+        if self._ordinal is None:
+            self._ordinal = 0
+            self._uuid = cu.device_uuid(0)
+            self._require_support(0)
+        return self._ordinal
+
+    @property
+    def gpu_uuid(self) -> str:
+        """The lender GPU's UUID ('' for a client-only backend not yet used to lend)."""
+        return self._uuid
+
+    @property
+    def device_index(self) -> int | None:
+        """The lender GPU's CUDA ordinal in this process."""
+        return self._ordinal
+
+    @property
+    def granularity(self) -> int:
+        """The lender GPU's recommended VMM granularity (2 MiB on current GPUs)."""
+        if self._granularity is None:
+            self._granularity = granularity_of(self._lender())
+        return self._granularity
+
+    def allocate(self, nbytes: int) -> Allocation:
+        """``cuMemCreate`` of ``nbytes`` rounded up to the granularity, mapped here, zeroed."""
+        if nbytes <= 0:
+            raise InvalidArgument(f"allocation size must be positive, got {nbytes}")
+        ordinal, size = self._lender(), round_up(nbytes, self.granularity)
+        with cu.on_device(ordinal) as drv:
+            handle = cu.check(drv.cuMemCreate(size, _prop(drv, ordinal), 0), "cuMemCreate")
+            try:
+                va = _map_range(drv, handle, size, ordinal, self.granularity)
+            except Exception:
+                drv.cuMemRelease(handle)
+                raise
+        alloc = Allocation(nbytes=size, handle=VmmAllocation(handle, va, size, ordinal),
+                           gpu_uuid=self._uuid)
+        try:
+            self.zero(alloc)
+        except Exception:
+            self.free(alloc)
+            raise
+        return alloc
+
+    def zero(self, alloc: Allocation) -> None:
+        """Overwrite with zeros and wait: the next holder must see only zeros."""
+        vmm: VmmAllocation = alloc.handle
+        if vmm.handle is None:
+            raise InvalidArgument("the allocation was freed")
+        with cu.on_device(vmm.ordinal) as drv:
+            with self._lock:
+                if self._stream is None:
+                    self._stream = cu.check(drv.cuStreamCreate(
+                        drv.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+                stream = self._stream
+            cu.check(drv.cuMemsetD8Async(vmm.va, 0, vmm.size, stream), "cuMemsetD8Async")
+            cu.check(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
+
+    def tensor(self, alloc: Allocation) -> Any:
+        """The lender's own ``torch.uint8`` view of an allocation (tests, benchmarks)."""
+        vmm: VmmAllocation = alloc.handle
+        return cu.tensor_over(vmm.va, vmm.size, vmm.ordinal, alloc)
+
+    def export(self, alloc: Allocation) -> Exported:
+        """A fresh POSIX fd for the allocation (the caller closes it after sending)."""
+        vmm: VmmAllocation = alloc.handle
+        drv = cu.driver()
+        with cu.on_device(vmm.ordinal):
+            fd = cu.check(drv.cuMemExportToShareableHandle(
+                vmm.handle, drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                0), "cuMemExportToShareableHandle")
+        return Exported(kind=self.kind, alloc_bytes=alloc.nbytes, fd=int(fd),
+                        gpu_uuid=alloc.gpu_uuid)
+
+    def free(self, alloc: Allocation) -> None:
+        """Unmap and release; importers that still map it keep the pages until they unmap."""
+        vmm: VmmAllocation = alloc.handle
+        if vmm is None or vmm.handle is None:
+            return
+        with cu.on_device(vmm.ordinal) as drv:
+            cu.check(drv.cuMemUnmap(vmm.va, vmm.size), "cuMemUnmap")
+            cu.check(drv.cuMemAddressFree(vmm.va, vmm.size), "cuMemAddressFree")
+            cu.check(drv.cuMemRelease(vmm.handle), "cuMemRelease")
+        vmm.handle = None
+
+    def import_handle(self, exported: Exported) -> VmmImport:
+        """Import the received fd (and close it: the handle now holds the memory)."""
+        if exported.fd is None or exported.fd < 0:
+            raise InvalidArgument("a CUDA VMM handle carries no file descriptor")
+        try:
+            ordinal = self._visible(exported.gpu_uuid)
+            with cu.on_device(ordinal) as drv:
+                handle = cu.check(drv.cuMemImportFromShareableHandle(
+                    exported.fd,
+                    drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+                    "cuMemImportFromShareableHandle")
+        finally:
+            exported.close()
+        return VmmImport(handle, exported.alloc_bytes, exported.gpu_uuid)
+
+    @staticmethod
+    def _visible(gpu_uuid: str) -> int:
+        """The lender's GPU if this process sees it, else the current device."""
+        if gpu_uuid:
+            try:
+                return cu.ordinal_of_uuid(gpu_uuid)
+            except BackendUnavailable:
+                pass
+        import torch
+
+        return torch.cuda.current_device()
+
+    def map(self, imported: VmmImport, nbytes: int, device: Any = None) -> CudaVmmMapping:
+        """Map ``nbytes`` for ``device`` (index, ``"cuda:N"``, ``torch.device`` or UUID;
+        default: the lender's GPU if visible here, else the current device)."""
+        ordinal = cu.device_index(device)
+        if ordinal is None:
+            ordinal = self._visible(imported.gpu_uuid)
+        return CudaVmmMapping(imported, nbytes, ordinal)
