@@ -308,4 +308,5 @@ def connect(address: str | None = None, *, state_dir: str | None = None,
             node: str | None = None, timeout: float = 10.0) -> Client:
     """Connect to the Harvest node: ``address`` (a gRPC target), else ``$HARVEST_ADDRESS``,
     else the node whose state dir is ``state_dir`` / ``$HARVEST_STATE_DIR`` / the default."""
-    return Client(resolve_address(address, state_dir), node=node, timeout_s=timeout)
+    return Client(resolve_address(address, state_dir), node=node or node_name(state_dir),
+                  timeout_s=timeout)

@@ -122,6 +122,26 @@ class BrokerServer:
         self.server.wait_for_termination()
 
 
+def watch_ray_nodes(table: LeaseTable, stop: threading.Event, interval_s: float = 0.5) -> None:
+    """End the leases of lenders whose Ray node died, as soon as Ray says so (rather than
+    when they miss their reports)."""
+    import ray
+
+    while not stop.wait(interval_s):
+        try:
+            dead = {n["NodeID"] for n in ray.nodes() if not n.get("Alive", True)}
+        except Exception as exc:  # noqa: BLE001 - GCS hiccups: try again next time
+            log.info("cannot read Ray's node table: %s", exc)
+            continue
+        if not dead:
+            continue
+        with table.lock:
+            lost = [l.id for l in table.lenders.values()
+                    if l.ray_node_id in dead and l.state.label != "down"]
+        if lost:
+            table.lenders_lost(lost, "node lost")
+
+
 def broker_actor_class():
     """The broker as a Ray actor class (built lazily so that importing needs no Ray)."""
     import ray
@@ -137,6 +157,9 @@ def broker_actor_class():
             setup_logging(StateDir.resolve(config.state_dir).logs_dir / "broker.log",
                           config.log_level, config.log_format)
             self.server = BrokerServer(config).start()
+            self._stop = threading.Event()
+            threading.Thread(target=watch_ray_nodes, args=(self.server.table, self._stop),
+                             name="harvest-node-watch", daemon=True).start()
 
         def address(self) -> str:
             """The broker's gRPC target."""
@@ -148,6 +171,7 @@ def broker_actor_class():
 
         def shutdown(self) -> None:
             """Stop serving (the actor is killed after)."""
+            self._stop.set()
             self.server.stop()
 
     return BrokerActor

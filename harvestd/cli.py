@@ -85,7 +85,7 @@ config_option = click.option("--config", "config_path", type=click.Path(dir_okay
 
 
 def _start_flags(state_dir, address, backend, host_bytes, gpus, reserve, cap, ttl, grace,
-                 listen, metrics_port, no_ray_broker) -> dict:
+                 listen, metrics_port, no_ray_broker, ray_node_id=None) -> dict:
     return {"state_dir": state_dir, "ray_address": address, "backend": backend,
             "host_bytes": host_bytes, "gpus": gpus, "reserve": reserve, "cap": cap,
             "ttl": ttl, "grace": grace, "listen": listen, "metrics_port": metrics_port,
@@ -116,6 +116,9 @@ def _start_options(f):
                      "broker on this port, lenders on the next ones."),
         click.option("--no-ray-broker", is_flag=True, help="Run the broker as a plain "
                      "process instead of a Ray actor."),
+        click.option("--ray-node-id", default=None, hidden=True,
+                     help="Pin the lenders to this Ray node (tests of many raylets on one "
+                          "machine)."),
     ]):
         f = option(f)
     return f
@@ -127,7 +130,7 @@ def _start_options(f):
 @click.option("--timeout", type=float, default=180.0, show_default=True,
               help="With --detach: seconds to wait for the node.")
 def start(state_dir, config_path, address, backend, host_bytes, gpus, reserve, cap, ttl,
-          grace, listen, metrics_port, no_ray_broker, detach, timeout) -> None:
+          grace, listen, metrics_port, no_ray_broker, ray_node_id, detach, timeout) -> None:
     """Start a node: Ray, the broker, and one lender per GPU (or a host lender)."""
     config = load_config(config_path, _start_flags(
         state_dir, address, backend, host_bytes, gpus, reserve, cap, ttl, grace, listen,
@@ -145,7 +148,8 @@ def start(state_dir, config_path, address, backend, host_bytes, gpus, reserve, c
                        cap_bytes=config.cap, per_gpu=config.per_gpu, ttl_s=config.ttl,
                        grace_s=config.grace, listen=config.listen,
                        ray_broker=config.ray_broker, metrics_port=config.metrics_port,
-                       log_format=config.log_format, log_level=config.log_level)
+                       log_format=config.log_format, log_level=config.log_level,
+                       ray_node_id=ray_node_id or "")
     if not detach:
         from harvestd.logs import setup_logging
         from harvestd.node import run_node
@@ -162,7 +166,7 @@ def start(state_dir, config_path, address, backend, host_bytes, gpus, reserve, c
 @_start_options
 @json_option
 def show_config(state_dir, config_path, address, backend, host_bytes, gpus, reserve, cap,
-                ttl, grace, listen, metrics_port, no_ray_broker, as_json) -> None:
+                ttl, grace, listen, metrics_port, no_ray_broker, ray_node_id, as_json) -> None:
     """The settings `harvestd start` would use with these flags, and where each came from."""
     config = load_config(config_path, _start_flags(
         state_dir, address, backend, host_bytes, gpus, reserve, cap, ttl, grace, listen,
@@ -331,10 +335,12 @@ def leases(state_dir, as_json, include_ended, lender) -> None:
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
-    _table("leases", ["id", "lender", "size", "state", "holder pid", "expires", "reason"],
-           [[l["id"], l["lender"], format_size(l["nbytes"]), l["state"], str(l["holder_pid"]),
+    _table("leases", ["node", "id", "lender", "size", "state", "holder pid", "expires",
+                      "reason"],
+           [[l["node"], l["id"], l["lender"], format_size(l["nbytes"]), l["state"],
+             str(l["holder_pid"]),
              _ago(l["expires_at"]) if l["state"] in ("granted", "revoking") else "-",
-             l["reason"]] for l in items])
+             l["reason"]] for l in sorted(items, key=lambda l: l["node"])])
 
 
 @cli.command()
@@ -393,7 +399,7 @@ def revoke(state_dir, lease_id, force, kill_holder, reason) -> None:
         force = True
         rows = _call(state_dir, "ListLeases", pb.ListLeasesRequest()).leases
         lease = next((l for l in rows if l.id == lease_id), None)
-        if lease is not None and lease.node == node_name():
+        if lease is not None and lease.node == node_name(state_dir):
             holder_pid = lease.holder_pid
     reply = _call(state_dir, "Revoke", pb.RevokeRequest(lease_id=lease_id, reason=reason,
                                                         force=force))

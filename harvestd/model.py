@@ -61,6 +61,7 @@ class LenderRecord:
     granularity: int = 4096
     device_total: int = 0
     device_free: int = 0
+    ray_node_id: str = ""
     held: int = 0  # bytes of leases not yet freed; derived, never stored
 
     @property
@@ -97,7 +98,7 @@ class LenderRecord:
             reclaimed=self.reclaimed, granted=self.held, generation=self.generation,
             state=int(self.state), last_report=self.last_report, pid=self.pid,
             granularity=self.granularity, device_total=self.device_total,
-            device_free=self.device_free)
+            device_free=self.device_free, ray_node_id=self.ray_node_id)
 
 
 @dataclass

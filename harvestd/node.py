@@ -8,6 +8,7 @@ pinned to this node, writes ``node.json``, and tears everything down on SIGTERM.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ import grpc
 from harvestd.config import reserve_parts
 from harvestd.broker import BROKER_ACTOR_NAME, RAY_NAMESPACE, BrokerConfig, broker_actor_class
 from harvestd.errors import FailedPrecondition, HarvestError, InvalidArgument, Unavailable
-from harvestd.paths import NodeInfo, StateDir, node_name
+from harvestd.paths import NodeInfo, StateDir, local_node_name
 from harvestd.table import Timing
 from lender.lender import LENDER_ACTOR_PREFIX, LenderConfig, lender_actor_class
 from protos import harvest_pb2 as pb
@@ -56,6 +57,17 @@ class NodeOptions:
     metrics_port: int = 0          # broker's; lenders take the next ones; 0: off
     log_format: str = "text"
     log_level: str = "info"
+    ray_node_id: str = ""          # pin the lenders to this Ray node (default: the driver's)
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def broker_ready(address: str, timeout_s: float = 1.0) -> pb.StatusReply | None:
@@ -135,35 +147,46 @@ class Node:
     def __init__(self, opts: NodeOptions) -> None:
         self.opts = opts
         self.state = StateDir.resolve(opts.state_dir).create()
-        self.node = opts.node or node_name()
+        self.node = opts.node or local_node_name()
         self.broker_actor = None
         self.broker_process: subprocess.Popen | None = None
         self.lender_actors: dict[str, object] = {}
         self.ray_started_here = False
+        self.joined = False
 
     def start(self) -> NodeInfo:
         """Start Ray, the broker and the lenders; write ``node.json``."""
         if running_node(self.state) is not None:
             raise FailedPrecondition(f"a Harvest node already runs with state dir "
                                      f"{self.state.root} (stop it with `harvestd stop`)")
+        ray_address = self.opts.ray_address or os.environ.get("RAY_ADDRESS", "")
+        if ray_address and _is_loopback(ray_address):
+            # Ray rewrites a loopback bootstrap address to this machine's outside address
+            # unless it is told the cluster is local only; it reads this at import.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
-        address = self.opts.ray_address or os.environ.get("RAY_ADDRESS", "")
         env = {"PYTHONPATH": os.pathsep.join(
             p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)}
         init = dict(namespace=RAY_NAMESPACE, log_to_driver=False, configure_logging=False,
                     runtime_env={"env_vars": env})
-        if address:
-            ray.init(address=address, **init)
+        if ray_address:
+            if _is_loopback(ray_address):
+                # Otherwise Ray looks for the cluster at this machine's outside address.
+                init["_node_ip_address"] = "127.0.0.1"
+            ray.init(address=ray_address, **init)
         else:
             # Our own Ray stays on loopback and small: it hosts a few actors, no data.
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
                      object_store_memory=80 << 20, **init)
             self.ray_started_here = True
-        ray_node = ray.get_runtime_context().get_node_id()
+        ray_node = self.opts.ray_node_id or ray.get_runtime_context().get_node_id()
         here = self._pinned(ray_node)
-        self._start_broker(here)
-        address = self.state.broker_address
+        # In a cluster that already has a broker, this node only adds its lenders.
+        address = self._cluster_broker() if ray_address else ""
+        if not address:
+            self._start_broker(here)
+            address = self.state.broker_address
         deadline = time.monotonic() + 60
         while broker_ready(address) is None:
             if time.monotonic() > deadline:
@@ -183,10 +206,24 @@ class Node:
         info = NodeInfo(broker_address=address, daemon_pid=os.getpid(), node=self.node,
                         ray_address=ray.get_runtime_context().gcs_address,
                         started_at=time.time(), lenders=sorted(self.lender_actors),
-                        broker_mode="ray" if self.opts.ray_broker else "process")
+                        broker_mode=("joined" if self.joined else
+                                     "ray" if self.opts.ray_broker else "process"))
         self.state.write_node(info)
         log.info("node %s up: broker %s, lenders %s", self.node, address, info.lenders)
         return info
+
+    def _cluster_broker(self) -> str:
+        """The address of the broker the cluster already runs, if any (this node joins)."""
+        import ray
+
+        try:
+            actor = ray.get_actor(BROKER_ACTOR_NAME, namespace=RAY_NAMESPACE)
+            address = ray.get(actor.address.remote(), timeout=30)
+        except (ValueError, ray.exceptions.RayError):
+            return ""
+        self.joined = True
+        log.info("joining the cluster's broker at %s", address)
+        return address
 
     @staticmethod
     def _pinned(ray_node: str):
@@ -203,10 +240,6 @@ class Node:
         if self.opts.ray_broker:
             import ray
 
-            try:  # a broker left behind by a daemon that died
-                ray.kill(ray.get_actor(BROKER_ACTOR_NAME, namespace=RAY_NAMESPACE))
-            except ValueError:
-                pass
             self.broker_actor = broker_actor_class().options(
                 name=BROKER_ACTOR_NAME, lifetime="detached", scheduling_strategy=here
             ).remote(config)

@@ -31,9 +31,21 @@ def default_state_dir() -> Path:
     return Path.home() / ".cache" / "harvest"
 
 
-def node_name() -> str:
-    """This machine's name in placement: ``$HARVEST_NODE``, else the host name."""
+def local_node_name() -> str:
+    """``$HARVEST_NODE``, else the host name: what a node starting here calls itself."""
     return os.environ.get(ENV_NODE) or socket.gethostname()
+
+
+def node_name(state_dir: str | os.PathLike | None = None) -> str:
+    """This machine's name in placement: ``$HARVEST_NODE``, else the name the node running
+    on ``state_dir`` (or the default state dir) goes by, else the host name."""
+    if os.environ.get(ENV_NODE):
+        return os.environ[ENV_NODE]
+    try:
+        info = StateDir.resolve(state_dir).read_node()
+    except OSError:
+        info = None
+    return info.node if info is not None and info.node else socket.gethostname()
 
 
 @dataclass
@@ -128,6 +140,10 @@ def resolve_address(address: str | None = None, state_dir: str | os.PathLike | N
     if os.environ.get(ENV_ADDRESS) and state_dir is None:
         return os.environ[ENV_ADDRESS]
     state = StateDir.resolve(state_dir)
+    info = state.read_node()
+    if info is not None and info.broker_address:
+        # A node that joined a cluster uses the broker its head runs.
+        return info.broker_address
     if not state.broker_socket.exists():
         raise Unavailable(f"no Harvest node runs with state dir {state.root} "
                           "(start one with `harvestd start`)")

@@ -153,7 +153,8 @@ class BrokerService(pb_grpc.BrokerServicer):
             capacity=info.capacity, generation=0, gpu_uuid=info.gpu_uuid,
             gpu_index=info.gpu_index, links={l.peer_uuid: l.nvlinks for l in info.links},
             pid=info.pid, granularity=info.granularity or 4096,
-            device_total=info.device_total, device_free=info.device_free)
+            device_total=info.device_total, device_free=info.device_free,
+            ray_node_id=info.ray_node_id)
         return pb.RegisterLenderReply(generation=self.table.register_lender(record))
 
     @_rpc

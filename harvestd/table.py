@@ -450,6 +450,40 @@ class LeaseTable:
             self._revoke(live, f"lender {lender_id} draining", force=False)
             return live
 
+    def lenders_lost(self, lender_ids: Iterable[str], reason: str) -> list[LeaseRecord]:
+        """These lenders are gone with their memory (their node died): mark them down and
+        end their leases now; there is nothing left to free."""
+        with self.lock:
+            now = self.clock()
+            down, ended = [], []
+            for lender_id in lender_ids:
+                lender = self.lenders.get(lender_id)
+                if lender is None or lender.state is LenderState.DOWN:
+                    continue
+                lender.state = LenderState.DOWN
+                down.append(lender)
+                for lease in self.leases.values():
+                    if lease.lender_id != lender_id or lease.freed:
+                        continue
+                    if lease.state.active:
+                        self._end(lease, LeaseState.REVOKED, reason, False, now)
+                        ended.append(lease)
+                    self._mark_freed(lease)
+            if not down:
+                return []
+            self.store.commit(ended, down)
+            self.observer.count("lender_down", len(down))
+            if ended:
+                self.observer.count("revoke_forced", len(ended))
+            for lease in ended:
+                self.notifier.ended(lease)
+                self._forget(lease)
+            for lender in down:
+                log.warning("lender %s lost (%s): %d leases ended", lender.id, reason,
+                            sum(1 for l in ended if l.lender_id == lender.id))
+                self.notifier.freed(lender.id)
+            return ended
+
     def unfreed(self, lease_ids: Iterable[str]) -> list[str]:
         """Which of these leases still hold memory on their lender."""
         with self.lock:

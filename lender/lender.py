@@ -7,6 +7,7 @@ runs it as a Ray actor; it runs as well in any plain process.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -55,6 +56,7 @@ class LenderConfig:
     metrics_port: int = 0              # 0: no metrics endpoint
     log_format: str = "text"
     log_level: str = "info"
+    ray_node_id: str = ""              # set by the actor: the Ray node it runs on
 
 
 class Lender:
@@ -63,7 +65,7 @@ class Lender:
     def __init__(self, config: LenderConfig) -> None:
         self.config = config
         self.id = config.lender_id
-        self.node = config.node or node_name()
+        self.node = config.node or node_name(config.state_dir)
         self.kind = BackendKind(config.backend)
         self.state = StateDir.resolve(config.state_dir).create()
         self.backend = get_backend(self.kind, **({"gpu_uuid": config.gpu_uuid}
@@ -122,7 +124,7 @@ class Lender:
             pickup_address=self._pickup.path, capacity=self.capacity.lendable(self.held()),
             pid=os.getpid(), granularity=self.backend.granularity,
             device_total=self.capacity.device_memory()[0],
-            device_free=self.capacity.device_memory()[1])
+            device_free=self.capacity.device_memory()[1], ray_node_id=self.config.ray_node_id)
         reply = self._call(self._broker.RegisterLender, pb.RegisterLenderRequest(lender=lender))
         self.generation = reply.generation
         log.info("lender %s registered as generation %d (%s, %d bytes)", self.id,
@@ -306,6 +308,8 @@ def lender_actor_class():
             setup_logging(StateDir.resolve(config.state_dir).logs_dir
                           / f"lender-{config.lender_id}.log", config.log_level,
                           config.log_format)
+            config = dataclasses.replace(
+                config, ray_node_id=ray.get_runtime_context().get_node_id())
             self.lender = Lender(config).start()
 
         def info(self) -> dict:

@@ -53,7 +53,7 @@ class GpuLink(_message.Message):
     def __init__(self, peer_uuid: _Optional[str] = ..., nvlinks: _Optional[int] = ...) -> None: ...
 
 class Lender(_message.Message):
-    __slots__ = ("id", "node", "backend", "gpu_uuid", "gpu_index", "links", "pickup_address", "capacity", "reclaimed", "granted", "generation", "state", "last_report", "pid", "granularity", "device_total", "device_free")
+    __slots__ = ("id", "node", "backend", "gpu_uuid", "gpu_index", "links", "pickup_address", "capacity", "reclaimed", "granted", "generation", "state", "last_report", "pid", "granularity", "device_total", "device_free", "ray_node_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class Lender(_message.Message):
     GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FREE_FIELD_NUMBER: _ClassVar[int]
+    RAY_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     node: str
     backend: Backend
@@ -88,7 +89,8 @@ class Lender(_message.Message):
     granularity: int
     device_total: int
     device_free: int
-    def __init__(self, id: _Optional[str] = ..., node: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., gpu_uuid: _Optional[str] = ..., gpu_index: _Optional[int] = ..., links: _Optional[_Iterable[_Union[GpuLink, _Mapping]]] = ..., pickup_address: _Optional[str] = ..., capacity: _Optional[int] = ..., reclaimed: _Optional[int] = ..., granted: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[_Union[LenderState, str]] = ..., last_report: _Optional[float] = ..., pid: _Optional[int] = ..., granularity: _Optional[int] = ..., device_total: _Optional[int] = ..., device_free: _Optional[int] = ...) -> None: ...
+    ray_node_id: str
+    def __init__(self, id: _Optional[str] = ..., node: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., gpu_uuid: _Optional[str] = ..., gpu_index: _Optional[int] = ..., links: _Optional[_Iterable[_Union[GpuLink, _Mapping]]] = ..., pickup_address: _Optional[str] = ..., capacity: _Optional[int] = ..., reclaimed: _Optional[int] = ..., granted: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[_Union[LenderState, str]] = ..., last_report: _Optional[float] = ..., pid: _Optional[int] = ..., granularity: _Optional[int] = ..., device_total: _Optional[int] = ..., device_free: _Optional[int] = ..., ray_node_id: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("id", "lender_id", "nbytes", "state", "ttl_s", "expires_at", "token", "generation", "pickup_address", "backend", "gpu_uuid", "client_id", "holder_pid", "node", "priority", "created_at", "reason", "revoke_deadline", "lender_generation")
