@@ -84,6 +84,11 @@ def check(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def flag(value: Any) -> int:
+    """An enum member as the plain int that ``unsigned int`` parameters take."""
+    return int(getattr(value, "value", value))
+
+
 def format_uuid(raw: bytes) -> str:
     """``GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx``, as NVML and ``nvidia-smi -L`` write it."""
     h = bytes(raw).hex()
@@ -116,10 +121,16 @@ def ordinal_of_uuid(uuid: str) -> int:
     raise BackendUnavailable(f"no CUDA device visible in this process has UUID {uuid}")
 
 
+_ATTRIBUTE_ALIASES = {"VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": "VIRTUAL_ADDRESS_MANAGEMENT_SUPPORTED"}
+
+
 def attribute(ordinal: int, name: str) -> int:
     """``cuDeviceGetAttribute(CU_DEVICE_ATTRIBUTE_<name>)`` for device ``ordinal``."""
     drv = driver()
-    attr = getattr(drv.CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_{name}")
+    attr = getattr(drv.CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_{name}", None)
+    if attr is None:  # renamed between CUDA releases; same value
+        attr = getattr(drv.CUdevice_attribute,
+                       f"CU_DEVICE_ATTRIBUTE_{_ATTRIBUTE_ALIASES.get(name, name)}")
     dev = check(drv.cuDeviceGet(ordinal), f"cuDeviceGet({ordinal})")
     return int(check(drv.cuDeviceGetAttribute(attr, dev), f"cuDeviceGetAttribute({name})"))
 
@@ -179,6 +190,19 @@ def device_index(device: Any) -> int | None:
     return index
 
 
+def visible_or_current(gpu_uuid: str) -> int:
+    """The ordinal of the GPU with ``gpu_uuid`` if this process sees it, else torch's
+    current device: where to map when the caller named no device."""
+    if gpu_uuid:
+        try:
+            return ordinal_of_uuid(gpu_uuid)
+        except BackendUnavailable:
+            pass
+    import torch
+
+    return torch.cuda.current_device()
+
+
 def host_device_pointer(ptr: int, ordinal: int) -> int | None:
     """The device address of pinned (registered) host memory at ``ptr``, for kernels on
     ``ordinal``; ``None`` where the memory is not pinned."""
@@ -189,6 +213,55 @@ def host_device_pointer(ptr: int, ordinal: int) -> int | None:
     if err != drv.CUresult.CUDA_SUCCESS:
         return None
     return int(value)
+
+
+# ---------------------------------------------------------------- VMM pieces
+
+def vmm_prop(drv: Any, ordinal: int, exportable: bool = True) -> Any:
+    """``cuMemCreate`` properties: pinned device memory on ``ordinal``, fd-exportable
+    unless ``exportable`` is false."""
+    prop = drv.CUmemAllocationProp()
+    prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    prop.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    prop.location.id = ordinal
+    if exportable:
+        prop.requestedHandleTypes = (
+            drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
+    return prop
+
+
+def access_desc(drv: Any, ordinal: int) -> Any:
+    """Read/write access for device ``ordinal``, for ``cuMemSetAccess``."""
+    desc = drv.CUmemAccessDesc()
+    desc.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    desc.location.id = ordinal
+    desc.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    return desc
+
+
+def vmm_granularity(ordinal: int) -> int:
+    """The recommended ``cuMemCreate`` granularity of device ``ordinal`` (fd-exportable)."""
+    drv = driver()
+    flag = drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED
+    return int(check(drv.cuMemGetAllocationGranularity(vmm_prop(drv, ordinal), flag),
+                     "cuMemGetAllocationGranularity"))
+
+
+def map_range(drv: Any, handle: Any, size: int, ordinal: int, align: int) -> int:
+    """Reserve ``size`` bytes of address space, map ``handle`` there, grant ``ordinal``
+    read/write; unwinds on failure. Returns the address."""
+    va = int(check(drv.cuMemAddressReserve(size, align, 0, 0), "cuMemAddressReserve"))
+    mapped = False
+    try:
+        check(drv.cuMemMap(va, size, 0, handle, 0), "cuMemMap")
+        mapped = True
+        check(drv.cuMemSetAccess(va, size, [access_desc(drv, ordinal)], 1), "cuMemSetAccess")
+    except Exception:
+        if mapped:
+            drv.cuMemUnmap(va, size)
+        drv.cuMemAddressFree(va, size)
+        raise
+    return va
 
 
 # ---------------------------------------------------------------- DLPack, by hand

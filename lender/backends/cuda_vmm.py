@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,77 +24,9 @@ from typing import Any
 from harvestd.errors import BackendUnavailable, InvalidArgument
 from lender.backends import cuda_driver as cu
 from lender.backends.base import Allocation, BackendKind, Exported, round_up
+from lender.backends.fence_chunks import fence_plan
 
 log = logging.getLogger(__name__)
-
-_fence_lock = threading.Lock()
-_fence_chunks: dict[int, tuple[Any, int]] = {}  # ordinal -> (physical handle, bytes)
-
-
-def _prop(drv: Any, ordinal: int, exportable: bool = True) -> Any:
-    prop = drv.CUmemAllocationProp()
-    prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-    prop.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-    prop.location.id = ordinal
-    if exportable:
-        prop.requestedHandleTypes = (
-            drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
-    return prop
-
-
-def _access(drv: Any, ordinal: int) -> Any:
-    desc = drv.CUmemAccessDesc()
-    desc.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-    desc.location.id = ordinal
-    desc.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-    return desc
-
-
-def granularity_of(ordinal: int) -> int:
-    """The recommended ``cuMemCreate`` granularity of device ``ordinal`` (fd-exportable)."""
-    drv = cu.driver()
-    return int(cu.check(drv.cuMemGetAllocationGranularity(
-        _prop(drv, ordinal), drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
-        "cuMemGetAllocationGranularity"))
-
-
-def _map_range(drv: Any, handle: Any, size: int, ordinal: int, align: int) -> int:
-    """Reserve ``size`` bytes of address space, map ``handle`` there, grant ``ordinal``
-    read/write; unwinds on failure. Returns the address."""
-    va = int(cu.check(drv.cuMemAddressReserve(size, align, 0, 0), "cuMemAddressReserve"))
-    mapped = False
-    try:
-        cu.check(drv.cuMemMap(va, size, 0, handle, 0), "cuMemMap")
-        mapped = True
-        cu.check(drv.cuMemSetAccess(va, size, [_access(drv, ordinal)], 1), "cuMemSetAccess")
-    except Exception:
-        if mapped:
-            drv.cuMemUnmap(va, size)
-        drv.cuMemAddressFree(va, size)
-        raise
-    return va
-
-
-def _fence_chunk(ordinal: int) -> tuple[Any, int]:
-    """One granularity-sized, zeroed allocation on ``ordinal``, shared by every fenced
-    mapping of this process on that device (kept for the life of the process)."""
-    with _fence_lock:
-        chunk = _fence_chunks.get(ordinal)
-        if chunk is None:
-            size = granularity_of(ordinal)
-            with cu.on_device(ordinal) as drv:
-                handle = cu.check(drv.cuMemCreate(size, _prop(drv, ordinal, False), 0),
-                                  "cuMemCreate (fence chunk)")
-                va = _map_range(drv, handle, size, ordinal, size)
-                try:
-                    cu.check(drv.cuMemsetD8(va, 0, size), "cuMemsetD8")
-                    cu.check(drv.cuCtxSynchronize(), "cuCtxSynchronize")
-                finally:
-                    drv.cuMemUnmap(va, size)
-                    drv.cuMemAddressFree(va, size)
-            chunk = _fence_chunks[ordinal] = (handle, size)
-    return chunk
-
 
 @dataclass
 class VmmAllocation:
@@ -156,11 +89,12 @@ class CudaVmmMapping:
         self.nbytes = nbytes
         self._lock = threading.Lock()
         self._fenced = False
+        self.fence_ms: dict[str, float] = {}  # how long the fence's steps took (metrics)
         try:
             if nbytes <= 0 or nbytes > imported.alloc_bytes:
                 raise InvalidArgument(f"cannot map {nbytes} bytes of a "
                                       f"{imported.alloc_bytes}-byte allocation")
-            gran = granularity_of(ordinal)
+            gran = cu.vmm_granularity(ordinal)
             span = round_up(imported.alloc_bytes, gran)
             with cu.on_device(ordinal) as drv:
                 va = int(cu.check(drv.cuMemAddressReserve(span, gran, 0, 0),
@@ -176,8 +110,9 @@ class CudaVmmMapping:
                          "cuMemMap")
                 state.mapped.append((va, imported.alloc_bytes))
                 # Access for the client's GPU only: a peer lender's GPU gets nothing here.
-                cu.check(drv.cuMemSetAccess(va, imported.alloc_bytes, [_access(drv, ordinal)],
-                                            1), "cuMemSetAccess")
+                access = [cu.access_desc(drv, ordinal)]
+                cu.check(drv.cuMemSetAccess(va, imported.alloc_bytes, access, 1),
+                         "cuMemSetAccess")
             except Exception:
                 _release(state)
                 raise
@@ -219,21 +154,34 @@ class CudaVmmMapping:
             if self._fenced:
                 return
             state = self._state
-            chunk, csize = _fence_chunk(state.ordinal)  # before unmapping: may fail cleanly
+            t0 = time.perf_counter()
+            plan = fence_plan(state.ordinal, state.span)
             with cu.on_device(state.ordinal) as drv:
+                t1 = time.perf_counter()
                 cu.check(drv.cuCtxSynchronize(), "cuCtxSynchronize")
+                t2 = time.perf_counter()
                 for ptr, size in state.mapped:
                     cu.check(drv.cuMemUnmap(ptr, size), "cuMemUnmap")
                 state.mapped = []
-                for off in range(0, state.span, csize):
-                    cu.check(drv.cuMemMap(state.va + off, csize, 0, chunk, 0), "cuMemMap (fence)")
-                    state.mapped.append((state.va + off, csize))
-                cu.check(drv.cuMemSetAccess(state.va, state.span, [_access(drv, state.ordinal)],
-                                            1), "cuMemSetAccess (fence)")
+                t3 = time.perf_counter()
+                for off, chunk, size in plan:
+                    cu.check(drv.cuMemMap(state.va + off, size, 0, chunk, 0), "cuMemMap (fence)")
+                    state.mapped.append((state.va + off, size))
+                t4 = time.perf_counter()
+                access = [cu.access_desc(drv, state.ordinal)]
+                cu.check(drv.cuMemSetAccess(state.va, state.span, access, 1),
+                         "cuMemSetAccess (fence)")
+                t5 = time.perf_counter()
                 if state.imported is not None:
                     cu.check(drv.cuMemRelease(state.imported), "cuMemRelease")
                     state.imported = None
+            t6 = time.perf_counter()
             self._fenced = True
+            self.fence_ms = {"plan": (t1 - t0) * 1e3, "sync": (t2 - t1) * 1e3,
+                             "unmap": (t3 - t2) * 1e3, "map": (t4 - t3) * 1e3,
+                             "access": (t5 - t4) * 1e3, "release": (t6 - t5) * 1e3,
+                             "chunks": len(plan), "total": (t6 - t0) * 1e3}
+            log.debug("fenced %d bytes in %.2f ms", state.span, self.fence_ms["total"])
 
     def close(self) -> None:
         """Fence; the address range goes when the last tensor over it does."""
@@ -295,7 +243,7 @@ class CudaVmmBackend:
     def granularity(self) -> int:
         """The lender GPU's recommended VMM granularity (2 MiB on current GPUs)."""
         if self._granularity is None:
-            self._granularity = granularity_of(self._lender())
+            self._granularity = cu.vmm_granularity(self._lender())
         return self._granularity
 
     def allocate(self, nbytes: int) -> Allocation:
@@ -304,9 +252,9 @@ class CudaVmmBackend:
             raise InvalidArgument(f"allocation size must be positive, got {nbytes}")
         ordinal, size = self._lender(), round_up(nbytes, self.granularity)
         with cu.on_device(ordinal) as drv:
-            handle = cu.check(drv.cuMemCreate(size, _prop(drv, ordinal), 0), "cuMemCreate")
+            handle = cu.check(drv.cuMemCreate(size, cu.vmm_prop(drv, ordinal), 0), "cuMemCreate")
             try:
-                va = _map_range(drv, handle, size, ordinal, self.granularity)
+                va = cu.map_range(drv, handle, size, ordinal, self.granularity)
             except Exception:
                 drv.cuMemRelease(handle)
                 raise
@@ -328,7 +276,7 @@ class CudaVmmBackend:
             with self._lock:
                 if self._stream is None:
                     self._stream = cu.check(drv.cuStreamCreate(
-                        drv.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+                        cu.flag(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate")
                 stream = self._stream
             cu.check(drv.cuMemsetD8Async(vmm.va, 0, vmm.size, stream), "cuMemsetD8Async")
             cu.check(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
@@ -365,7 +313,7 @@ class CudaVmmBackend:
         if exported.fd is None or exported.fd < 0:
             raise InvalidArgument("a CUDA VMM handle carries no file descriptor")
         try:
-            ordinal = self._visible(exported.gpu_uuid)
+            ordinal = cu.visible_or_current(exported.gpu_uuid)
             with cu.on_device(ordinal) as drv:
                 handle = cu.check(drv.cuMemImportFromShareableHandle(
                     exported.fd,
@@ -375,22 +323,10 @@ class CudaVmmBackend:
             exported.close()
         return VmmImport(handle, exported.alloc_bytes, exported.gpu_uuid)
 
-    @staticmethod
-    def _visible(gpu_uuid: str) -> int:
-        """The lender's GPU if this process sees it, else the current device."""
-        if gpu_uuid:
-            try:
-                return cu.ordinal_of_uuid(gpu_uuid)
-            except BackendUnavailable:
-                pass
-        import torch
-
-        return torch.cuda.current_device()
-
     def map(self, imported: VmmImport, nbytes: int, device: Any = None) -> CudaVmmMapping:
         """Map ``nbytes`` for ``device`` (index, ``"cuda:N"``, ``torch.device`` or UUID;
         default: the lender's GPU if visible here, else the current device)."""
         ordinal = cu.device_index(device)
         if ordinal is None:
-            ordinal = self._visible(imported.gpu_uuid)
+            ordinal = cu.visible_or_current(imported.gpu_uuid)
         return CudaVmmMapping(imported, nbytes, ordinal)

@@ -1,0 +1,79 @@
+"""The tiered cache on host leases (the CPU twin of peer GPU memory): every read right,
+through revocations, replacements and batched reads."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.cache import Tier, TieredCache
+from conftest import wait_for
+
+MiB = 1 << 20
+
+
+def expert(i: int, n: int = 64 * 1024) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.float32) * 0.001 + i
+
+
+def test_put_get_from_borrowed_memory_and_source(plain_node):
+    with plain_node.connect() as client:
+        cache = TieredCache(client, borrow_bytes=1 * MiB, slab_bytes=1 * MiB)
+        for i in range(8):  # 256 KiB each: 4 fit in the 1 MiB budget
+            cache.put(i, expert(i))
+        tiers = [cache.tier_of(i) for i in range(8)]
+        assert tiers.count(Tier.HOST_LEASE) == 4 and tiers.count(Tier.HOST) == 4
+        for i in range(8):
+            assert torch.equal(cache.get(i), expert(i))
+        assert cache.stats.hits == {"host-lease": 4, "host": 4}
+        cache.close()
+
+
+def test_revocation_drops_entries_to_their_source_never_wrong(plain_node):
+    with plain_node.connect() as client:
+        cache = TieredCache(client, borrow_bytes=4 * MiB, slab_bytes=1 * MiB)
+        for i in range(12):
+            cache.put(i, expert(i))
+        slab = cache._slabs.slabs[0]
+        plain_node.cli("revoke", slab.lease.id, check=True)
+        wait_for(lambda: cache.stats.revocations == 1, what="the cache to hear the revocation")
+        assert sum(cache.tier_of(i) == Tier.HOST for i in range(12)) == 4
+        for i in range(12):
+            assert torch.equal(cache.get(i), expert(i))
+        assert cache.refill() == 4  # capacity is back: the entries move up again
+        assert all(cache.tier_of(i) == Tier.HOST_LEASE for i in range(12))
+        cache.close()
+
+
+def test_replacing_a_key_never_serves_the_old_value(plain_node):
+    with plain_node.connect() as client:
+        cache = TieredCache(client, borrow_bytes=MiB, slab_bytes=MiB)
+        cache.put("w", expert(1))
+        cache.put("w", expert(2))
+        assert torch.equal(cache.get("w"), expert(2))
+        cache.evict("w")
+        with pytest.raises(KeyError):
+            cache.get("w")
+        cache.close()
+
+
+def test_get_many_gathers_across_tiers(plain_node):
+    with plain_node.connect() as client:
+        cache = TieredCache(client, borrow_bytes=MiB, slab_bytes=MiB)
+        for i in range(6):
+            cache.put(i, expert(i))
+        out = torch.empty((6, 64 * 1024), dtype=torch.float32)
+        cache.get_many([5, 0, 3, 1, 4, 2], out)
+        for row, i in enumerate([5, 0, 3, 1, 4, 2]):
+            assert torch.equal(out[row], expert(i))
+        assert cache.stats.hits["host-lease"] == 4 and cache.stats.hits["host"] == 2
+        cache.close()
+
+
+def test_recompute_source(plain_node):
+    with plain_node.connect() as client:
+        cache = TieredCache(client, borrow_bytes=0)
+        calls = []
+        cache.put("kv", recompute=lambda: (calls.append(1), expert(7))[1])
+        assert torch.equal(cache.get("kv"), expert(7)) and len(calls) == 2
+        assert cache.tier_of("kv") == Tier.RECOMPUTE
+        cache.close()
