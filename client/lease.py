@@ -199,8 +199,12 @@ class Lease:
             callbacks, self._callbacks = self._callbacks, []
         try:
             self._mapping.close()
-        except Exception:  # noqa: BLE001 - the fence must not stop the acknowledgement
-            log.exception("fencing lease %s failed", self.id)
+        except Exception:  # noqa: BLE001 - callbacks must still hear of it
+            # We may still map the lender's pages: an acknowledgement would let the lender
+            # zero and re-lend them. Stay silent; after the grace period the broker ends the
+            # lease unclean, and the lender frees that memory rather than re-lending it.
+            log.exception("fencing lease %s failed; not acknowledging", self.id)
+            ack = False
         with self._cond:
             self._fenced = True
         self._client._forget(self)

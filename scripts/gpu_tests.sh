@@ -4,7 +4,8 @@
 #   HARVEST_GPU_TESTS="tests/gpu/test_backends_gpu.py" scripts/gpu_tests.sh   a subset
 #   HARVEST_GPU_BENCH=0 scripts/gpu_tests.sh                                   no benchmark
 # Installs .whl/ (Ray and friends, built by shared/device/prepare-wheels.sh) when present.
-# Results: bench/results/bandwidth.{json,png}, copied to $OUT too when it is set.
+#   HARVEST_RECLAIM_BENCH=0 scripts/gpu_tests.sh                               no reclaim benchmark
+# Results: bench/results/bandwidth.{json,png} and reclaim_gpu.json, copied to $OUT too.
 # Exit status: the tests' (the benchmark still runs after failing tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +53,15 @@ if [ "${HARVEST_GPU_BENCH:-1}" != "0" ]; then
   if [ -n "${OUT:-}" ]; then
     cp bench/results/bandwidth.json "$OUT/" 2>/dev/null || true
     cp bench/results/bandwidth.png "$OUT/" 2>/dev/null || true
+  fi
+fi
+if [ "${HARVEST_RECLAIM_BENCH:-1}" != "0" ]; then
+  echo "== reclaim benchmark"
+  python3 scripts/bench_reclaim.py --gpu "${HARVEST_SRC_GPU:-0}" \
+    --client-gpu "cuda:${HARVEST_DST_GPU:-0}" --out bench/results/reclaim_gpu.json \
+    || status=$((status ? status : 1))
+  if [ -n "${OUT:-}" ]; then
+    cp bench/results/reclaim_gpu.json "$OUT/" 2>/dev/null || true
   fi
 fi
 exit $status

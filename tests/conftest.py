@@ -129,9 +129,14 @@ class Holder:
                 return msg
 
     def send(self, line: str) -> None:
-        """Write a command line to the process's stdin."""
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
+        """Write a command line to the process's stdin (nothing if it has exited)."""
+        if self.proc.poll() is not None:
+            return
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it exited between the check and the write
 
     def _stderr(self) -> str:
         if self.proc.poll() is None:

@@ -192,3 +192,25 @@ def test_kill_holder_gets_memory_back_from_a_stuck_holder(plain_node):
     finally:
         stuck.kill()
         stuck.finish()
+
+
+def test_a_holder_whose_fence_fails_does_not_acknowledge(plain_node):
+    with plain_node.connect() as client:
+        lease = client.lease(MiB)
+        mapping = lease._mapping
+
+        def broken_close():
+            raise OSError("injected: the unmap failed")
+
+        lease._mapping = type("Broken", (), {"close": staticmethod(broken_close)})()
+        try:
+            plain_node.cli("revoke", lease.id, check=True)
+            wait_for(lambda: lease.revoked, what="the revocation to arrive")
+            # No acknowledgement: the lease ends only when its grace runs out, unclean,
+            # so the lender frees its memory instead of lending it again.
+            wait_for(lambda: {l["id"]: l for l in plain_node.json("leases", "--all")}
+                     [lease.id]["state"] == "revoked", what="forced end")
+            row = {l["id"]: l for l in plain_node.json("leases", "--all")}[lease.id]
+            assert "did not acknowledge" in row["reason"]
+        finally:
+            mapping.close()

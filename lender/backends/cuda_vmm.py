@@ -117,6 +117,9 @@ class CudaVmmMapping:
                 _release(state)
                 raise
         self._state = state
+        # The fence's local chunks are made now, not when the fence runs: a fence runs
+        # when the GPU's tenant wants memory back, and must not ask for any then.
+        self._fence_plan = fence_plan(ordinal, span)
         self._owner: _Owner | None = _Owner()
         weakref.finalize(self._owner, _release, state)
         self._tensor = cu.tensor_over(va, nbytes, ordinal, self._owner)
@@ -155,7 +158,7 @@ class CudaVmmMapping:
                 return
             state = self._state
             t0 = time.perf_counter()
-            plan = fence_plan(state.ordinal, state.span)
+            plan = self._fence_plan
             with cu.on_device(state.ordinal) as drv:
                 t1 = time.perf_counter()
                 cu.check(drv.cuCtxSynchronize(), "cuCtxSynchronize")

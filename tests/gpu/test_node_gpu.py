@@ -64,6 +64,7 @@ c.close()
 TENANT = r"""
 import json, sys, time, torch, pynvml
 uuid, leave, reserve = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.zeros(1, device="cuda:0")  # our own CUDA context first: it takes memory too
 pynvml.nvmlInit()
 h = pynvml.nvmlDeviceGetHandleByUUID(uuid)
 free = lambda: pynvml.nvmlDeviceGetMemoryInfo(h).free
