@@ -9,7 +9,6 @@ import argparse
 import ipaddress
 import logging
 import os
-import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -180,6 +179,7 @@ def broker_actor_class():
 def main(argv: list[str] | None = None) -> None:
     """Run a broker as a plain process until SIGTERM or SIGINT."""
     from harvestd.logs import setup_logging
+    from harvestd.signals import wait_for_stop
 
     parser = argparse.ArgumentParser(prog="python -m harvestd.broker")
     parser.add_argument("--state-dir", default=None)
@@ -196,10 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         state_dir=str(state.root), listen=args.listen,
         timing=Timing(default_ttl=args.ttl, grace=args.grace),
         metrics_port=args.metrics_port)).start()
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    wait_for_stop()
     server.stop()
 
 

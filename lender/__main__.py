@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 
 from harvestd.logs import setup_logging
+from harvestd.signals import wait_for_stop
 from harvestd.paths import StateDir
 from harvestd.sizes import parse_size
 from lender.lender import Lender, LenderConfig
@@ -31,10 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         broker_address=args.broker or state.broker_address, backend=args.backend,
         host_bytes=parse_size(args.host_bytes), gpu_uuid=args.gpu_uuid, node=args.node,
         report_interval_s=args.report_interval, metrics_port=args.metrics_port)).start()
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    wait_for_stop()
     lender.stop()
 
 
