@@ -175,7 +175,10 @@ class Client:
                 by_id[alive.id]._renewed(sent)
         for lost in reply.lost:
             if lost.id in by_id:
-                by_id[lost.id]._end("revoked", lost.reason or "lease lost", ack=False)
+                # A lease being revoked is lost to us too, but the broker waits for our
+                # acknowledgement: give it, whichever of this and the REVOKE event is first.
+                by_id[lost.id]._end("revoked", lost.reason or "lease lost",
+                                    ack=lost.state == pb.REVOKING)
 
     # ------------------------------------------------------------ background
 
@@ -185,7 +188,9 @@ class Client:
         while not self._closed.wait(0.05):
             now = time.monotonic()
             leases = self.leases()
-            due = [l for l in leases if now - last.get(l.id, 0.0) >= l.ttl / 3]
+            for lease in leases:
+                last.setdefault(lease.id, now)  # just granted: not due for a third of a TTL
+            due = [l for l in leases if now - last[l.id] >= l.ttl / 3]
             if due:
                 try:
                     # A call that hangs must not outlive the renewal it is for.

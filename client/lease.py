@@ -41,6 +41,9 @@ class Lease:
         self._cond = threading.Condition()
         self._readers = 0
         self._fenced = False
+        self._fence_ok = False
+        self._ack_wanted = False   # some caller of _end needs the broker to hear we fenced
+        self._acked = False
         self._ended: str = ""          # why it ended; empty while usable
         self._state = "granted"
         self._callbacks: list[RevokeCallback] = []
@@ -190,13 +193,24 @@ class Lease:
         off from the lender's memory, then acknowledge and tell the callbacks."""
         with self._cond:
             if self._ended:
-                return
-            self._ended = reason
-            self._state = state
-            deadline = time.monotonic() + wait_s
-            while self._readers and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
-            callbacks, self._callbacks = self._callbacks, []
+                # Fenced (or fencing) already; if this caller needs an acknowledgement the
+                # first one did not send, it goes out once the fence has succeeded.
+                self._ack_wanted |= ack
+                late = self._fenced and self._fence_ok and self._ack_wanted and not self._acked
+                self._acked |= late
+            else:
+                late = None
+                self._ended = reason
+                self._state = state
+                deadline = time.monotonic() + wait_s
+                while self._readers and time.monotonic() < deadline:
+                    self._cond.wait(deadline - time.monotonic())
+                callbacks, self._callbacks = self._callbacks, []
+        if late is not None:
+            if late:
+                self._client._ack(self)
+            return
+        fence_ok = True
         try:
             self._mapping.close()
         except Exception:  # noqa: BLE001 - callbacks must still hear of it
@@ -204,9 +218,13 @@ class Lease:
             # zero and re-lend them. Stay silent; after the grace period the broker ends the
             # lease unclean, and the lender frees that memory rather than re-lending it.
             log.exception("fencing lease %s failed; not acknowledging", self.id)
-            ack = False
+            fence_ok = False
         with self._cond:
             self._fenced = True
+            self._fence_ok = fence_ok
+            self._ack_wanted |= ack
+            ack = fence_ok and self._ack_wanted and not self._acked
+            self._acked |= ack
         self._client._forget(self)
         if state == "revoked":
             from client import metrics

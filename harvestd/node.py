@@ -177,7 +177,8 @@ class Node:
             ray.init(address=ray_address, **init)
         else:
             # Our own Ray stays on loopback and small: it hosts a few actors, no data.
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
+            # address="local": never attach to a cluster someone else left running here.
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
                      object_store_memory=80 << 20, **init)
             self.ray_started_here = True
         ray_node = self.opts.ray_node_id or ray.get_runtime_context().get_node_id()
@@ -314,9 +315,10 @@ def stop_node(state: StateDir, timeout_s: float = 60.0) -> NodeInfo:
     """Ask the daemon of the node on ``state`` to stop, and wait until it has."""
     info = running_node(state)
     if info is None:
-        for path in (state.node_file, state.broker_socket):
-            if path.exists():
-                path.unlink()
+        # Only node.json is known stale here: the broker's socket may belong to a node
+        # that is still starting.
+        if state.node_file.exists():
+            state.node_file.unlink()
         raise Unavailable(f"no Harvest node runs with state dir {state.root}")
     os.kill(info.daemon_pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s

@@ -81,7 +81,14 @@ class LeaseTable:
         self.generation = snapshot.generation
         self.lenders: dict[str, LenderRecord] = {r.id: r for r in snapshot.lenders}
         self.leases: dict[str, LeaseRecord] = {r.id: r for r in snapshot.leases}
+        now = clock()
         for lease in self.leases.values():
+            # Keepalives are not written to the store (they would be most of its writes):
+            # after a restart every granted lease gets one fresh TTL, as etcd's leases do
+            # after a leader change. Nothing is granted twice, and a holder that cannot
+            # renew stops on its own clock regardless.
+            if lease.state is LeaseState.GRANTED:
+                lease.expires_at = max(lease.expires_at, now + lease.ttl_s)
             lender = self.lenders.get(lease.lender_id)
             if lender is not None:
                 lender.held += lease.charged
@@ -322,8 +329,6 @@ class LeaseTable:
                     alive.append(lease)
                 else:
                     lost.append(lease)
-            if alive:
-                self.store.commit(alive)
             if lost:
                 self.observer.count("keepalive_miss", len(lost))
         return alive, lost

@@ -270,3 +270,17 @@ def test_failed_commit_grants_nothing(table, monkeypatch):
     with pytest.raises(StoreError):
         table.grant("c", MiB, node="n1")
     assert table.lenders["h0"].held == held and not table.leases
+
+
+def test_keepalives_write_nothing_and_a_restart_refreshes_ttls(table, tmp_path, monkeypatch):
+    lease, _ = table.grant("c", MiB, node="n1")
+    writes = []
+    original = table.store.commit
+    monkeypatch.setattr(table.store, "commit", lambda *a, **k: (writes.append(a), original(*a, **k)))
+    table.clock_.now += 9
+    table.keepalive("c", [lease.id])
+    assert writes == []
+    table.clock_.now += 9  # past the stored expiry (the renewal was never written)
+    again = reopen(table, tmp_path)
+    assert again.leases[lease.id].expires_at == table.clock_.now + lease.ttl_s
+    assert again.sweep() == []

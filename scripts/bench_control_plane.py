@@ -1,0 +1,362 @@
+#!/usr/bin/env python3
+"""Control-plane benchmark: broker throughput and latency, and reclaim latency, on one node.
+
+Starts its own node (Ray, broker actor, host lender) unless --state-dir names a running one.
+Throughput: --workers processes, each with its own channel and --live leases, loop grant /
+keepalive (a batch, round robin) / release; leases are never picked up: the broker alone.
+Reclaim: N (--holders) processes each map one lease with the client library; this process,
+as the tenant, reclaims the idle bytes plus the holders' (so exactly their leases must go)
+and times it until the broker answers freed=True. Unix sockets only.
+
+    python scripts/bench_control_plane.py [--quick] [--out bench/results/control_plane.json]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import itertools
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("bench_control_plane")
+OPS = ("grant", "keepalive", "release")
+DEFAULTS = {"workers": 4, "seconds": 10.0, "holders": "1,4,16", "repeats": 5}
+QUICK = {"workers": 2, "seconds": 2.0, "holders": "1,2", "repeats": 2}
+WAIT_S = 120.0  # the longest any process waits on another before giving up
+STALLED_MS = 1000.0  # a reclaim this slow waited out a grace period: someone did not ack
+SPAWN = mp.get_context("spawn")  # never fork a process that has gRPC threads
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile ``q`` (0..1) of ``values``; NaN when empty."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else math.nan
+
+
+def _reap(procs: list[Any], wait_s: float) -> None:
+    """Join ``procs`` for up to ``wait_s`` in all, then terminate whoever is left."""
+    deadline = time.monotonic() + wait_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.terminate()
+
+
+def _worker(address: str, node: str, args: argparse.Namespace, start: Any, out: Any) -> None:
+    """One throughput worker: fill ``args.live`` leases, wait for ``start``, loop, clean up."""
+    import grpc
+
+    from protos import harvest_pb2 as pb
+    from protos import harvest_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(address)
+    stub, cid = pb_grpc.BrokerStub(channel), f"bench-cp-{os.getpid()}"
+    lat: dict[str, list[float]] = {op: [] for op in OPS}
+    errors: collections.Counter[str] = collections.Counter()
+    held: collections.deque[str] = collections.deque()
+    grant = pb.GrantRequest(client_id=cid, nbytes=args.lease_bytes, ttl_s=args.ttl, node=node,
+                            holder_pid=os.getpid(), backend=pb.BACKEND_HOST)
+
+    def call(op: str, method: Any, request: Any, timed: bool = True) -> Any:
+        began = time.perf_counter()
+        try:
+            reply = method(request, timeout=10.0)
+        except grpc.RpcError as err:
+            errors[f"{op}:{err.code().name}"] += 1
+            return None
+        if timed:
+            lat[op].append(time.perf_counter() - began)
+        return reply
+
+    # Filled before the clock starts, so that every timed op runs at the full live count.
+    filled = (call("fill", stub.Grant, grant, False) for _ in range(args.live))
+    held.extend(r.id for r in filled if r is not None)
+    out.put(("ready", os.getpid()))
+    elapsed, renewed = 0.0, 0
+    if start.wait(WAIT_S):
+        began = time.monotonic()
+        while time.monotonic() < began + args.seconds:
+            if (reply := call("grant", stub.Grant, grant)) is not None:
+                held.append(reply.id)
+            ids = list(itertools.islice(held, args.batch))
+            held.rotate(-len(ids))  # round robin: each lease is renewed every live/batch loops
+            reply = call("keepalive", stub.KeepAlive, pb.KeepAliveRequest(client_id=cid,
+                                                                          lease_ids=ids))
+            if reply is not None:
+                renewed += len(reply.alive)
+                errors["keepalive:lost"] += len(reply.lost)
+            if held:
+                call("release", stub.Release, pb.ReleaseRequest(client_id=cid,
+                                                                 lease_id=held.popleft()))
+        elapsed = time.monotonic() - began
+    else:
+        errors["start:timeout"] += 1
+    for lease_id in held:  # untimed, but its failures still count
+        call("cleanup", stub.Release, pb.ReleaseRequest(client_id=cid, lease_id=lease_id), False)
+    channel.close()
+    out.put(("done", {"lat": lat, "errors": +errors, "elapsed": elapsed, "renewed": renewed}))
+
+
+def bench_throughput(address: str, node: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the workers against the broker at ``address``; figures in ops/s and ms."""
+    start, results = SPAWN.Event(), SPAWN.Queue()
+    done: list[dict[str, Any]] = []
+    procs = [SPAWN.Process(target=_worker, args=(address, node, args, start, results),
+                           daemon=True) for _ in range(args.workers)]
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:
+            results.get(timeout=WAIT_S)
+        log.info("%d workers hold %d leases; running %.1f s", args.workers,
+                 args.workers * args.live, args.seconds)
+        start.set()
+        done = [results.get(timeout=args.seconds + WAIT_S)[1] for _ in procs]
+    finally:
+        # After an error or Ctrl-C, nobody waits for workers that may be blocked.
+        _reap(procs, 15.0 if len(done) == len(procs) else 0.0)
+    window = max(d["elapsed"] for d in done) or math.nan
+    errors = sum((collections.Counter(d["errors"]) for d in done), collections.Counter())
+    per_op = {}
+    for op in OPS:
+        ms = [x * 1e3 for d in done for x in d["lat"][op]]
+        per_op[op] = {"count": len(ms), "ops_per_s": len(ms) / window, "p50_ms": pct(ms, .5),
+                      "p99_ms": pct(ms, .99), "max_ms": max(ms, default=math.nan)}
+    return {"window_s": window, "ops": per_op,
+            "ops_per_s": sum(v["count"] for v in per_op.values()) / window,
+            "leases_renewed_per_s": sum(d["renewed"] for d in done) / window,
+            "errors": sum(errors.values()), "errors_by_kind": dict(errors)}
+
+
+def _holder(state_dir: str, nbytes: int, ttl: float, settle: float, conn: Any) -> None:
+    """A holder: per "lease" command, map one lease, hold it ``settle`` s, say when it goes."""
+    from client import connect
+
+    client = connect(state_dir=state_dir)
+    try:
+        while conn.poll(WAIT_S) and conn.recv() == "lease":
+            seen, when = threading.Event(), []
+            try:
+                lease = client.lease(nbytes, ttl=ttl, backend="host")  # the lender we reclaim
+            except Exception as exc:  # noqa: BLE001 - the parent must hear, not hang
+                conn.send(("error", repr(exc)))
+                continue
+            lease.on_revoke(lambda _lease, _why, when=when, seen=seen: (
+                when.append(time.monotonic()), seen.set()))
+            time.sleep(settle)
+            conn.send(("ready", lease.id))
+            conn.send(("revoked", lease.id, when[0] if seen.wait(WAIT_S) else None))
+    finally:
+        client.close()
+
+
+def _expect(conn: Any, kind: str) -> tuple:
+    if not conn.poll(WAIT_S):
+        raise TimeoutError(f"a holder sent no {kind!r} within {WAIT_S:.0f} s")
+    if (message := conn.recv())[0] != kind:
+        raise RuntimeError(f"a holder sent {message!r}, expected {kind!r}")
+    return message
+
+
+def _reclaim_once(tenant: Any, lender: Any, conns: list[Any], charged: int) -> dict[str, Any]:
+    """Lease on every holder, reclaim their bytes, wait for every callback, restore."""
+    for conn in conns:
+        conn.send("lease")
+    ids = {_expect(conn, "ready")[1] for conn in conns}
+    now = next(l for l in tenant.lenders() if l.id == lender.id)
+    idle = max(0, now.capacity - now.reclaimed - now.granted)
+    began = time.monotonic()
+    res = tenant.reclaim(lender.id, idle + len(conns) * charged)
+    elapsed = time.monotonic() - began
+    called = [m[2] - began for m in (_expect(c, "revoked") for c in conns) if m[2] is not None]
+    tenant.restore(lender.id)
+    return {"elapsed_ms": elapsed * 1e3, "broker_ms": res.elapsed_s * 1e3, "freed": res.freed,
+            "revoked": len(res.revoked), "holders_revoked": len(ids & set(res.revoked)),
+            "callbacks": len(called), "callback_max_ms": max(called, default=math.nan) * 1e3}
+
+
+def bench_reclaim(state_dir: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Reclaim latency with 1..N mapped holders, timed from this (tenant) process."""
+    from client import connect
+    from lender.backends.base import round_up
+    from protos import harvest_pb2 as pb
+
+    rows = []
+    with contextlib.closing(connect(state_dir=state_dir)) as tenant:
+        lender = next(l for l in tenant.lenders()
+                      if l.backend == pb.BACKEND_HOST and l.state == pb.LENDER_UP)
+        charged = round_up(args.holder_bytes, lender.granularity)
+        for n in args.holders:
+            pipes = [SPAWN.Pipe() for _ in range(n)]
+            procs = [SPAWN.Process(target=_holder, daemon=True, args=(
+                state_dir, args.holder_bytes, args.ttl, args.settle, child)) for _, child in pipes]
+            runs: list[dict[str, Any]] = []
+            try:
+                for p in procs:
+                    p.start()
+                for r in range(args.repeats):
+                    runs.append(_reclaim_once(tenant, lender, [c for c, _ in pipes], charged))
+                    log.info("reclaim, %d holders, run %d: %.1f ms, freed=%s, callbacks %d/%d",
+                             n, r + 1, runs[-1]["elapsed_ms"], runs[-1]["freed"],
+                             runs[-1]["callbacks"], n)
+            finally:
+                for conn, _ in pipes:
+                    with contextlib.suppress(OSError):
+                        conn.send("stop")
+                # After an error, holders may wait for a revocation that never comes.
+                _reap(procs, 15.0 if len(runs) == args.repeats else 0.0)
+            ms = [r["elapsed_ms"] for r in runs]
+            rows.append({"holders": n, "p50_ms": pct(ms, .5), "max_ms": max(ms),
+                         "broker_p50_ms": pct([r["broker_ms"] for r in runs], .5),
+                         "all_freed": all(r["freed"] for r in runs),
+                         "callbacks": sum(r["callbacks"] for r in runs),
+                         "expected_callbacks": n * len(runs),
+                         "stalled": sum(r["elapsed_ms"] > STALLED_MS for r in runs), "runs": runs})
+    return rows
+
+
+def _daemons(root: str) -> list[int]:
+    """Pids of the node daemons running on state dir ``root`` (ours: its name is unique)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            cmd = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
+            if b"harvestd.daemon" in cmd and f'"{root}"'.encode() in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+@contextlib.contextmanager
+def node(state_dir: str | None, host_bytes: str) -> Iterator[str]:
+    """The state dir of a running node: the one given, or a fresh one stopped afterwards."""
+    if state_dir:
+        yield state_dir
+        return
+    root = tempfile.mkdtemp(prefix="hvcp-", dir="/tmp")  # not $TMPDIR: socket paths stay short
+    harvestd = [sys.executable, "-m", "harvestd"]
+    cut_short = True
+    try:
+        log.info("starting a node in %s", root)
+        # A private Ray temp dir: without it, ray.init() joins any cluster that `ray start`
+        # left on this machine (it reads /tmp/ray/ray_current_cluster) and the start fails.
+        started = subprocess.run(harvestd + ["start", "--detach", "--backend", "host",
+                                             "--host-bytes", host_bytes, "--state-dir", root],
+                                 check=False, timeout=300, capture_output=True, text=True,
+                                 env={**os.environ, "RAY_TMPDIR": root})
+        cut_short = False
+        if started.returncode:
+            raise RuntimeError(f"harvestd start failed: {started.stderr.strip()}")
+        yield root
+    finally:
+        if cut_short:
+            # The daemon of a start cut short (Ctrl-C) writes node.json, which `harvestd
+            # stop` needs, only later, and a stop before that would delete its socket:
+            # SIGTERM makes it finish starting, then stop; wait for that.
+            for pid in _daemons(root):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 90
+            while _daemons(root) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        stop = subprocess.run(harvestd + ["stop", "--state-dir", root], check=False,
+                              timeout=120, capture_output=True, text=True)
+        if stop.returncode and not cut_short:
+            log.warning("harvestd stop: %s (logs kept in %s)", stop.stderr.strip(), root)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            log.info("node stopped")
+
+
+def print_table(res: dict[str, Any]) -> None:
+    """The human summary of ``res`` (the JSON's figures)."""
+    p, tp = res["parameters"], res["throughput"]
+    m = res["machine"]
+    print(f"\nthroughput: {p['workers']} workers x {p['live']} live leases, {tp['window_s']:.1f}"
+          f" s, keepalive batch {p['batch']}; {m['cpus']} CPUs, load average "
+          f"{m['loadavg_before'][0]:.1f} before the run")
+    print(f"{'op':<10}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
+    for op, v in tp["ops"].items():
+        print(f"{op:<10}{v['ops_per_s']:>10.0f}{v['p50_ms']:>10.2f}{v['p99_ms']:>10.2f}"
+              f"{v['max_ms']:>10.2f}")
+    print(f"{'all':<10}{tp['ops_per_s']:>10.0f}   leases renewed/s "
+          f"{tp['leases_renewed_per_s']:.0f}   errors {tp['errors']} {tp['errors_by_kind'] or ''}")
+    print(f"\nreclaim: holders of {p['holder_bytes'] >> 20} MiB each, {p['repeats']} repeats, "
+          f"settle {p['settle']} s")
+    print(f"{'holders':<9}{'p50 ms':>9}{'max ms':>9}{'broker p50':>12}{'freed':>7}"
+          f"{'callbacks':>11}{'stalled':>9}")
+    for r in res["reclaim"]:
+        print(f"{r['holders']:<9}{r['p50_ms']:>9.1f}{r['max_ms']:>9.1f}{r['broker_p50_ms']:>12.1f}"
+              f"{r['all_freed']!s:>7}{r['callbacks']:>6}/{r['expected_callbacks']:<4}"
+              f"{r['stalled']:>9}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both benchmarks; 0 when every op succeeded and every reclaim freed its memory."""
+    from harvestd.paths import node_name, resolve_address
+    from harvestd.sizes import parse_size
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, help=f"throughput workers ({DEFAULTS['workers']})")
+    ap.add_argument("--seconds", type=float, help=f"throughput run ({DEFAULTS['seconds']})")
+    ap.add_argument("--live", type=int, default=250, help="leases each worker holds")
+    ap.add_argument("--batch", type=int, default=50, help="leases per keepalive")
+    ap.add_argument("--lease-bytes", type=parse_size, default="4KiB")
+    ap.add_argument("--ttl", type=float, default=30.0, help="lease TTL, seconds")
+    ap.add_argument("--holders", help=f"holder counts ({DEFAULTS['holders']})")
+    ap.add_argument("--holder-bytes", type=parse_size, default="64MiB")
+    ap.add_argument("--repeats", type=int, help=f"reclaims per count ({DEFAULTS['repeats']})")
+    ap.add_argument("--settle", type=float, default=0.25, help="seconds a holder holds its "
+                    "lease before the reclaim (0 lands it on the lease's first keepalive)")
+    ap.add_argument("--host-bytes", default="4GiB", help="the started node's host lender")
+    ap.add_argument("--state-dir", help="use this running node instead of starting one")
+    ap.add_argument("--out", default=str(REPO / "bench/results/control_plane.json"))
+    ap.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK}")
+    args = ap.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():  # explicit flags win
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    args.holders = [int(n) for n in str(args.holders).split(",") if n.strip()]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # SIGTERM takes the same way out as Ctrl-C: through the finally that stops the node.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    load_before = os.getloadavg()  # other work on the machine skews every figure: record it
+    with node(args.state_dir, args.host_bytes) as state_dir:
+        throughput = bench_throughput(resolve_address(None, state_dir), node_name(state_dir),
+                                      args)
+        reclaim = bench_reclaim(state_dir, args)
+    res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                       "python": platform.python_version(), "host": platform.node(),
+                       "loadavg_before": load_before},
+           "command": [sys.executable, *sys.argv],
+           "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+           "parameters": {k: v for k, v in vars(args).items() if k != "out"},
+           "node_started_here": args.state_dir is None,
+           "throughput": throughput, "reclaim": reclaim}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print_table(res)
+    print(f"\nwritten: {args.out}")
+    ok = throughput["errors"] == 0 and all(
+        r["all_freed"] and r["callbacks"] == r["expected_callbacks"] for r in reclaim)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
