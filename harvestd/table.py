@@ -80,6 +80,11 @@ class LeaseTable:
         snapshot = store.load()
         self.generation = snapshot.generation
         self.lenders: dict[str, LenderRecord] = {r.id: r for r in snapshot.lenders}
+        # Leases never cross nodes: placement looks at the client's node only, so its cost
+        # does not grow with the cluster.
+        self._by_node: dict[str, dict[str, LenderRecord]] = {}
+        for lender in self.lenders.values():
+            self._by_node.setdefault(lender.node, {})[lender.id] = lender
         self.leases: dict[str, LeaseRecord] = {r.id: r for r in snapshot.leases}
         now = clock()
         for lease in self.leases.values():
@@ -182,7 +187,10 @@ class LeaseTable:
                     dropped.append(lease)
                 # Its memory died with the process that lent it.
                 lease.freed = True
+            if old is not None:
+                self._by_node.get(old.node, {}).pop(lender.id, None)
             self.lenders[lender.id] = lender
+            self._by_node.setdefault(lender.node, {})[lender.id] = lender
             self.store.commit(revoked + dropped, [lender], self.generation)
             if revoked:
                 self.observer.count("revoke_forced", len(revoked))
@@ -272,8 +280,8 @@ class LeaseTable:
             raise InvalidArgument(f"ttl must be between {self.timing.min_ttl} and "
                                   f"{self.timing.max_ttl} seconds, got {ttl}")
         with self.lock:
-            lender = self.policy.place(list(self.lenders.values()), nbytes, node, near_gpu,
-                                       backend)
+            lender = self.policy.place(list(self._by_node.get(node, {}).values()), nbytes,
+                                       node, near_gpu, backend)
             if lender is None:
                 self.observer.count("grant_refused")
                 raise NoCapacity(self._no_capacity_reason(nbytes, node, backend))
@@ -296,7 +304,7 @@ class LeaseTable:
             return lease, lender
 
     def _no_capacity_reason(self, nbytes: int, node: str, backend: int) -> str:
-        here = [l for l in self.lenders.values() if l.node == node]
+        here = list(self._by_node.get(node, {}).values())
         up = [l for l in here if l.state is LenderState.UP and (not backend or l.backend == backend)]
         if not here:
             return f"no lender on node {node!r}"
@@ -560,6 +568,10 @@ class LeaseTable:
                            if l.lender_id == lender.id and not l.freed
                            and l.lender_generation == lender.generation)
                 assert held == lender.held, f"{lender.id}: held {lender.held} != {held}"
+            indexed = {i: l for lenders in self._by_node.values() for i, l in lenders.items()}
+            assert indexed.keys() == self.lenders.keys() and all(
+                indexed[i] is l and l.id in self._by_node[l.node]
+                for i, l in self.lenders.items()), "the node index is out of step"
             gens = [l.generation for l in self.leases.values()]
             assert len(gens) == len(set(gens)), "a generation was granted twice"
             assert all(g <= self.generation for g in gens), "generation above the counter"
