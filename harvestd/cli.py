@@ -414,8 +414,37 @@ def revoke(state_dir, lease_id, force, kill_holder, reason) -> None:
 
 def _wait_command(state_dir, method: str, request, timeout: float,
                   describe: Callable[[Any], str]) -> None:
-    reply = _call(state_dir, method, request, timeout=(timeout or 60.0) + 10)
-    click.echo(describe(reply))
+    """Run a call that waits for memory to come free, showing on a terminal how many of
+    the lender's leases are still on their way out."""
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["reply"] = _call(state_dir, method, request, timeout=(timeout or 60.0) + 10)
+        except HarvestError as err:
+            result["error"] = err
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        with Console(stderr=True).status(f"{method.lower()} on {request.lender_id}") as shown:
+            while worker.is_alive():
+                worker.join(0.2)
+                try:
+                    going = [l for l in _call(state_dir, "ListLeases", pb.ListLeasesRequest(
+                        lender_id=request.lender_id)).leases if l.state == pb.REVOKING]
+                    shown.update(f"{method.lower()} on {request.lender_id}: {len(going)} "
+                                 "leases still being revoked")
+                except HarvestError:
+                    pass
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    click.echo(describe(result["reply"]))
 
 
 @cli.command()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 _FIELDS = ("lease", "lender", "client")
+LEASE_PREFIX = "lease-"
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,6 +28,13 @@ class JsonFormatter(logging.Formatter):
         for key in _FIELDS:
             if hasattr(record, key):
                 data[key] = getattr(record, key)
+        if "lease" not in data:
+            # Lease ids have one fixed form, so a line about a lease names it as a field
+            # even where the call passed it only as a format argument.
+            ids = [a for a in (record.args if isinstance(record.args, tuple) else ())
+                   if isinstance(a, str) and a.startswith(LEASE_PREFIX)]
+            if ids:
+                data["lease"] = ids[0] if len(ids) == 1 else ids
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data)

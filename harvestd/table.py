@@ -200,7 +200,8 @@ class LeaseTable:
                 self._forget(lease)
             self.notifier.freed(lender.id)
             log.info("lender %s registered: generation %d, node %s, %d bytes", lender.id,
-                     lender.generation, lender.node, lender.capacity)
+                     lender.generation, lender.node, lender.capacity,
+                     extra={"lender": lender.id})
             return lender.generation
 
     def report_lender(self, lender_id: str, generation: int, capacity: int,
@@ -300,7 +301,8 @@ class LeaseTable:
                 raise
             self.leases[lease.id] = lease
             self.observer.count("grant")
-            log.debug("granted %s: %d bytes on %s to %s", lease.id, nbytes, lender.id, client_id)
+            log.debug("granted %s: %d bytes on %s to %s", lease.id, nbytes, lender.id, client_id,
+                      extra={"lender": lender.id, "client": client_id})
             return lease, lender
 
     def _no_capacity_reason(self, nbytes: int, node: str, backend: int) -> str:
@@ -493,7 +495,8 @@ class LeaseTable:
                 self._forget(lease)
             for lender in down:
                 log.warning("lender %s lost (%s): %d leases ended", lender.id, reason,
-                            sum(1 for l in ended if l.lender_id == lender.id))
+                            sum(1 for l in ended if l.lender_id == lender.id),
+                            extra={"lender": lender.id})
                 self.notifier.freed(lender.id)
             return ended
 
@@ -542,7 +545,8 @@ class LeaseTable:
                 for lease in ended:
                     self._forget(lease)
                 for lender in down:
-                    log.warning("lender %s stopped reporting: marked down", lender.id)
+                    log.warning("lender %s stopped reporting: marked down", lender.id,
+                                extra={"lender": lender.id})
             return ended
 
     # ------------------------------------------------------------------ reading

@@ -28,7 +28,7 @@ from lender.pool import Pool
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 LENDER_ACTOR_PREFIX = "harvest-lender-"
 
@@ -65,6 +65,8 @@ class Lender:
     def __init__(self, config: LenderConfig) -> None:
         self.config = config
         self.id = config.lender_id
+        # Every line this lender logs carries its id (a field of its own in JSON logs).
+        self.log = logging.LoggerAdapter(_log, {"lender": self.id})
         self.node = config.node or node_name(config.state_dir)
         self.kind = BackendKind(config.backend)
         self.state = StateDir.resolve(config.state_dir).create()
@@ -113,7 +115,7 @@ class Lender:
         for alloc in allocations:
             self.pool.give_back(alloc, clean=False)
         self.pool.close()
-        log.info("lender %s stopped", self.id)
+        self.log.info("lender %s stopped", self.id)
 
     def _register(self) -> None:
         info = self.capacity.describe()
@@ -127,7 +129,7 @@ class Lender:
             device_free=self.capacity.device_memory()[1], ray_node_id=self.config.ray_node_id)
         reply = self._call(self._broker.RegisterLender, pb.RegisterLenderRequest(lender=lender))
         self.generation = reply.generation
-        log.info("lender %s registered as generation %d (%s, %d bytes)", self.id,
+        self.log.info("lender %s registered as generation %d (%s, %d bytes)", self.id,
                  self.generation, self.kind.value, lender.capacity)
 
     def _call(self, method, request, timeout: float = 10.0):
@@ -177,7 +179,7 @@ class Lender:
             self.pool.give_back(alloc, clean=True)
             raise LeaseRevoked(f"lease {request.lease_id} ended during its pick-up")
         exported = self.backend.export(alloc)
-        log.debug("lease %s picked up by pid %d", request.lease_id, peer.pid)
+        self.log.debug("lease %s picked up by pid %d", request.lease_id, peer.pid)
         return pb.PickupReply(ok=True, nbytes=checked.nbytes, alloc_bytes=alloc.nbytes,
                               backend=self.kind.pb, gpu_uuid=exported.gpu_uuid,
                               ipc_handle=exported.ipc_handle), exported.fd
@@ -199,7 +201,7 @@ class Lender:
             done.append(event.lease_id)
         self._call(self._broker.ConfirmFree, pb.ConfirmFreeRequest(
             lender_id=self.id, generation=self.generation, lease_ids=done))
-        log.debug("freed %d leases", len(done))
+        self.log.debug("freed %d leases", len(done))
 
     def _watch(self) -> None:
         backoff = 0.1
@@ -223,7 +225,7 @@ class Lender:
             return
         if isinstance(err, (NotFound, PermissionDenied)):
             # The broker no longer knows this generation: start over under a new one.
-            log.warning("broker refused lender %s (%s): registering again", self.id, err)
+            self.log.warning("broker refused lender %s (%s): registering again", self.id, err)
             with self._lock:
                 allocations = list(self._allocations.values())
                 self._allocations.clear()
@@ -232,9 +234,9 @@ class Lender:
             try:
                 self._register()
             except HarvestError as exc:
-                log.warning("registration failed: %s", exc)
+                self.log.warning("registration failed: %s", exc)
         else:
-            log.info("broker unreachable (%s); retrying", err)
+            self.log.info("broker unreachable (%s); retrying", err)
 
     def _report(self) -> None:
         while not self._stop.wait(self.config.report_interval_s):
@@ -246,7 +248,7 @@ class Lender:
                     device_free=free))
             except HarvestError as err:
                 if not self._stop.is_set():
-                    log.info("report failed: %s", err)
+                    self.log.info("report failed: %s", err)
 
     def _watch_tenant(self) -> None:
         """Look at the GPU's tenant often: when it grows into the reserve, give memory
@@ -261,9 +263,9 @@ class Lender:
                     self._give_tenant_room(lendable)
             except HarvestError as err:
                 if not self._stop.is_set():
-                    log.info("tenant watch failed: %s", err)
+                    self.log.info("tenant watch failed: %s", err)
             except Exception:  # noqa: BLE001 - NVML hiccups must not stop the watch
-                log.exception("tenant watch failed")
+                self.log.exception("tenant watch failed")
 
     def _give_tenant_room(self, lendable: int) -> None:
         """Free the idle pool first (no borrower notices); if that is not enough, tell the
@@ -280,7 +282,7 @@ class Lender:
         self.pool.trim(max(0, lendable - self.pool.out_bytes))
         self.last_reclaim_s = time.monotonic() - start
         self.metrics.tenant_latency.observe(self.last_reclaim_s)
-        log.info("tenant pressure on %s: %d leases revoked, memory free=%s in %.1f ms",
+        self.log.info("tenant pressure on %s: %d leases revoked, memory free=%s in %.1f ms",
                  self.id, len(reply.revoked), reply.freed, self.last_reclaim_s * 1e3)
 
 

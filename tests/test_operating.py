@@ -87,3 +87,9 @@ def test_json_log_lines_carry_ids():
     line = json.loads(JsonFormatter().format(record))
     assert line["msg"] == "lease lease-1 revoked" and line["lease"] == "lease-1"
     assert line["lender"] == "gpu0" and line["level"] == "info"
+
+
+def test_json_log_lines_name_leases_passed_as_arguments():
+    record = logging.LogRecord("client.lease", logging.INFO, __file__, 1,
+                               "lease %s %s: %s", ("lease-abc", "revoked", "why"), None)
+    assert json.loads(JsonFormatter().format(record))["lease"] == "lease-abc"
