@@ -51,6 +51,10 @@ class Client:
         self._broker = pb_grpc.BrokerStub(self._channel)
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
+        # Leases between Grant and registration, and events that arrived for them then:
+        # a REVOKE must not be acknowledged for memory we may already map but not fence.
+        self._picking: set[str] = set()
+        self._deferred: dict[str, list[pb.LeaseEvent]] = {}
         self._closed = threading.Event()
         self._watching = threading.Event()
         self._stream = None
@@ -110,15 +114,26 @@ class Client:
             client_id=self.id, nbytes=nbytes, ttl_s=float(ttl or 0), node=self.node,
             near_gpu=near_uuid, priority=priority, holder_pid=os.getpid(),
             backend=kind.pb if kind else 0))
+        with self._lock:
+            self._picking.add(grant.id)
         try:
             mapping = self._pick_up(grant, device)
         except BaseException:
+            with self._lock:
+                self._picking.discard(grant.id)
+                deferred = self._deferred.pop(grant.id, [])
             self._release_id(grant.id)
+            if any(e.kind == pb.LeaseEvent.REVOKE for e in deferred):
+                self._ack_id(grant.id)  # never mapped: nothing to fence
             raise
         margin = self._margin if self._margin is not None else min(1.0, grant.ttl_s / 4)
         lease = Lease(self, grant, mapping, margin)
         with self._lock:
             self._leases[lease.id] = lease
+            self._picking.discard(lease.id)
+            deferred = self._deferred.pop(lease.id, [])
+        for event in deferred:
+            self._on_event(event)
         metrics.LEASES.labels(backend=lease.backend.value).inc()
         metrics.LEASED_BYTES.labels(backend=lease.backend.value).inc(lease.nbytes)
         metrics.LEASE_LATENCY.observe(time.perf_counter() - start)
@@ -234,6 +249,9 @@ class Client:
     def _on_event(self, event: pb.LeaseEvent) -> None:
         with self._lock:
             lease = self._leases.get(event.lease.id)
+            if lease is None and event.lease.id in self._picking:
+                self._deferred.setdefault(event.lease.id, []).append(event)
+                return
         if lease is None:
             if event.kind == pb.LeaseEvent.REVOKE:
                 # Not ours any more (already released or fenced): acknowledge anyway.

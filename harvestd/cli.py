@@ -38,6 +38,9 @@ class _Cli(click.Group):
         except click.exceptions.Abort:
             click.echo("harvestd: aborted", err=True)
             sys.exit(1)
+        except click.exceptions.NoArgsIsHelpError:
+            click.echo("harvestd: error: missing command (see `harvestd --help`)", err=True)
+            sys.exit(EXIT_USAGE)
         except click.exceptions.UsageError as err:
             hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx else ""
             click.echo(f"harvestd: error: {err.format_message()}{hint}", err=True)
@@ -48,6 +51,10 @@ class _Cli(click.Group):
         except HarvestError as err:
             for line in str(err).splitlines() or [type(err).__name__]:
                 click.echo(f"harvestd: error: {line}", err=True)
+            sys.exit(EXIT_USAGE)
+        except UnicodeError as err:
+            click.echo(f"harvestd: error: an argument is not valid text ({err.reason})",
+                       err=True)
             sys.exit(EXIT_USAGE)
         except KeyboardInterrupt:
             sys.exit(130)

@@ -86,12 +86,17 @@ _BY_CODE: dict[grpc.StatusCode, type[HarvestError]] = {
 LEASE_ENDED_PREFIX = "lease ended: "
 
 
-def abort_with(context: grpc.ServicerContext, err: HarvestError) -> None:
-    """End an RPC with the status that ``err``'s type maps to (raises, as grpc does)."""
+def to_wire(err: HarvestError) -> tuple[grpc.StatusCode, str]:
+    """The status code and message that carry ``err`` over gRPC or the pick-up socket."""
     message = str(err)
     if isinstance(err, LeaseRevoked):
         message = LEASE_ENDED_PREFIX + message
-    context.abort(err.code, message)
+    return err.code, message
+
+
+def abort_with(context: grpc.ServicerContext, err: HarvestError) -> None:
+    """End an RPC with the status that ``err``'s type maps to (raises, as grpc does)."""
+    context.abort(*to_wire(err))
 
 
 def from_code(code: grpc.StatusCode | str, message: str) -> HarvestError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import queue
 import threading
@@ -15,11 +16,14 @@ import grpc
 from harvestd import __version__
 from harvestd.errors import HarvestError, InvalidArgument, abort_with
 from harvestd.model import LeaseRecord, LenderRecord, LenderState
-from harvestd.table import LeaseTable
+from harvestd.table import MAX_LEASE_BYTES, LeaseTable
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+UINT64_MAX = (1 << 64) - 1
+MAX_WAIT_S = 3600.0  # Drain and Reclaim hold a worker thread while they wait
 
 # How often a stream wakes with nothing to send, to notice that its peer went away.
 _STREAM_POLL_S = 0.5
@@ -146,8 +150,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         """A lender (re)joins; it gets a new generation."""
         info = request.lender
         _require(info.id, "lender.id")
-        if info.backend == pb.BACKEND_UNSPECIFIED:
-            raise InvalidArgument("lender.backend is required")
+        if info.backend not in (pb.BACKEND_HOST, pb.BACKEND_CUDA_VMM, pb.BACKEND_CUDA_IPC):
+            raise InvalidArgument(f"lender.backend {info.backend} is not a known backend")
+        if info.capacity > MAX_LEASE_BYTES:
+            raise InvalidArgument(f"lender.capacity must be at most {MAX_LEASE_BYTES}")
         record = LenderRecord(
             id=info.id, node=info.node, backend=info.backend, pickup_address=info.pickup_address,
             capacity=info.capacity, generation=0, gpu_uuid=info.gpu_uuid,
@@ -160,6 +166,8 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def ReportLender(self, request, context):
         """A lender's periodic capacity report."""
+        if request.capacity > MAX_LEASE_BYTES:
+            raise InvalidArgument(f"capacity must be at most {MAX_LEASE_BYTES}")
         lender = self.table.report_lender(_require(request.lender_id, "lender_id"),
                                           request.generation, request.capacity,
                                           request.device_total, request.device_free)
@@ -267,19 +275,25 @@ class BrokerService(pb_grpc.BrokerServicer):
                                   request.reason or "revoked by operator", request.force)
         return pb.RevokeReply(lease=lease.to_pb())
 
-    def _wait_freed(self, lease_ids: list[str], timeout_s: float) -> bool:
+    def _wait_freed(self, lease_ids: list[str], timeout_s: float, context) -> bool:
         deadline = time.monotonic() + timeout_s
-        with self.hub.freed_cond:
-            while self.table.unfreed(lease_ids):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None:
+            deadline = min(deadline, time.monotonic() + remaining)
+        # The table's lock is never taken while holding freed_cond: register_lender takes
+        # them the other way round. A missed wake-up costs at most one 50 ms wait.
+        while self.table.unfreed(lease_ids):
+            left = deadline - time.monotonic()
+            if left <= 0 or (context is not None and not context.is_active()):
+                return False
+            with self.hub.freed_cond:
                 self.hub.freed_cond.wait(min(left, 0.05))
         return True
 
     def _timeout(self, requested: float) -> float:
-        if requested < 0:
-            raise InvalidArgument("timeout must not be negative")
+        if not math.isfinite(requested) or requested < 0 or requested > MAX_WAIT_S:
+            raise InvalidArgument(f"timeout must be between 0 and {MAX_WAIT_S:.0f} seconds, "
+                                  f"got {requested}")
         return requested or self.table.timing.grace + 2.0
 
     @_rpc
@@ -288,7 +302,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         timeout = self._timeout(request.timeout_s)
         leases = self.table.drain(_require(request.lender_id, "lender_id"))
         ids = [l.id for l in leases]
-        return pb.DrainReply(revoked=ids, freed=self._wait_freed(ids, timeout))
+        return pb.DrainReply(revoked=ids, freed=self._wait_freed(ids, timeout, context))
 
     @_rpc
     def Reclaim(self, request, context):
@@ -297,7 +311,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         timeout = self._timeout(request.timeout_s)
         leases = self.table.reclaim(_require(request.lender_id, "lender_id"), request.nbytes)
         ids = [l.id for l in leases]
-        freed = self._wait_freed(ids, timeout)
+        freed = self._wait_freed(ids, timeout, context)
         if freed:
             self.table.observer.observe("reclaim", time.monotonic() - start)
         lender = self.table.lenders[request.lender_id]
@@ -340,6 +354,6 @@ class BrokerService(pb_grpc.BrokerServicer):
             return pb.StatusReply(
                 version=__version__, address=self.address, store_path=self.store_path,
                 started_at=self.started_at, lenders_up=len(up), leases_active=len(active),
-                bytes_lendable=sum(l.lendable for l in up),
-                bytes_granted=sum(l.held for l in self.table.lenders.values()),
+                bytes_lendable=min(UINT64_MAX, sum(l.lendable for l in up)),
+                bytes_granted=min(UINT64_MAX, sum(l.held for l in self.table.lenders.values())),
                 generation=self.table.generation, pid=os.getpid())

@@ -8,6 +8,7 @@ from harvestd.errors import InvalidArgument
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
           "mb": 1000 ** 2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30,
           "t": 1 << 40, "tb": 1000 ** 4, "tib": 1 << 40}
+MAX_SIZE = (1 << 63) - 1  # what every size field on the wire can carry
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -19,7 +20,10 @@ def parse_size(text: str | int) -> int:
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
         raise InvalidArgument(f"{text!r} is not a size (write e.g. 4096, 512MiB, 2GiB)")
-    return int(float(match.group(1)) * _UNITS[unit])
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size > MAX_SIZE:
+        raise InvalidArgument(f"{text!r} is too large (at most {MAX_SIZE} bytes)")
+    return size
 
 
 def format_size(nbytes: int) -> str:

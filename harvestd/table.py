@@ -470,7 +470,7 @@ class LeaseTable:
         end their leases now; there is nothing left to free."""
         with self.lock:
             now = self.clock()
-            down, ended = [], []
+            down, ended, changed = [], [], []
             for lender_id in lender_ids:
                 lender = self.lenders.get(lender_id)
                 if lender is None or lender.state is LenderState.DOWN:
@@ -484,14 +484,16 @@ class LeaseTable:
                         self._end(lease, LeaseState.REVOKED, reason, False, now)
                         ended.append(lease)
                     self._mark_freed(lease)
+                    changed.append(lease)
             if not down:
                 return []
-            self.store.commit(ended, down)
+            self.store.commit(changed, down)
             self.observer.count("lender_down", len(down))
             if ended:
                 self.observer.count("revoke_forced", len(ended))
             for lease in ended:
                 self.notifier.ended(lease)
+            for lease in changed:
                 self._forget(lease)
             for lender in down:
                 log.warning("lender %s lost (%s): %d leases ended", lender.id, reason,

@@ -15,7 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from harvestd.errors import HarvestError, InvalidArgument, PermissionDenied, Unavailable, from_code
+from harvestd.errors import (HarvestError, InvalidArgument, PermissionDenied, Unavailable,
+                             from_code, to_wire)
 from protos import harvest_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class PickupServer:
                 request = pb.PickupRequest.FromString(_read_frame(conn))
                 reply, fd = self._handler(request, peer)
             except HarvestError as err:
-                reply = pb.PickupReply(ok=False, error_code=err.code.name, error_message=str(err))
+                code, message = to_wire(err)
+                reply = pb.PickupReply(ok=False, error_code=code.name, error_message=message)
             except Exception as exc:  # noqa: BLE001 - a malformed request gets an answer
                 log.warning("pick-up failed: %s", exc)
                 reply = pb.PickupReply(ok=False, error_code="INVALID_ARGUMENT",
