@@ -1,12 +1,16 @@
-"""A tiered cache over borrowed memory: objects (an expert's weights, a KV block) keyed
-by the caller, each with an authoritative source, served from the fastest tier that
-holds them, and never wrong.
+"""A tiered cache over borrowed memory: objects (an expert's weights, a KV block) keyed by
+the caller, each with an authoritative source, served from the fastest tier that holds
+them, and never wrong.
 
-Tiers, fastest first: ``local`` (this process's own GPU memory, an LRU of
-``local_bytes``), ``gpu-lease`` and ``host-lease`` (slabs borrowed through Harvest), and
-``host`` (the authoritative copy, pinned where a GPU reads it) or recomputation. A
-revoked lease takes its entries down to the next tier at once; a read that a revocation
-overlapped is discarded and served again from the authoritative copy.
+Tiers, fastest first: ``local`` (this process's own device memory, an LRU of
+``local_bytes``), ``gpu-lease`` and ``host-lease`` (slabs borrowed through Harvest, GPU
+lenders first), and ``host`` (the authoritative copy, pinned where a GPU reads it) or
+``recompute``. What lives where: borrowed memory is filled in the order objects are put;
+a background pass (``refill_every``) moves objects that lost their borrowed copy back up
+when lenders have room again, and swaps a much-used object that found no room for the
+least-used one of its size (use counts decay, so recency counts too). A revoked lease
+takes its objects down to their source at once; a read that a revocation overlapped is
+read again from the source (see :mod:`client.fetch`).
 """
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 
+from client import metrics
+from client.fetch import Fetch, Row
 from client.slabs import Slab, SlabSet
-from harvestd.errors import HarvestError, InvalidArgument, LeaseRevoked
+from harvestd.errors import InvalidArgument, LeaseRevoked
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +42,7 @@ class Tier(str, enum.Enum):
     RECOMPUTE = "recompute"
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     """One cached object."""
 
@@ -48,8 +54,10 @@ class Entry:
     recompute: Callable[[], torch.Tensor] | None  # or a way to make it again
     slot: tuple[Slab, int] | None = None          # borrowed copy: slab, byte offset
     local: torch.Tensor | None = None             # copy on this process's device
-    hits: int = 0
+    hits: float = 0.0                             # uses, decaying (see rebalance)
     last_used: float = field(default_factory=time.monotonic)
+    readers: int = 0                              # fetches reading it now
+    dropped: bool = False                         # evicted or replaced while read
 
 
 @dataclass
@@ -59,33 +67,53 @@ class CacheStats:
     hits: dict[str, int] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
     revocations: int = 0
-    fallbacks: int = 0   # reads a revocation overlapped, served again from the source
+    fallbacks: int = 0   # reads meant for borrowed memory, served from the source instead
+    swaps: int = 0       # objects moved into borrowed memory by use
 
     def add(self, tier: Tier, nbytes: int, n: int = 1) -> None:
         """Count ``n`` reads of ``nbytes`` in all from ``tier``."""
         self.hits[tier.value] = self.hits.get(tier.value, 0) + n
         self.bytes[tier.value] = self.bytes.get(tier.value, 0) + nbytes
+        metrics.CACHE_READS.labels(tier=tier.value).inc(n)
+        metrics.CACHE_BYTES.labels(tier=tier.value).inc(nbytes)
 
 
 class TieredCache:
     """See the module docstring. Thread-safe; objects are immutable once put (put the
-    same key again to replace one)."""
+    same key again to replace one).
+
+    ``backends`` orders the lenders borrowed from (``"cuda-vmm"``, ``"cuda-ipc"``,
+    ``"host"``); ``borrow_bytes`` caps what is borrowed, in leases of ``slab_bytes``.
+    ``refill_every`` (seconds) runs the background pass that refills and rebalances;
+    ``None`` leaves it to explicit :meth:`refill` / :meth:`rebalance` calls.
+    """
 
     def __init__(self, client: Any, device: Any = "cpu", local_bytes: int = 0,
                  borrow_bytes: int = 1 << 30, slab_bytes: int = 64 << 20,
                  backends: Sequence[str] = ("cuda-vmm", "host"), ttl: float | None = None,
-                 pin_host: bool | None = None) -> None:
+                 pin_host: bool | None = None, refill_every: float | None = None) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.local_bytes = local_bytes
         self.stats = CacheStats()
         self._lock = threading.RLock()
         self._entries: dict[Hashable, Entry] = {}
         self._local: OrderedDict[Hashable, Entry] = OrderedDict()
         self._local_used = 0
+        self._pending: dict[Hashable, tuple[Fetch, torch.Tensor]] = {}
         self._pin = self.device.type == "cuda" if pin_host is None else pin_host
         self._slabs = SlabSet(client, self.device, borrow_bytes, slab_bytes, backends, ttl,
                               on_revoke=self._on_revoke)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._fill_stream = torch.cuda.Stream(self.device) if self.stream is not None else None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._refiller: threading.Thread | None = None
+        if refill_every is not None:
+            self._refiller = threading.Thread(target=self._refill_loop, args=(refill_every,),
+                                              name="harvest-cache-refill", daemon=True)
+            self._refiller.start()
 
     # ------------------------------------------------------------ writing
 
@@ -110,33 +138,62 @@ class TieredCache:
             if old is not None:
                 self._drop(old)
             self._entries[key] = entry
-            slot = self._slabs.take(entry.nbytes)
+        slot = self._take_slot(entry.nbytes)
         if slot is not None:
             self._fill(entry, slot, value)
         return self.tier_of(key)
 
-    def _fill(self, entry: Entry, slot: tuple[Slab, int], value: torch.Tensor) -> None:
+    def _take_slot(self, nbytes: int) -> tuple[Slab, int] | None:
+        """A borrowed slot for ``nbytes``: in a slab we hold, else in a new one (leased
+        without holding the lock, so that reads go on meanwhile)."""
+        with self._lock:
+            slot = self._slabs.take_existing(nbytes)
+            if slot is not None or not self._slabs.may_grow(nbytes):
+                return slot
+        slab = self._slabs.grow(nbytes)
+        if slab is None:
+            return None
+        with self._lock:
+            self._slabs.add(slab)
+            return self._slabs.take_existing(nbytes)
+
+    def _fill(self, entry: Entry, slot: tuple[Slab, int], value: torch.Tensor) -> bool:
+        """Copy ``value`` into a borrowed slot and give the entry that slot."""
         slab, offset = slot
         flat = value.detach().contiguous().view(-1).view(torch.uint8)
         try:
             with slab.lease.use():
-                slab.lease.as_bytes()[offset: offset + entry.nbytes].copy_(flat)
+                dst = slab.lease.as_bytes()[offset: offset + entry.nbytes]
+                if self.stream is None:
+                    dst.copy_(flat)
+                else:
+                    # Its own stream: a refill must not queue behind (or hold up) the
+                    # model's work on the default stream.
+                    self._fill_stream.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(self._fill_stream):
+                        dst.copy_(flat, non_blocking=True)
+                    # Complete before use() ends: the lease may go then.
+                    self._fill_stream.synchronize()
         except LeaseRevoked:
-            return  # the slab went while we wrote: the entry stays on its source
+            return False  # the slab went while we wrote: the entry stays on its source
         with self._lock:
-            if self._entries.get(entry.key) is entry and slab.alive:
+            if self._entries.get(entry.key) is entry and slab.alive and entry.slot is None:
                 entry.slot = slot
-            else:
-                slab.give(offset)
+                return True
+            slab.give(offset)
+            return False
 
     def _drop(self, entry: Entry) -> None:
-        if entry.slot is not None:
+        """Forget an entry's copies (its borrowed slot once nobody reads it)."""
+        entry.dropped = True
+        if entry.slot is not None and entry.readers == 0:
             entry.slot[0].give(entry.slot[1])
             entry.slot = None
         if entry.local is not None:
             self._local.pop(entry.key, None)
             self._local_used -= entry.nbytes
             entry.local = None
+        self._pending.pop(entry.key, None)
 
     def evict(self, key: Hashable) -> None:
         """Forget ``key`` everywhere."""
@@ -154,8 +211,12 @@ class TieredCache:
             if entry.local is not None:
                 return Tier.LOCAL
             if entry.slot is not None:
-                return Tier.GPU_LEASE if entry.slot[0].on_gpu else Tier.HOST_LEASE
+                return self._slab_tier(entry.slot[0])
             return Tier.HOST if entry.host is not None else Tier.RECOMPUTE
+
+    @staticmethod
+    def _slab_tier(slab: Slab) -> Tier:
+        return Tier.GPU_LEASE if slab.on_gpu else Tier.HOST_LEASE
 
     def _entry(self, key: Hashable) -> Entry:
         try:
@@ -163,45 +224,81 @@ class TieredCache:
         except KeyError:
             raise KeyError(f"nothing cached under {key!r}") from None
 
-    def get(self, key: Hashable, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The object, on the cache's device: the local copy itself if there is one (do not
-        write to it), else a copy into ``out`` (or a new tensor)."""
+    def fetch(self, keys: Sequence[Hashable], out: torch.Tensor) -> Fetch:
+        """Start reading objects of one size into the rows of ``out``
+        (``[len(keys), ...]``, contiguous): borrowed objects with one gather per slab
+        (or one copy each when large), on the cache's own CUDA stream. Returns the
+        :class:`~client.fetch.Fetch`; its ``wait()`` finishes it."""
+        self._finish_pending(keys)
+        if not out.is_contiguous() or out.dim() == 0 or out.shape[0] != len(keys):
+            raise InvalidArgument(f"out must be contiguous with {len(keys)} rows, one per key")
+        row_bytes = out.numel() * out.element_size() // max(1, len(keys))
+        now = time.monotonic()
+        rows = []
         with self._lock:
-            entry = self._entry(key)
-            entry.hits += 1
-            entry.last_used = time.monotonic()
-            if entry.local is not None:
-                self._local.move_to_end(key)
-                self.stats.add(Tier.LOCAL, entry.nbytes)
-                return entry.local if out is None else out.copy_(entry.local)
-        if out is None:
-            out = torch.empty(entry.shape, dtype=entry.dtype, device=self.device)
-        flat = out.view(-1).view(torch.uint8)
-        tier = self._read(entry, flat)
-        self.stats.add(tier, entry.nbytes)
-        self._promote(entry, out)
-        return out
-
-    def _read(self, entry: Entry, flat: torch.Tensor) -> Tier:
-        slot = entry.slot
-        if slot is not None:
-            slab, offset = slot
-            try:
-                with slab.lease.use():
-                    flat.copy_(slab.lease.as_bytes()[offset: offset + entry.nbytes])
-                return Tier.GPU_LEASE if slab.on_gpu else Tier.HOST_LEASE
-            except LeaseRevoked:
-                self.stats.fallbacks += 1  # discard what we read: serve it from the source
-        return self._read_source(entry, flat)
+            for i, key in enumerate(keys):
+                entry = self._entry(key)
+                if entry.nbytes != row_bytes:
+                    raise InvalidArgument(f"{entry.key!r} has {entry.nbytes} bytes; rows of "
+                                          f"out have {row_bytes}")
+                entry.hits += 1
+                entry.last_used = now
+                entry.readers += 1
+                if entry.local is not None:
+                    self._local.move_to_end(key)
+                rows.append(Row(i, entry, entry.local, entry.slot))
+        return Fetch(rows, out, self.stream, self._read_source, self._slab_tier, Tier.LOCAL,
+                     self._fetched).start()
 
     def _read_source(self, entry: Entry, flat: torch.Tensor) -> Tier:
         if entry.host is not None:
-            flat.copy_(entry.host, non_blocking=False)
+            flat.copy_(entry.host, non_blocking=True)
             return Tier.HOST
         flat.copy_(entry.recompute().contiguous().view(-1).view(torch.uint8))
         return Tier.RECOMPUTE
 
-    def _promote(self, entry: Entry, value: torch.Tensor) -> None:
+    def _fetched(self, fetch: Fetch) -> None:
+        """A fetch is over: count it, and let go of what it read."""
+        metrics.CACHE_FETCH_LATENCY.observe(time.perf_counter() - fetch.started)
+        with self._lock:
+            for row in fetch.rows:
+                entry = row.entry
+                entry.readers -= 1
+                if entry.dropped and entry.readers == 0 and entry.slot is not None:
+                    entry.slot[0].give(entry.slot[1])
+                    entry.slot = None
+                if row.tier is None:
+                    continue
+                self.stats.add(row.tier, entry.nbytes)
+                if row.slot is not None and row.tier in (Tier.HOST, Tier.RECOMPUTE):
+                    self.stats.fallbacks += 1
+                    metrics.CACHE_FALLBACKS.inc()
+
+    def get_many(self, keys: Sequence[Hashable], out: torch.Tensor) -> torch.Tensor:
+        """Objects of one size into the rows of ``out`` (``[len(keys), ...]``); returns
+        ``out`` once they are there (see :meth:`fetch` for the asynchronous form)."""
+        self.fetch(keys, out).wait()
+        return out
+
+    def get(self, key: Hashable, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The object, on the cache's device: the local copy itself if there is one (do not
+        write to it), else a copy into ``out`` (or a new tensor)."""
+        self._finish_pending([key])
+        with self._lock:
+            entry = self._entry(key)
+            if entry.local is not None and out is None:
+                entry.hits += 1
+                entry.last_used = time.monotonic()
+                self._local.move_to_end(key)
+                self.stats.add(Tier.LOCAL, entry.nbytes)
+                return entry.local
+        if out is None:
+            out = torch.empty(entry.shape, dtype=entry.dtype, device=self.device)
+        self.fetch([key], out.view(1, -1)).wait()
+        self._promote(entry, out)
+        return out
+
+    def _promote(self, entry: Entry, value: torch.Tensor, copy: bool = True) -> None:
         """Keep the most recently used objects on the device, within ``local_bytes``."""
         if entry.nbytes > self.local_bytes or self.device.type == "cpu" and entry.host is not None:
             return
@@ -212,64 +309,39 @@ class TieredCache:
                 _, victim = self._local.popitem(last=False)
                 victim.local = None
                 self._local_used -= victim.nbytes
-            entry.local = value.clone()
+            entry.local = value.clone() if copy else value
             self._local[entry.key] = entry
             self._local_used += entry.nbytes
 
-    def get_many(self, keys: Sequence[Hashable], out: torch.Tensor) -> torch.Tensor:
-        """Objects of one size into the rows of ``out`` (``[len(keys), ...]``), with one
-        gather per slab rather than one copy per object."""
-        if out.shape[0] != len(keys):
-            raise InvalidArgument(f"out has {out.shape[0]} rows for {len(keys)} keys")
-        rows = out.view(len(keys), -1).view(torch.uint8)
-        by_slab: dict[int, tuple[Slab, list[int], list[int]]] = {}
-        rest = []
-        with self._lock:
-            entries = [self._entry(k) for k in keys]
-            for i, entry in enumerate(entries):
-                if entry.nbytes != rows.shape[1]:
-                    raise InvalidArgument(f"{entry.key!r} has {entry.nbytes} bytes; rows of "
-                                          f"out have {rows.shape[1]}")
-                entry.hits += 1
-                entry.last_used = time.monotonic()
-                if entry.local is not None:
-                    rows[i].copy_(entry.local.view(-1).view(torch.uint8))
-                    self.stats.add(Tier.LOCAL, entry.nbytes)
-                elif entry.slot is not None:
-                    slab, offset = entry.slot
-                    group = by_slab.setdefault(id(slab), (slab, [], []))
-                    group[1].append(i)
-                    group[2].append(offset)
-                else:
-                    rest.append(i)
-        for slab, index, offsets in by_slab.values():
-            try:
-                block = torch.empty((len(index), rows.shape[1]), dtype=torch.uint8,
-                                    device=rows.device)
-                slab.lease.gather(offsets, rows.shape[1], block)
-                rows[torch.tensor(index, device=rows.device)] = block
-                self.stats.add(Tier.GPU_LEASE if slab.on_gpu else Tier.HOST_LEASE,
-                               rows.shape[1] * len(index), len(index))
-            except (LeaseRevoked, HarvestError):
-                self.stats.fallbacks += len(index)
-                rest.extend(index)
-        for i in rest:
-            self.stats.add(self._read_source(entries[i], rows[i]), rows.shape[1])
-        return out
-
     def prefetch(self, keys: Iterable[Hashable]) -> None:
-        """Bring objects to the local tier ahead of use, on the cache's own CUDA stream."""
-        if self.stream is None:
+        """Start bringing objects to the local tier, on the cache's own CUDA stream; a
+        later :meth:`get` or :meth:`fetch` of them finds them there (it waits for the copy
+        if it has not landed yet). A no-op for a cache on the CPU."""
+        if self.stream is None or self.local_bytes <= 0:
             return
-        with torch.cuda.stream(self.stream):
-            for key in keys:
-                with self._lock:
-                    entry = self._entries.get(key)
-                    if entry is None or entry.local is not None:
-                        continue
-                self._promote(entry, self.get(key))
+        for key in keys:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is None or entry.local is not None or key in self._pending \
+                        or entry.nbytes > self.local_bytes:
+                    continue
+            buf = torch.empty(entry.shape, dtype=entry.dtype, device=self.device)
+            fetch = self.fetch([key], buf.view(1, -1))
+            with self._lock:
+                self._pending[key] = (fetch, buf)
 
-    # ------------------------------------------------------------ revocation
+    def _finish_pending(self, keys: Iterable[Hashable]) -> None:
+        if not self._pending:
+            return
+        for key in keys:
+            with self._lock:
+                pending = self._pending.pop(key, None)
+            if pending is not None:
+                fetch, buf = pending
+                fetch.wait()
+                self._promote(fetch.rows[0].entry, buf, copy=False)
+
+    # ------------------------------------------------------------ revocation and refill
 
     def _on_revoke(self, slab: Slab) -> None:
         """A slab's lease is gone: its entries fall to their source, now."""
@@ -279,29 +351,85 @@ class TieredCache:
             for entry in lost:
                 entry.slot = None
             self.stats.revocations += 1
+        metrics.CACHE_REVOCATIONS.inc()
+        self._wake.set()
         log.info("slab %s revoked: %d entries fall back to their source", slab.lease.id,
                  len(lost))
 
     def refill(self) -> int:
         """Put entries that lost their borrowed copy back into borrowed memory, as far as
-        the budget and the lenders allow; returns how many moved up."""
+        the budget and the lenders allow, most used first; returns how many moved up."""
         moved = 0
         with self._lock:
             waiting = sorted((e for e in self._entries.values()
                               if e.slot is None and e.local is None and e.host is not None),
                              key=lambda e: (-e.hits, -e.last_used))
         for entry in waiting:
-            with self._lock:
-                slot = self._slabs.take(entry.nbytes)
+            if self._entries.get(entry.key) is not entry:
+                continue
+            slot = self._take_slot(entry.nbytes)
             if slot is None:
                 break
-            self._fill(entry, slot, entry.host)
-            moved += entry.slot is not None
+            moved += self._fill(entry, slot, entry.host)
         return moved
 
+    def rebalance(self, decay: float = 0.5) -> int:
+        """Swap objects that are used much more than others of their size into those
+        others' borrowed slots; then decay every use count by ``decay``, so that old use
+        fades. Returns how many objects moved up."""
+        swapped = 0
+        with self._lock:
+            outside = sorted((e for e in self._entries.values()
+                              if e.slot is None and e.local is None and e.host is not None),
+                             key=lambda e: -e.hits)
+            inside = sorted((e for e in self._entries.values()
+                             if e.slot is not None and e.readers == 0),
+                            key=lambda e: (e.hits, e.last_used))
+        for hot in outside:
+            cold = next((e for e in inside if e.nbytes == hot.nbytes
+                         and hot.hits > 2 * e.hits + 1), None)
+            if cold is None:
+                continue
+            inside.remove(cold)
+            with self._lock:
+                if cold.slot is None or cold.readers or hot.slot is not None:
+                    continue
+                slot, cold.slot = cold.slot, None
+            if self._fill(hot, slot, hot.host):
+                swapped += 1
+        with self._lock:
+            for entry in self._entries.values():
+                entry.hits *= decay
+            self.stats.swaps += swapped
+        return swapped
+
+    def _refill_loop(self, every: float) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(every)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.refill()
+                self.rebalance()
+            except Exception:  # noqa: BLE001 - the pass retries; reads never depend on it
+                log.exception("cache refill failed")
+
     def close(self) -> None:
-        """Release every borrowed slab."""
+        """Stop the background pass and release every borrowed slab."""
+        self._stop.set()
+        self._wake.set()
+        if self._refiller is not None:
+            self._refiller.join(timeout=10)
+        for fetch, _ in list(self._pending.values()):
+            fetch.wait()
+        self._pending.clear()
         self._slabs.close()
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def borrowed_bytes(self) -> int:
+        """Bytes leased by this cache now."""
+        return self._slabs.leased

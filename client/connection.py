@@ -1,6 +1,7 @@
 """A client's connection to its node: leases, keepalive, and revocations."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -14,7 +15,8 @@ import grpc
 from client import metrics
 from client.devices import resolve_near
 from client.lease import Lease
-from harvestd.errors import HarvestError, InvalidArgument, Unavailable, from_rpc_error
+from harvestd.errors import (HarvestError, InvalidArgument, LeaseRevoked, Unavailable,
+                             from_rpc_error)
 from harvestd.paths import node_name, resolve_address
 from lender.backends import BackendKind, Exported, get_backend
 from lender.pickup import pick_up
@@ -51,10 +53,16 @@ class Client:
         self._broker = pb_grpc.BrokerStub(self._channel)
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
-        # Leases between Grant and registration, and events that arrived for them then:
-        # a REVOKE must not be acknowledged for memory we may already map but not fence.
+        # A REVOKE must not be acknowledged for memory we may map but have not fenced. A
+        # reclaim can revoke a lease before its Grant reply reaches us, or while we pick
+        # it up, so an event for a lease that is not (yet) ours waits: in _deferred while
+        # lease() picks that lease up, in _unclaimed while a Grant that may return it is
+        # in flight (with the numbers of those Grants). lease() then handles it.
+        self._grant_numbers = itertools.count()
+        self._granting: set[int] = set()
         self._picking: set[str] = set()
         self._deferred: dict[str, list[pb.LeaseEvent]] = {}
+        self._unclaimed: dict[str, tuple[set[int], list[pb.LeaseEvent]]] = {}
         self._closed = threading.Event()
         self._watching = threading.Event()
         self._stream = None
@@ -79,6 +87,10 @@ class Client:
             return method(request, timeout=timeout or self.timeout_s)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        except ValueError as err:  # grpc's "Cannot invoke RPC on closed channel!"
+            if self._closed.is_set():
+                raise Unavailable("this client is closed") from None
+            raise
 
     def __repr__(self) -> str:
         return f"Client(id={self.id!r}, address={self.address!r}, leases={len(self._leases)})"
@@ -96,7 +108,9 @@ class Client:
         ``priority``: lower is revoked first. ``backend``: ``"host"``, ``"cuda-vmm"``, ...
         ``device``: map the memory for this device instead of ``near``'s, without keeping
         the lease off it (on a one-GPU machine, borrow from a process on the same GPU).
-        Raises :class:`client.NoCapacity` at once when no lender can meet it.
+        Raises :class:`client.NoCapacity` at once when no lender can meet it, and
+        :class:`client.LeaseRevoked` when the lease is revoked before it is handed over (a
+        tenant reclaimed it at once): it is fenced and acknowledged by then.
         """
         if self._closed.is_set():
             raise InvalidArgument("this client is closed")
@@ -110,34 +124,73 @@ class Client:
         if device_arg is not None:
             device = resolve_near(device_arg)[0]
         kind = BackendKind(backend) if backend else None
-        grant = self._call(self._broker.Grant, pb.GrantRequest(
-            client_id=self.id, nbytes=nbytes, ttl_s=float(ttl or 0), node=self.node,
-            near_gpu=near_uuid, priority=priority, holder_pid=os.getpid(),
-            backend=kind.pb if kind else 0))
         with self._lock:
-            self._picking.add(grant.id)
+            number = next(self._grant_numbers)
+            self._granting.add(number)
+        grant = None
+        try:
+            grant = self._call(self._broker.Grant, pb.GrantRequest(
+                client_id=self.id, nbytes=nbytes, ttl_s=float(ttl or 0), node=self.node,
+                near_gpu=near_uuid, priority=priority, holder_pid=os.getpid(),
+                backend=kind.pb if kind else 0))
+        finally:
+            with self._lock:
+                self._granting.discard(number)
+                if grant is not None:
+                    self._picking.add(grant.id)
+                    claimed = self._unclaimed.pop(grant.id, None)
+                    if claimed is not None:
+                        self._deferred[grant.id] = claimed[1]
+                strays = self._settle(number)
+            for lease_id in strays:
+                self._ack_id(lease_id)
         try:
             mapping = self._pick_up(grant, device)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self._picking.discard(grant.id)
                 deferred = self._deferred.pop(grant.id, [])
             self._release_id(grant.id)
             if any(e.kind == pb.LeaseEvent.REVOKE for e in deferred):
                 self._ack_id(grant.id)  # never mapped: nothing to fence
+            if deferred and isinstance(exc, HarvestError) and not isinstance(exc,
+                                                                             LeaseRevoked):
+                # The lease ended first, and the lender or the broker refused the pick-up
+                # for that reason, in whichever words: to the caller it is a revocation.
+                raise LeaseRevoked(f"lease {grant.id} ended before its pick-up: "
+                                   f"{_reason(deferred)}") from exc
             raise
         margin = self._margin if self._margin is not None else min(1.0, grant.ttl_s / 4)
         lease = Lease(self, grant, mapping, margin)
         with self._lock:
-            self._leases[lease.id] = lease
             self._picking.discard(lease.id)
             deferred = self._deferred.pop(lease.id, [])
-        for event in deferred:
-            self._on_event(event)
+            if not deferred:
+                self._leases[lease.id] = lease
+        if deferred:
+            # Revoked (or ended) while we picked it up: fence it now, before anyone uses
+            # it -- there is no use in flight to wait for -- and only then acknowledge.
+            reason = _reason(deferred)
+            lease._end("revoked", reason,
+                       ack=any(e.kind == pb.LeaseEvent.REVOKE for e in deferred))
+            raise LeaseRevoked(f"lease {lease.id} ended during its pick-up: {reason}")
         metrics.LEASES.labels(backend=lease.backend.value).inc()
         metrics.LEASED_BYTES.labels(backend=lease.backend.value).inc(lease.nbytes)
         metrics.LEASE_LATENCY.observe(time.perf_counter() - start)
         return lease
+
+    def _settle(self, number: int) -> list[str]:
+        """Under the lock, once Grant ``number`` has returned: the events no Grant in
+        flight can claim any more are for leases that are not ours (released or fenced
+        already). Forget them; return the ids whose REVOKE still wants an answer."""
+        strays = []
+        for lease_id, (waiting, events) in list(self._unclaimed.items()):
+            waiting.discard(number)
+            if not waiting:
+                del self._unclaimed[lease_id]
+                if any(e.kind == pb.LeaseEvent.REVOKE for e in events):
+                    strays.append(lease_id)
+        return strays
 
     def _pick_up(self, grant: pb.Lease, device: Any):
         reply, fd = pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
@@ -247,11 +300,21 @@ class Client:
             backoff = min(backoff * 2, 1.0)
 
     def _on_event(self, event: pb.LeaseEvent) -> None:
+        lease_id = event.lease.id
         with self._lock:
-            lease = self._leases.get(event.lease.id)
-            if lease is None and event.lease.id in self._picking:
-                self._deferred.setdefault(event.lease.id, []).append(event)
-                return
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                # Maybe a lease that lease() is getting: it handles the event once it knows.
+                if lease_id in self._picking:
+                    self._deferred.setdefault(lease_id, []).append(event)
+                    return
+                if lease_id in self._unclaimed:
+                    self._unclaimed[lease_id][1].append(event)
+                    return
+                if self._granting:
+                    # Only a Grant in flight now can have made this lease.
+                    self._unclaimed[lease_id] = (set(self._granting), [event])
+                    return
         if lease is None:
             if event.kind == pb.LeaseEvent.REVOKE:
                 # Not ours any more (already released or fenced): acknowledge anyway.
@@ -316,6 +379,10 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _reason(events: list[pb.LeaseEvent]) -> str:
+    return next((e.lease.reason for e in events if e.lease.reason), "revoked")
 
 
 _BACKENDS: dict[BackendKind, Any] = {}

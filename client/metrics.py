@@ -22,6 +22,22 @@ LEASE_LATENCY = Histogram("harvest_client_lease_latency_seconds",
                           buckets=LATENCY_BUCKETS, registry=REGISTRY)
 
 
+# What a TieredCache does (client/cache.py): reads and bytes by the tier that served them.
+CACHE_READS = Counter("harvest_cache_reads", "Cached objects read, by the tier that served them.",
+                      ["tier"], registry=REGISTRY)
+CACHE_BYTES = Counter("harvest_cache_read_bytes", "Bytes of cached objects read, by tier.",
+                      ["tier"], registry=REGISTRY)
+CACHE_FETCH_LATENCY = Histogram("harvest_cache_fetch_latency_seconds",
+                                "From starting a batched read to its data being in place.",
+                                buckets=LATENCY_BUCKETS, registry=REGISTRY)
+CACHE_REVOCATIONS = Counter("harvest_cache_revocations_survived",
+                            "Borrowed slabs a cache lost; their objects fell back to their "
+                            "source.", registry=REGISTRY)
+CACHE_FALLBACKS = Counter("harvest_cache_fallbacks",
+                          "Reads meant for borrowed memory, served from the authoritative "
+                          "source because the lease went.", registry=REGISTRY)
+
+
 def serve(port: int, addr: str = "127.0.0.1") -> None:
     """Serve this process's Harvest metrics on ``addr:port``."""
     start_http_server(port, addr=addr, registry=REGISTRY)

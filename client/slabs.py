@@ -3,7 +3,7 @@ per slab, leased on demand within a budget (GPU lenders first, then host lenders
 from __future__ import annotations
 
 import logging
-import threading
+import time
 from typing import Any, Callable, Sequence
 
 from harvestd.errors import HarvestError, NoCapacity
@@ -40,7 +40,12 @@ class Slab:
 
 
 class SlabSet:
-    """The slabs of one cache. Not locked: the cache holds its lock around every call."""
+    """The slabs of one cache. Not locked: the cache holds its lock around every call
+    except :meth:`grow`, which asks the broker for a lease and must not block readers."""
+
+    # After a lender kind says it has no room, do not ask it again for this long: a full
+    # node would otherwise cost an RPC on every put and every refill pass.
+    BACKOFF_S = 0.2
 
     def __init__(self, client: Any, device: Any, budget: int, slab_bytes: int,
                  backends: Sequence[str], ttl: float | None,
@@ -53,44 +58,62 @@ class SlabSet:
         self.ttl = ttl
         self._on_revoke = on_revoke
         self.slabs: list[Slab] = []
-        self._lock = threading.Lock()
-        self._exhausted: set[str] = set()
+        self._full_until: dict[str, float] = {}
 
     @property
     def leased(self) -> int:
         """Bytes borrowed now."""
         return sum(s.lease.nbytes for s in self.slabs if s.alive)
 
-    def take(self, nbytes: int) -> tuple[Slab, int] | None:
-        """A slot for an object of ``nbytes``: from a slab of its size, or a new slab."""
+    def take_existing(self, nbytes: int) -> tuple[Slab, int] | None:
+        """A free slot for an object of ``nbytes`` in a slab we hold, or None."""
         slot_bytes = round_up(nbytes, SLOT_ALIGN)
         for slab in self.slabs:
             if slab.alive and slab.slot_bytes == slot_bytes:
                 offset = slab.take()
                 if offset is not None:
                     return slab, offset
-        slab = self._new_slab(slot_bytes)
-        return (slab, slab.take()) if slab is not None else None
+        return None
 
-    def _new_slab(self, slot_bytes: int) -> Slab | None:
-        size = max(slot_bytes, self.slab_bytes // slot_bytes * slot_bytes)
-        if self.leased + size > self.budget:
-            return None
+    def slab_size(self, nbytes: int) -> int:
+        """The size of a new slab for objects of ``nbytes``."""
+        slot_bytes = round_up(nbytes, SLOT_ALIGN)
+        return max(slot_bytes, self.slab_bytes // slot_bytes * slot_bytes)
+
+    def may_grow(self, nbytes: int) -> bool:
+        """Whether a new slab for objects of ``nbytes`` fits the budget, and some lender
+        kind is worth asking."""
+        now = time.monotonic()
+        return (self.leased + self.slab_size(nbytes) <= self.budget
+                and any(self._full_until.get(b, 0.0) <= now for b in self.backends))
+
+    def grow(self, nbytes: int) -> Slab | None:
+        """Lease a new slab for objects of ``nbytes`` (call without the cache's lock)."""
+        slot_bytes = round_up(nbytes, SLOT_ALIGN)
+        size = self.slab_size(nbytes)
         for backend in self.backends:
+            if self._full_until.get(backend, 0.0) > time.monotonic():
+                continue
             try:
                 lease = self.client.lease(size, ttl=self.ttl, backend=backend,
                                           device=self.device if self.device.type == "cuda"
                                           else None)
             except NoCapacity:
+                self._full_until[backend] = time.monotonic() + self.BACKOFF_S
                 continue
             except HarvestError as err:
                 log.info("no %s slab: %s", backend, err)
+                self._full_until[backend] = time.monotonic() + self.BACKOFF_S
                 continue
             slab = Slab(lease, slot_bytes)
             lease.on_revoke(lambda _lease, _why, slab=slab: self._revoked(slab))
-            self.slabs.append(slab)
             return slab
         return None
+
+    def add(self, slab: Slab) -> None:
+        """Start using a slab made by :meth:`grow` (under the cache's lock)."""
+        if slab.alive:
+            self.slabs.append(slab)
 
     def _revoked(self, slab: Slab) -> None:
         slab.alive = False

@@ -1,0 +1,244 @@
+"""A MoE model's experts behind the tiered cache: a fraction of each layer's experts
+leave the GPU for borrowed memory (GPU leases, then host leases, with a pinned host copy
+as the authority), and each layer fetches the experts its router picks, as it picks them.
+
+    from client import connect
+    from client.moe import offload_experts
+    offload = offload_experts(model, connect(), fraction=0.5)
+    model.generate(...)          # same tokens as with every expert resident
+    offload.close()
+
+Works on the fused experts of transformers 5 (``gate_up_proj [E, 2I, H]`` and
+``down_proj [E, H, I]``, as in Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE). Each offloaded
+expert is one cached object (its ``gate_up`` then its ``down`` bytes), so one layer's
+routed experts move in one batched fetch, on the cache's own stream, while the resident
+experts compute. Experts are computed in the order the eager implementation computes
+them, with the same operations, so the tokens out are identical to the model's own
+eager experts (``experts_implementation="eager"``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from client.cache import TieredCache
+from client.fetch import Fetch
+from harvestd.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+Select = Callable[[str, int, int], Sequence[int]]
+
+
+def _last(name: str, num_experts: int, count: int) -> list[int]:
+    """The default choice: the ``count`` highest-numbered experts of every layer."""
+    return list(range(num_experts - count, num_experts))
+
+
+def find_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """The fused experts modules of ``model``, by name."""
+    found = {}
+    for name, module in model.named_modules():
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
+                and gate_up.dim() == 3 and down.dim() == 3
+                and gate_up.shape[0] == down.shape[0] and hasattr(module, "act_fn")):
+            continue
+        layout = (getattr(module, "is_transposed", False), getattr(module, "has_bias", False),
+                  getattr(module, "has_gate", True), getattr(module, "is_concatenated", True))
+        if layout != (False, False, True, True):
+            raise InvalidArgument(f"{name}: experts with layout (transposed, bias, gate, "
+                                  f"concatenated) = {layout} are not supported")
+        found[name] = module
+    return found
+
+
+@dataclass
+class OffloadStats:
+    """What an offload moved: experts and bytes, and the cache's reads by tier."""
+
+    experts_total: int = 0
+    experts_offloaded: int = 0
+    bytes_offloaded: int = 0
+    expert_bytes: dict[str, int] = field(default_factory=dict)
+    fetches: int = 0
+    experts_fetched: int = 0
+    bytes_fetched: int = 0
+    recomputed_layers: int = 0  # layers computed again because a revocation overlapped
+
+
+class ExpertOffload:
+    """The experts taken off a model: the cache that holds them, the staging buffers
+    they are fetched into, and what moved. Made by :func:`offload_experts`."""
+
+    def __init__(self, cache: TieredCache) -> None:
+        self.cache = cache
+        self.stats = OffloadStats()
+        self.modules: dict[str, OffloadedExperts] = {}
+        self._staging: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def fetch(self, name: str, experts: Sequence[int], row_bytes: int) -> tuple[Fetch, torch.Tensor]:
+        """Start fetching ``experts`` of module ``name`` into staging rows (``[n, bytes]``)."""
+        key = (row_bytes, torch.uint8)
+        buf = self._staging.get(key)
+        if buf is None or buf.shape[0] < len(experts):
+            buf = torch.empty((max(len(experts), 1 if buf is None else buf.shape[0]), row_bytes),
+                              dtype=torch.uint8, device=self.cache.device)
+            self._staging[key] = buf
+        rows = buf[: len(experts)]
+        self.stats.fetches += 1
+        self.stats.experts_fetched += len(experts)
+        self.stats.bytes_fetched += len(experts) * row_bytes
+        return self.cache.fetch([(name, e) for e in experts], rows), rows
+
+    def close(self) -> None:
+        """Release the borrowed memory. The model keeps working from the host copies."""
+        self.cache.close()
+
+
+class OffloadedExperts(nn.Module):
+    """Stands in for a fused experts module: resident experts stay in ``gate_up_proj`` /
+    ``down_proj`` (only those), offloaded ones are fetched per call."""
+
+    def __init__(self, original: nn.Module, name: str, offloaded: Sequence[int],
+                 owner: ExpertOffload) -> None:
+        super().__init__()
+        gate_up, down = original.gate_up_proj, original.down_proj
+        self.num_experts = int(gate_up.shape[0])
+        self.name = name
+        self.act_fn = original.act_fn
+        self._owner = owner
+        off = sorted(set(int(e) for e in offloaded))
+        if any(e < 0 or e >= self.num_experts for e in off):
+            raise InvalidArgument(f"{name}: experts to offload must lie in [0, {self.num_experts})")
+        resident = [e for e in range(self.num_experts) if e not in set(off)]
+        self._slot = [-1] * self.num_experts
+        for i, e in enumerate(resident):
+            self._slot[e] = i
+        self.offloaded = off
+        self._gate_up_shape = tuple(gate_up.shape[1:])
+        self._down_shape = tuple(down.shape[1:])
+        self._dtype = gate_up.dtype
+        self._gate_up_bytes = gate_up[0].numel() * gate_up.element_size()
+        self.row_bytes = self._gate_up_bytes + down[0].numel() * down.element_size()
+        with torch.no_grad():
+            index = torch.tensor(resident, dtype=torch.long, device=gate_up.device)
+            self.gate_up_proj = nn.Parameter(gate_up.detach().index_select(0, index),
+                                             requires_grad=False)
+            self.down_proj = nn.Parameter(down.detach().index_select(0, index),
+                                          requires_grad=False)
+            for e in off:
+                row = torch.cat([gate_up.detach()[e].reshape(-1).view(torch.uint8),
+                                 down.detach()[e].reshape(-1).view(torch.uint8)])
+                owner.cache.put((name, e), row)
+
+    def _weights(self, expert: int, fetched: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = self._slot[expert]
+        if slot >= 0:
+            return self.gate_up_proj[slot], self.down_proj[slot]
+        row = fetched[expert]
+        gate_up = row[: self._gate_up_bytes].view(self._dtype).view(self._gate_up_shape)
+        down = row[self._gate_up_bytes:].view(self._dtype).view(self._down_shape)
+        return gate_up, down
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The experts' output for the routed tokens, as the eager implementation computes
+        it; offloaded experts are fetched as the router picks them."""
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        hit = [e for e in expert_hit[:, 0].tolist() if e < self.num_experts]
+        wanted = [e for e in hit if self._slot[e] < 0]
+        if not wanted:
+            return self._compute(hidden_states, expert_mask, top_k_weights, hit, {}, None)
+        fetch, rows = self._owner.fetch(self.name, wanted, self.row_bytes)
+        fetched = {e: rows[i] for i, e in enumerate(wanted)}
+        ready = {e: i for i, e in enumerate(wanted)}
+        try:
+            out = self._compute(hidden_states, expert_mask, top_k_weights, hit, fetched,
+                                lambda e: fetch.ready(ready[e]))
+        finally:
+            redone = fetch.wait()
+        if redone:  # a forced revocation overlapped the read: those rows are re-read now
+            self._owner.stats.recomputed_layers += 1
+            out = self._compute(hidden_states, expert_mask, top_k_weights, hit, fetched, None)
+        return out
+
+    def _compute(self, hidden_states: torch.Tensor, expert_mask: torch.Tensor,
+                 top_k_weights: torch.Tensor, hit: list[int],
+                 fetched: dict[int, torch.Tensor], ready: Callable[[int], None] | None
+                 ) -> torch.Tensor:
+        final = torch.zeros_like(hidden_states)
+        for expert in hit:
+            if ready is not None and expert in fetched:
+                ready(expert)
+            gate_up, down = self._weights(expert, fetched)
+            top_k_pos, token_idx = torch.where(expert_mask[expert])
+            current_state = hidden_states[token_idx]
+            gate, up = F.linear(current_state, gate_up).chunk(2, dim=-1)
+            current = self.act_fn(gate) * up
+            current = F.linear(current, down)
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, current.to(final.dtype))
+        return final
+
+
+def offload_experts(model: nn.Module, client: Any, fraction: float = 0.5, *,
+                    select: Select | None = None, local_bytes: int = 0,
+                    borrow_bytes: int | None = None, slab_bytes: int = 1 << 30,
+                    backends: Sequence[str] = ("cuda-vmm", "host"), ttl: float | None = None,
+                    refill_every: float | None = 0.25) -> ExpertOffload:
+    """Take ``fraction`` of every MoE layer's experts off the model's device into memory
+    borrowed through ``client`` (a :func:`client.connect` client); the model then fetches
+    them as its routers pick them. Returns the :class:`ExpertOffload` (its ``stats``, its
+    ``cache``, ``close()``).
+
+    ``select(module_name, num_experts, count)`` chooses which experts leave (default:
+    the highest-numbered). ``backends`` orders the lenders borrowed from; what borrowed
+    memory cannot hold is read from the pinned host copy. ``borrow_bytes`` caps the
+    borrowing (default: all offloaded experts). ``refill_every`` is how often the cache
+    moves experts back into borrowed memory after a revocation (``None``: never)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0.0 < float(fraction) <= 1.0:
+        raise InvalidArgument(f"fraction must be in (0, 1], got {fraction!r}")
+    modules = find_experts(model)
+    if not modules:
+        raise InvalidArgument("no MoE experts found in this model (supported: transformers' "
+                              "fused experts with gate_up_proj and down_proj, e.g. Mixtral, "
+                              "Qwen2-MoE, Qwen3-MoE, OLMoE)")
+    choose = select or _last
+    plan: dict[str, list[int]] = {}
+    total = 0
+    for name, module in modules.items():
+        count = module.gate_up_proj.shape[0]
+        plan[name] = list(choose(name, count, max(1, round(float(fraction) * count))))
+        row = (module.gate_up_proj[0].numel() + module.down_proj[0].numel()) \
+            * module.gate_up_proj.element_size()
+        total += row * len(plan[name])
+    device = next(iter(modules.values())).gate_up_proj.device
+    cache = TieredCache(client, device=device, local_bytes=local_bytes,
+                        borrow_bytes=total + slab_bytes if borrow_bytes is None else borrow_bytes,
+                        slab_bytes=slab_bytes, backends=backends, ttl=ttl,
+                        refill_every=refill_every)
+    owner = ExpertOffload(cache)
+    for name, module in modules.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        replacement = OffloadedExperts(module, name, plan[name], owner)
+        setattr(parent, attr, replacement)
+        owner.modules[name] = replacement
+        owner.stats.experts_total += replacement.num_experts
+        owner.stats.experts_offloaded += len(replacement.offloaded)
+        owner.stats.bytes_offloaded += len(replacement.offloaded) * replacement.row_bytes
+        owner.stats.expert_bytes[name] = replacement.row_bytes
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the offloaded experts' memory goes back to the device
+    log.info("offloaded %d of %d experts (%d bytes) from %d layers", owner.stats.experts_offloaded,
+             owner.stats.experts_total, owner.stats.bytes_offloaded, len(modules))
+    return owner
