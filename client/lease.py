@@ -40,6 +40,7 @@ class Lease:
         self._margin = margin_s
         self._cond = threading.Condition()
         self._readers = 0
+        self._users: dict[int, int] = {}  # thread id: how many use() blocks it is in
         self._fenced = False
         self._fence_ok = False
         self._ack_wanted = False   # some caller of _end needs the broker to hear we fenced
@@ -87,6 +88,18 @@ class Lease:
             self._end("revoked", "not renewed in time (broker unreachable?)", ack=False)
             raise LeaseRevoked(f"lease {self.id} is gone: not renewed in time")
 
+    def _check_access(self) -> None:
+        """Like :meth:`_check`, but a thread inside :meth:`use` keeps its access until the
+        fence: a revocation that has begun waits for uses in flight, which must be able to
+        finish the reads they started."""
+        if self._users.get(threading.get_ident()) and not self._fenced:
+            return
+        if self._ended:
+            raise LeaseRevoked(f"lease {self.id} is gone: {self._ended}")
+        if time.monotonic() >= self._deadline:
+            self._end("revoked", "not renewed in time (broker unreachable?)", ack=False)
+            raise LeaseRevoked(f"lease {self.id} is gone: not renewed in time")
+
     @contextlib.contextmanager
     def use(self) -> Iterator[None]:
         """Hold the lease for a read or write: a revocation waits (up to its grace) for
@@ -96,9 +109,11 @@ class Lease:
         could not wait), leaving the block raises :class:`LeaseRevoked`: what the block
         read may be partly zeros, so the caller must discard it and fall back.
         """
+        user = threading.get_ident()  # the thread that entered, wherever it is left
         with self._cond:
             self._check()
             self._readers += 1
+            self._users[user] = self._users.get(user, 0) + 1
         completed = False
         try:
             yield
@@ -106,6 +121,9 @@ class Lease:
         finally:
             with self._cond:
                 self._readers -= 1
+                self._users[user] -= 1
+                if not self._users[user]:
+                    del self._users[user]
                 fenced = self._fenced
                 self._cond.notify_all()
         if completed and fenced:
@@ -113,7 +131,7 @@ class Lease:
 
     def as_bytes(self) -> "torch.Tensor":
         """A ``uint8`` tensor of ``nbytes`` over the borrowed memory (no copy)."""
-        self._check()
+        self._check_access()
         return self._mapping.as_tensor()[: self.nbytes]
 
     def tensor(self, dtype: "torch.dtype", shape: Sequence[int] | int | None = None,
@@ -122,7 +140,7 @@ class Lease:
         (no copy). Without a shape: as many elements as fit."""
         import torch
 
-        self._check()
+        self._check_access()
         itemsize = torch.empty((), dtype=dtype).element_size()
         if offset < 0 or offset % itemsize:
             raise InvalidArgument(f"offset {offset} must be a non-negative multiple of "
