@@ -163,16 +163,21 @@ class Client:
         margin = self._margin if self._margin is not None else min(1.0, grant.ttl_s / 4)
         lease = Lease(self, grant, mapping, margin)
         with self._lock:
-            self._picking.discard(lease.id)
             deferred = self._deferred.pop(lease.id, [])
             if not deferred:
+                self._picking.discard(lease.id)
                 self._leases[lease.id] = lease
         if deferred:
             # Revoked (or ended) while we picked it up: fence it now, before anyone uses
             # it -- there is no use in flight to wait for -- and only then acknowledge.
+            # It stays in _picking meanwhile, so that a repeated REVOKE (the stream
+            # replays them when it reconnects) is held back too, not acknowledged early.
             reason = _reason(deferred)
             lease._end("revoked", reason,
                        ack=any(e.kind == pb.LeaseEvent.REVOKE for e in deferred))
+            with self._lock:
+                self._picking.discard(lease.id)
+                self._deferred.pop(lease.id, None)  # answered by the fence above
             raise LeaseRevoked(f"lease {lease.id} ended during its pick-up: {reason}")
         metrics.LEASES.labels(backend=lease.backend.value).inc()
         metrics.LEASED_BYTES.labels(backend=lease.backend.value).inc(lease.nbytes)

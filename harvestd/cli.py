@@ -6,13 +6,15 @@ node where one is needed, end with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+import unicodedata
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 import grpc
@@ -21,11 +23,31 @@ from harvestd.config import load_config, reserve_parts
 from harvestd.errors import HarvestError, InvalidArgument, Unavailable, from_rpc_error
 from harvestd.node import NodeOptions, broker_ready, pid_alive, running_node, stop_node
 from harvestd.paths import StateDir, node_name, resolve_address
+from harvestd.service import MAX_WAIT_S
 from harvestd.sizes import format_size, parse_size
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
 
 EXIT_USAGE = 2
+
+
+# Characters that end a line (for str.splitlines, a terminal or a log reader) or that
+# cannot be written out at all: control characters, line and paragraph separators, and
+# the lone surrogates that stand for bytes of an argument that is not UTF-8.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: each line break, control character and lone
+    surrogate written as Python's ``repr`` writes it (``\\n``, ``\\x85``, ``\\u2028``,
+    ``\\udcff``), so that no argument can split an error or forge a log line."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _ESCAPED_CATEGORIES else c
+                   for c in text)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"harvestd: error: {one_line(message)}", err=True)
+    sys.exit(EXIT_USAGE)
 
 
 class _Cli(click.Group):
@@ -39,26 +61,48 @@ class _Cli(click.Group):
             click.echo("harvestd: aborted", err=True)
             sys.exit(1)
         except click.exceptions.NoArgsIsHelpError:
-            click.echo("harvestd: error: missing command (see `harvestd --help`)", err=True)
-            sys.exit(EXIT_USAGE)
+            # click's message here is the whole help text.
+            _fail("missing command (see `harvestd --help`)")
         except click.exceptions.UsageError as err:
             hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx else ""
-            click.echo(f"harvestd: error: {err.format_message()}{hint}", err=True)
-            sys.exit(EXIT_USAGE)
+            _fail(f"{err.format_message()}{hint}")
         except click.exceptions.ClickException as err:
-            click.echo(f"harvestd: error: {err.format_message()}", err=True)
-            sys.exit(EXIT_USAGE)
+            _fail(err.format_message())
         except HarvestError as err:
-            for line in str(err).splitlines() or [type(err).__name__]:
-                click.echo(f"harvestd: error: {line}", err=True)
-            sys.exit(EXIT_USAGE)
+            # Some errors list several problems, one per line (a settings file's).
+            _fail("; ".join(str(err).splitlines()) or type(err).__name__)
         except UnicodeError as err:
-            click.echo(f"harvestd: error: an argument is not valid text ({err.reason})",
-                       err=True)
-            sys.exit(EXIT_USAGE)
+            _fail(f"an argument is not valid text ({err.reason})")
         except KeyboardInterrupt:
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds, at least 0 (above it with ``positive``), at most
+    ``most``: NaN or infinity would make a wait loop spin or a gRPC deadline
+    meaningless, so they are refused here with the option's name."""
+
+    name = "seconds"
+
+    def __init__(self, most: float | None = None, positive: bool = False) -> None:
+        self.most = most
+        self.positive = positive
+
+    def convert(self, value, param, ctx) -> float:
+        """The number of seconds in ``value``, or a usage error that names the option."""
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        if seconds < 0 or (self.positive and seconds == 0):
+            self.fail(f"{value!r} must be {'positive' if self.positive else 'at least 0'}",
+                      param, ctx)
+        if self.most is not None and seconds > self.most:
+            self.fail(f"{value!r} is more than {self.most:g} seconds", param, ctx)
+        return seconds
 
 
 def _size(ctx, param, value):
@@ -134,7 +178,7 @@ def _start_options(f):
 @cli.command()
 @_start_options
 @click.option("--detach", is_flag=True, help="Return once the node answers.")
-@click.option("--timeout", type=float, default=180.0, show_default=True,
+@click.option("--timeout", type=Seconds(), default=180.0, show_default=True,
               help="With --detach: seconds to wait for the node.")
 def start(state_dir, config_path, address, backend, host_bytes, gpus, reserve, cap, ttl,
           grace, listen, metrics_port, no_ray_broker, ray_node_id, detach, timeout) -> None:
@@ -216,7 +260,7 @@ def _start_detached(state: StateDir, opts: NodeOptions, timeout: float) -> None:
 
 @cli.command()
 @state_dir_option
-@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--timeout", type=Seconds(), default=60.0, show_default=True)
 def stop(state_dir, timeout) -> None:
     """Stop the node: lenders, broker, and the Ray instance it started."""
     state = StateDir.resolve(state_dir)
@@ -245,25 +289,34 @@ def _call(state_dir: str | None, method: str, request, timeout: float = 10.0):
         channel.close()
 
 
+def _enum_name(enum, value: int, prefix: str = "") -> str:
+    # Proto3 enums are open: a newer (or a fuzzed) broker may send a value this CLI does
+    # not know, and a listing must still print.
+    try:
+        return enum.Name(value).removeprefix(prefix).lower()
+    except ValueError:
+        return str(value)
+
+
 def lease_json(lease: pb.Lease) -> dict[str, Any]:
     """The JSON form of a lease (``harvestd leases --json``)."""
     return {"id": lease.id, "lender": lease.lender_id, "nbytes": lease.nbytes,
-            "state": pb.LeaseState.Name(lease.state).lower(), "holder_pid": lease.holder_pid,
+            "state": _enum_name(pb.LeaseState, lease.state), "holder_pid": lease.holder_pid,
             "expires_at": lease.expires_at, "client_id": lease.client_id,
             "generation": lease.generation, "ttl_s": lease.ttl_s, "node": lease.node,
             "priority": lease.priority, "created_at": lease.created_at, "reason": lease.reason,
-            "backend": pb.Backend.Name(lease.backend).removeprefix("BACKEND_").lower()}
+            "backend": _enum_name(pb.Backend, lease.backend, "BACKEND_")}
 
 
 def lender_json(lender: pb.Lender) -> dict[str, Any]:
     """The JSON form of a lender (``harvestd lenders --json``)."""
     lendable = max(0, lender.capacity - lender.reclaimed)
-    return {"id": lender.id, "backend": pb.Backend.Name(lender.backend)
-            .removeprefix("BACKEND_").lower().replace("_", "-"), "node": lender.node,
+    return {"id": lender.id, "backend": _enum_name(pb.Backend, lender.backend, "BACKEND_")
+            .replace("_", "-"), "node": lender.node,
             "capacity": lender.capacity, "granted": lender.granted,
             "reclaimed": lender.reclaimed, "lendable": lendable,
             "free": max(0, lendable - lender.granted),
-            "state": pb.LenderState.Name(lender.state).removeprefix("LENDER_").lower(),
+            "state": _enum_name(pb.LenderState, lender.state, "LENDER_"),
             "gpu_uuid": lender.gpu_uuid, "gpu_index": lender.gpu_index,
             "links": {l.peer_uuid: l.nvlinks for l in lender.links},
             "generation": lender.generation, "pickup_address": lender.pickup_address,
@@ -352,14 +405,11 @@ def leases(state_dir, as_json, include_ended, lender) -> None:
 
 @cli.command()
 @state_dir_option
-@click.option("--interval", type=float, default=1.0, show_default=True,
+@click.option("--interval", type=Seconds(positive=True), default=1.0, show_default=True,
               help="Seconds between refreshes.")
 def top(state_dir, interval) -> None:
     """A live view of the node: lenders, GPUs and links, leases, recent revocations."""
     from harvestd.top import run_top
-
-    if interval <= 0:
-        raise InvalidArgument("--interval must be positive")
 
     def fetch():
         status = _call(state_dir, "Status", pb.StatusRequest())
@@ -410,7 +460,7 @@ def revoke(state_dir, lease_id, force, kill_holder, reason) -> None:
             holder_pid = lease.holder_pid
     reply = _call(state_dir, "Revoke", pb.RevokeRequest(lease_id=lease_id, reason=reason,
                                                         force=force))
-    click.echo(f"lease {lease_id} {pb.LeaseState.Name(reply.lease.state).lower()}")
+    click.echo(f"lease {one_line(lease_id)} {_enum_name(pb.LeaseState, reply.lease.state)}")
     if holder_pid and holder_pid != os.getpid() and pid_alive(holder_pid):
         try:
             os.kill(holder_pid, signal.SIGKILL)
@@ -457,12 +507,10 @@ def _wait_command(state_dir, method: str, request, timeout: float,
 @cli.command()
 @state_dir_option
 @click.argument("lender_id")
-@click.option("--timeout", type=float, default=0.0,
+@click.option("--timeout", type=Seconds(most=MAX_WAIT_S), default=0.0,
               help="Seconds to wait for the memory (default: the grace period + 2).")
 def drain(state_dir, lender_id, timeout) -> None:
     """Stop a lender's grants and revoke all its leases."""
-    if timeout < 0:
-        raise InvalidArgument("--timeout must not be negative")
     _wait_command(state_dir, "Drain", pb.DrainRequest(lender_id=lender_id, timeout_s=timeout),
                   timeout, lambda r: f"lender {lender_id} draining: {len(r.revoked)} leases "
                   f"revoked, memory {'free' if r.freed else 'not yet free'}")
@@ -473,12 +521,10 @@ def drain(state_dir, lender_id, timeout) -> None:
 @click.option("--lender", "lender_id", required=True, help="The lender whose tenant reclaims.")
 @click.option("--bytes", "nbytes", required=True, callback=_size,
               help="How much memory the tenant takes back (e.g. 512MiB).")
-@click.option("--timeout", type=float, default=0.0,
+@click.option("--timeout", type=Seconds(most=MAX_WAIT_S), default=0.0,
               help="Seconds to wait for the memory (default: the grace period + 2).")
 def reclaim(state_dir, lender_id, nbytes, timeout) -> None:
     """Act as a lender's tenant: take memory back, revoking just enough leases."""
-    if timeout < 0:
-        raise InvalidArgument("--timeout must not be negative")
     _wait_command(state_dir, "Reclaim", pb.ReclaimRequest(
         lender_id=lender_id, nbytes=nbytes, timeout_s=timeout), timeout,
         lambda r: f"reclaimed {format_size(nbytes)} on {lender_id}: {len(r.revoked)} leases "

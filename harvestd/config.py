@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from harvestd.errors import InvalidArgument
 from harvestd.sizes import parse_size
+from harvestd.table import MAX_LEASE_BYTES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,6 +41,14 @@ def _size(value: Any) -> int:
     size = parse_size(value)
     if size < 0:
         raise InvalidArgument("must not be negative")
+    return size
+
+
+def _lendable_size(value: Any) -> int:
+    # The broker refuses a lender whose capacity is past this: say so before starting.
+    size = _size(value)
+    if size > MAX_LEASE_BYTES:
+        raise InvalidArgument(f"must be at most {MAX_LEASE_BYTES} bytes")
     return size
 
 
@@ -136,8 +145,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("ray_address", _string, "", "Ray cluster to join (default: start a local one)"),
     Setting("backend", _choice("auto", "host", "cuda-vmm", "cuda-ipc"), "auto",
             "what to lend"),
-    Setting("host_bytes", _size, None, "host memory to lend (default 1GiB without GPUs, "
-            "none beside them)"),
+    Setting("host_bytes", _lendable_size, None, "host memory to lend (default 1GiB without "
+            "GPUs, none beside them)"),
     Setting("gpus", _gpus, [], "GPUs that lend (default: all)"),
     Setting("reserve", _reserve, "10%", "GPU memory kept for its tenant: bytes or percent"),
     Setting("cap", _size, 0, "lend at most this much per GPU (0: no cap)"),

@@ -27,6 +27,11 @@ MAX_WAIT_S = 3600.0  # Drain and Reclaim hold a worker thread while they wait
 
 # How often a stream wakes with nothing to send, to notice that its peer went away.
 _STREAM_POLL_S = 0.5
+# Drain and Reclaim answer this long (at most a tenth of the caller's time) before the
+# caller's own deadline: "not freed yet" tells it more than DEADLINE_EXCEEDED does.
+_REPLY_MARGIN_S = 0.25
+# The longest a waiter sleeps between checks; every free wakes it sooner. A backstop only.
+_WAIT_POLL_S = 0.5
 
 
 class EventHub:
@@ -42,7 +47,10 @@ class EventHub:
         self._lock = threading.Lock()
         self._holders: dict[str, queue.Queue] = {}
         self._lenders: dict[str, queue.Queue] = {}
-        self.freed_cond = threading.Condition()
+        # Never held while calling into the table: the table calls freed() with its own
+        # lock held, so taking them in the other order would deadlock.
+        self._freed_cond = threading.Condition()
+        self._freed_seq = 0  # bumped by every wake-up, so that none is missed
 
     def _push(self, streams: dict[str, queue.Queue], key: str, event) -> None:
         with self._lock:
@@ -66,8 +74,24 @@ class EventHub:
 
     def freed(self, lender_id: str) -> None:
         """Wake whoever waits for memory to come free."""
-        with self.freed_cond:
-            self.freed_cond.notify_all()
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake every :meth:`wait_freed` so that it looks again."""
+        with self._freed_cond:
+            self._freed_seq += 1
+            self._freed_cond.notify_all()
+
+    def freed_seq(self) -> int:
+        """A count of wake-ups; take it *before* looking at the table, then pass it to
+        :meth:`wait_freed`, and a wake-up in between is not lost."""
+        with self._freed_cond:
+            return self._freed_seq
+
+    def wait_freed(self, seen: int, timeout_s: float) -> None:
+        """Block until a wake-up after ``seen`` (from :meth:`freed_seq`), or ``timeout_s``."""
+        with self._freed_cond:
+            self._freed_cond.wait_for(lambda: self._freed_seq != seen, timeout_s)
 
     def _lease_pb(self, lease: LeaseRecord) -> pb.Lease:
         return lease.to_pb(self._table().lenders.get(lease.lender_id))
@@ -276,19 +300,25 @@ class BrokerService(pb_grpc.BrokerServicer):
         return pb.RevokeReply(lease=lease.to_pb())
 
     def _wait_freed(self, lease_ids: list[str], timeout_s: float, context) -> bool:
-        deadline = time.monotonic() + timeout_s
-        remaining = context.time_remaining() if context is not None else None
-        if remaining is not None:
-            deadline = min(deadline, time.monotonic() + remaining)
-        # The table's lock is never taken while holding freed_cond: register_lender takes
-        # them the other way round. A missed wake-up costs at most one 50 ms wait.
-        while self.table.unfreed(lease_ids):
+        """Wait until none of ``lease_ids`` holds memory on its lender: True once so,
+        False if ``timeout_s``, the caller's deadline or its cancellation comes first (a
+        worker thread is held meanwhile, so it must not outlive the caller)."""
+        now = time.monotonic()
+        deadline = now + timeout_s
+        if context is not None:
+            remaining = context.time_remaining()
+            if remaining is not None:
+                deadline = min(deadline, now + remaining - min(_REPLY_MARGIN_S, remaining / 10))
+            # A cancelled or expired call wakes us at once rather than at the next poll.
+            context.add_callback(self.hub.wake)
+        while True:
+            seen = self.hub.freed_seq()
+            if not self.table.unfreed(lease_ids):
+                return True
             left = deadline - time.monotonic()
             if left <= 0 or (context is not None and not context.is_active()):
                 return False
-            with self.hub.freed_cond:
-                self.hub.freed_cond.wait(min(left, 0.05))
-        return True
+            self.hub.wait_freed(seen, min(left, _WAIT_POLL_S))
 
     def _timeout(self, requested: float) -> float:
         if not math.isfinite(requested) or requested < 0 or requested > MAX_WAIT_S:

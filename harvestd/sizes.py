@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from harvestd.errors import InvalidArgument
 
@@ -13,14 +14,17 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes in ``text``; InvalidArgument for anything else (negative sizes included)."""
+    """Bytes in ``text``; InvalidArgument for anything else (negative sizes included, and
+    sizes past what the wire carries)."""
     if isinstance(text, int):
-        return text
-    match = _SIZE.match(str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise InvalidArgument(f"{text!r} is not a size (write e.g. 4096, 512MiB, 2GiB)")
-    size = int(float(match.group(1)) * _UNITS[unit])
+        size = text
+    else:
+        match = _SIZE.match(str(text))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise InvalidArgument(f"{text!r} is not a size (write e.g. 4096, 512MiB, 2GiB)")
+        # Decimal, not float: a float of many digits is inf, and int(inf) raises.
+        size = int(Decimal(match.group(1)) * _UNITS[unit])
     if size > MAX_SIZE:
         raise InvalidArgument(f"{text!r} is too large (at most {MAX_SIZE} bytes)")
     return size

@@ -42,7 +42,9 @@ class Notifier(Protocol):
         """Tell the lender to free (``lease.clean``: or zero and pool) the lease's memory."""
 
     def freed(self, lender_id: str) -> None:
-        """Memory of ``lender_id`` was confirmed free (wakes reclaim waiters)."""
+        """Memory of ``lender_id`` was confirmed free (wakes reclaim waiters). Called
+        with the table's lock held at times: it must not wait for anything that may be
+        held while calling into the table."""
 
 
 class _Silent:
@@ -419,7 +421,10 @@ class LeaseTable:
             raise InvalidArgument(f"reclaim size must be between 0 and {MAX_LEASE_BYTES}")
         with self.lock:
             lender = self._lender(lender_id)
-            taken = min(lender.capacity, lender.reclaimed + nbytes) - lender.reclaimed
+            # A report may have put the capacity below what the tenant already reclaimed
+            # (a GPU tenant grew into the reserve): the tenant keeps what it has, and the
+            # call still revokes down to what is lendable now.
+            taken = max(0, min(lender.capacity, lender.reclaimed + nbytes) - lender.reclaimed)
             lender.reclaimed += taken
             self.store.commit(lenders=[lender])
             self.observer.count("reclaim", lender=lender_id)

@@ -34,8 +34,7 @@ MEMFD = "memfd:harvest"  # the lender names its memfds "harvest-lease"
 # and that sees another byte is a wrong result.
 CLIENT = r"""
 import collections, gc, json, random, sys, time, traceback
-from client import (connect, FailedPrecondition, LeaseRevoked, NoCapacity,
-                    PermissionDenied)
+from client import connect, LeaseRevoked, NoCapacity
 
 duration, seed, marker = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(seed)
@@ -93,24 +92,8 @@ while time.monotonic() < end:
         counts["no_capacity"] += 1
     except LeaseRevoked:
         counts["revoked_during_op"] += 1
-    except FailedPrecondition as err:
-        # A lease revoked between its grant and its pick-up (a reclaim takes the newest
-        # first) reaches the holder as FailedPrecondition, not LeaseRevoked: the bug
-        # test_pickup_of_a_revoked_lease_raises_lease_revoked pins. Counted apart, so
-        # that every other error still fails this test.
-        if op == "grant" and any(s in str(err) for s in
-                                 (" is revoking", " is revoked", "during its pick-up")):
-            counts["grant_revoked_as_failed_precondition"] += 1
-        else:
-            unexpected.append(traceback.format_exc(limit=3))
-    except PermissionDenied as err:
-        # The same, when the client acknowledged the REVOKE before its own pick-up and
-        # the lease was freed and forgotten first: the pick-up finds no such lease
-        # (test_revoke_during_pickup[before-pickup]).
-        if op == "grant" and "no live lease for that token" in str(err):
-            counts["grant_revoked_as_permission_denied"] += 1
-        else:
-            unexpected.append(traceback.format_exc(limit=3))
+        # A reclaim takes the newest lease first: often one not yet picked up.
+        counts["revoked_during_grant"] += op == "grant"
     except Exception:
         unexpected.append(traceback.format_exc(limit=3))
 for lease in leases:
@@ -279,19 +262,13 @@ def test_load_no_errors_no_leaks(load_node: PlainNode) -> None:
     assert check_store(str(node.state_dir / "broker.db")) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a pick-up of a lease revoked after its grant "
-                   "raises FailedPrecondition, not LeaseRevoked (the lender drops the "
-                   "'lease ended: ' marker)")
 def test_pickup_of_a_revoked_lease_raises_lease_revoked(load_node: PlainNode) -> None:
     """Found by the load test: a reclaim revokes the newest lease first, often one whose
     holder has not picked it up yet. The broker's CheckPickup raises LeaseRevoked, which
-    travels to the lender as FAILED_PRECONDITION with the ``lease ended: `` prefix
-    (``abort_with``) and becomes LeaseRevoked again there; but the lender's
-    ``PickupServer._serve`` answers the client with ``error_code=err.code.name`` and
-    ``error_message=str(err)``, without the prefix, so ``pick_up``'s ``from_code`` makes
-    it a plain FailedPrecondition. ``Client.lease`` then raises FailedPrecondition for a
-    lease that is gone, where its callers (and its docstring) expect LeaseRevoked. The
-    lender's own "ended during its pick-up" refusal has the same fault."""
+    travels to the lender as FAILED_PRECONDITION marked ``lease ended: ``; the lender's
+    pick-up reply keeps the marker (``errors.to_wire``, as the broker's ``abort_with``
+    does, and for the lender's own "ended during its pick-up" refusal too), so
+    ``pick_up`` raises LeaseRevoked, the type callers fall back on."""
     channel = grpc.insecure_channel(f"unix://{load_node.state_dir}/broker.sock")
     try:
         stub = pb_grpc.BrokerStub(channel)
@@ -304,49 +281,56 @@ def test_pickup_of_a_revoked_lease_raises_lease_revoked(load_node: PlainNode) ->
         channel.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a REVOKE that arrives while Client.lease() "
-                   "is between Grant and registering the lease is acknowledged at once, "
-                   "before any fence")
-@pytest.mark.parametrize("when", ["before-pickup", "after-pickup"])
+@pytest.mark.parametrize("when", ["before-grant-reply", "before-pickup", "after-pickup"])
 def test_revoke_during_pickup(load_node: PlainNode, when: str) -> None:
     """Found by the load test. A reclaim revokes the newest lease first: often one that
-    ``Client.lease()`` has been granted but not yet registered in ``Client._leases``.
-    ``Client._on_event`` finds no such lease and acknowledges the REVOKE at once
-    (``_ack_id``), as if the holder had fenced it; the broker records it REVOKED
-    *clean* and tells the lender the holder has unmapped it (a GPU lender zeroes and
-    pools such memory for the next borrower). Then:
+    ``Client.lease()`` has been granted but not yet handed to its caller. The client
+    holds back such a REVOKE (and an ENDED) while a Grant that may have made the lease
+    is in flight, or while the lease is being picked up, instead of acknowledging it as
+    if fenced; then ``lease()``:
 
-    - ``after-pickup``: ``lease()`` registers the lease it has already mapped and returns
-      it granted and writable, until the next keepalive reports it lost: for that window
-      the holder can read and write memory it has promised it no longer maps;
-    - ``before-pickup``: the lender frees it and the broker forgets it before the pick-up,
-      which then fails with PermissionDenied ("no live lease for that token"), a type
-      callers do not expect for a lease that is gone.
+    - ``before-grant-reply`` (the REVOKE overtakes the Grant's reply) and
+      ``before-pickup`` (the lease ended and its memory was freed before the pick-up,
+      which then finds no such lease): releases and acknowledges, and raises
+      LeaseRevoked, not the pick-up's PermissionDenied;
+    - ``after-pickup`` (the memory is mapped): fences the mapping, only then
+      acknowledges, and raises LeaseRevoked: no caller ever holds it.
 
-    Expected either way: ``lease()`` raises LeaseRevoked (or returns the lease already
-    revoked), and nothing is acknowledged before a fence. Fix: register an in-flight
-    grant before calling Grant's pick-up, and have ``_on_event`` mark it revoked instead
-    of acknowledging; ``lease()`` then fences, acknowledges and raises LeaseRevoked.
+    Either way nothing is acknowledged before the pick-up is over: here the broker ends
+    each revocation itself after the grace, as "did not acknowledge".
     """
     channel = grpc.insecure_channel(f"unix://{load_node.state_dir}/broker.sock")
     stub = pb_grpc.BrokerStub(channel)
+    granted: list[str] = []
 
     def row(lease_id: str, include_ended: bool = True):
         leases = stub.ListLeases(pb.ListLeasesRequest(include_ended=include_ended),
                                  timeout=5).leases
         return {l.id: l for l in leases}.get(lease_id)
 
+    def revoke_and_wait_until_forgotten(lease_id: str) -> None:
+        # Past the 1 s grace the broker forces the revocation whatever the client does,
+        # and the lender frees memory that was never picked up.
+        stub.Revoke(pb.RevokeRequest(lease_id=lease_id), timeout=5)
+        wait_for(lambda: row(lease_id, include_ended=False) is None, timeout=10,
+                 what="the revoked lease to be freed and forgotten")
+
     client = load_node.connect()
-    real_pick_up = client._pick_up
+    real_call, real_pick_up = client._call, client._pick_up
+
+    def grant_overtaken(method, request, timeout=None):
+        reply = real_call(method, request, timeout)
+        if method is client._broker.Grant:
+            # The tenant's reclaim lands before the Grant's reply reaches lease().
+            granted.append(reply.id)
+            revoke_and_wait_until_forgotten(reply.id)
+        return reply
 
     def revoked_around_pick_up(grant, device):
         # The tenant's reclaim lands here, between Grant and the lease's registration.
-        # Both waits end whatever the client does: past the 1 s grace the broker forces
-        # the revocation, and the lender frees memory that was never picked up.
+        granted.append(grant.id)
         if when == "before-pickup":
-            stub.Revoke(pb.RevokeRequest(lease_id=grant.id), timeout=5)
-            wait_for(lambda: row(grant.id, include_ended=False) is None, timeout=10,
-                     what="the revoked lease to be freed and forgotten")
+            revoke_and_wait_until_forgotten(grant.id)
             return real_pick_up(grant, device)
         mapping = real_pick_up(grant, device)
         stub.Revoke(pb.RevokeRequest(lease_id=grant.id), timeout=5)
@@ -354,15 +338,21 @@ def test_revoke_during_pickup(load_node: PlainNode, when: str) -> None:
                  what="the revocation to end")
         return mapping
 
-    client._pick_up = revoked_around_pick_up
+    if when == "before-grant-reply":
+        client._call = grant_overtaken
+    else:
+        client._pick_up = revoked_around_pick_up
     try:
-        try:
+        with pytest.raises(LeaseRevoked):
             lease = client.lease(4096, ttl=30)
-        except LeaseRevoked:
-            return
-        assert lease.revoked, (f"the broker says {lease.id} was revoked "
-                               f"({row(lease.id).reason!r}), but the holder has it "
-                               f"{lease.state} and mapped")
+            pytest.fail(f"the broker says {lease.id} was revoked "
+                        f"({row(lease.id).reason!r}), but the holder has it "
+                        f"{lease.state} and mapped")
+        assert client.leases() == []
+        ended = row(granted[0])
+        assert ended.state == pb.REVOKED and "did not acknowledge" in ended.reason, (
+            f"{granted[0]} ended {pb.LeaseState.Name(ended.state)} ({ended.reason!r}): "
+            "acknowledged before the pick-up was over")
     finally:
         client.close()
         channel.close()
