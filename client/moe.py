@@ -150,36 +150,51 @@ class OffloadedExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """The experts' output for the routed tokens, as the eager implementation computes
         it; offloaded experts are fetched as the router picks them."""
-        with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        hit = [e for e in expert_hit[:, 0].tolist() if e < self.num_experts]
-        wanted = [e for e in hit if self._slot[e] < 0]
+        routes = self._routes(top_k_index)
+        wanted = [e for e in routes if self._slot[e] < 0]
         if not wanted:
-            return self._compute(hidden_states, expert_mask, top_k_weights, hit, {}, None)
+            return self._compute(hidden_states, top_k_weights, routes, {}, None)
         fetch, rows = self._owner.fetch(self.name, wanted, self.row_bytes)
         fetched = {e: rows[i] for i, e in enumerate(wanted)}
         ready = {e: i for i, e in enumerate(wanted)}
         try:
-            out = self._compute(hidden_states, expert_mask, top_k_weights, hit, fetched,
+            out = self._compute(hidden_states, top_k_weights, routes, fetched,
                                 lambda e: fetch.ready(ready[e]))
         finally:
             redone = fetch.wait()
         if redone:  # a forced revocation overlapped the read: those rows are re-read now
             self._owner.stats.recomputed_layers += 1
-            out = self._compute(hidden_states, expert_mask, top_k_weights, hit, fetched, None)
+            out = self._compute(hidden_states, top_k_weights, routes, fetched, None)
         return out
 
-    def _compute(self, hidden_states: torch.Tensor, expert_mask: torch.Tensor,
-                 top_k_weights: torch.Tensor, hit: list[int],
+    def _routes(self, top_k_index: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """For each expert the router picked, in ascending order: ``(top_k_pos,
+        token_idx)`` on the device, in the order ``torch.where(expert_mask[e])`` gives
+        them (by top-k slot, then token). Worked out on the CPU after one copy of the
+        routing, so that the experts' kernels queue without a device sync each."""
+        tokens, k = top_k_index.shape
+        flat = top_k_index.t().reshape(-1).to("cpu")  # (slot, token) row-major: one sync
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        on_device = order.to(top_k_index.device, non_blocking=True)
+        routes = {}
+        start = 0
+        for expert, count in enumerate(counts[: self.num_experts]):
+            if count:
+                chosen = on_device[start: start + count]
+                routes[expert] = (chosen // tokens, chosen % tokens)
+            start += count
+        return routes
+
+    def _compute(self, hidden_states: torch.Tensor, top_k_weights: torch.Tensor,
+                 routes: dict[int, tuple[torch.Tensor, torch.Tensor]],
                  fetched: dict[int, torch.Tensor], ready: Callable[[int], None] | None
                  ) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
-        for expert in hit:
+        for expert, (top_k_pos, token_idx) in routes.items():
             if ready is not None and expert in fetched:
                 ready(expert)
             gate_up, down = self._weights(expert, fetched)
-            top_k_pos, token_idx = torch.where(expert_mask[expert])
             current_state = hidden_states[token_idx]
             gate, up = F.linear(current_state, gate_up).chunk(2, dim=-1)
             current = self.act_fn(gate) * up
@@ -197,7 +212,8 @@ def offload_experts(model: nn.Module, client: Any, fraction: float = 0.5, *,
     """Take ``fraction`` of every MoE layer's experts off the model's device into memory
     borrowed through ``client`` (a :func:`client.connect` client); the model then fetches
     them as its routers pick them. Returns the :class:`ExpertOffload` (its ``stats``, its
-    ``cache``, ``close()``).
+    ``cache``, ``close()``). ``fraction=0`` offloads nothing but runs the same code: the
+    all-resident baseline of a benchmark.
 
     ``select(module_name, num_experts, count)`` chooses which experts leave (default:
     the highest-numbered). ``backends`` orders the lenders borrowed from; what borrowed
@@ -205,8 +221,8 @@ def offload_experts(model: nn.Module, client: Any, fraction: float = 0.5, *,
     borrowing (default: all offloaded experts). ``refill_every`` is how often the cache
     moves experts back into borrowed memory after a revocation (``None``: never)."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
-            or not 0.0 < float(fraction) <= 1.0:
-        raise InvalidArgument(f"fraction must be in (0, 1], got {fraction!r}")
+            or not 0.0 <= float(fraction) <= 1.0:
+        raise InvalidArgument(f"fraction must be in [0, 1], got {fraction!r}")
     modules = find_experts(model)
     if not modules:
         raise InvalidArgument("no MoE experts found in this model (supported: transformers' "
@@ -217,7 +233,8 @@ def offload_experts(model: nn.Module, client: Any, fraction: float = 0.5, *,
     total = 0
     for name, module in modules.items():
         count = module.gate_up_proj.shape[0]
-        plan[name] = list(choose(name, count, max(1, round(float(fraction) * count))))
+        share = max(1, round(float(fraction) * count)) if fraction > 0 else 0
+        plan[name] = list(choose(name, count, share)) if share else []
         row = (module.gate_up_proj[0].numel() + module.down_proj[0].numel()) \
             * module.gate_up_proj.element_size()
         total += row * len(plan[name])

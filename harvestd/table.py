@@ -232,7 +232,7 @@ class LeaseTable:
                 self._mark_freed(lease)
                 done.append(lease)
             if done:
-                self.store.commit(done, [self.lenders[lender_id]])
+                self.store.commit(done)  # a lender's held bytes are derived: not stored
                 for lease in done:
                     self._forget(lease)
         self.notifier.freed(lender_id)
@@ -297,7 +297,7 @@ class LeaseTable:
                 expires_at=now + ttl, node=node, priority=priority, holder_pid=holder_pid)
             lender.held += lease.charged
             try:
-                self.store.commit([lease], [lender], self.generation)
+                self.store.commit([lease], generation=self.generation)
             except Exception:
                 lender.held -= lease.charged
                 raise
@@ -353,8 +353,7 @@ class LeaseTable:
                 return lease
             self._end(lease, LeaseState.RELEASED, "released", True, self.clock())
             self.observer.count("release")
-            self.store.commit([lease], [self.lenders[lease.lender_id]]
-                              if lease.lender_id in self.lenders else [])
+            self.store.commit([lease])
             self._announce([lease], told_holder=True)
             self._forget(lease)
             return lease
@@ -405,8 +404,7 @@ class LeaseTable:
         self.observer.count("revoke", len(asked) + len(ended))
         if ended:
             self.observer.count("revoke_forced", len(ended))
-        self.store.commit(asked + ended, [self.lenders[l.lender_id] for l in ended
-                                          if l.lender_id in self.lenders])
+        self.store.commit(asked + ended)
         for lease in asked:
             self.notifier.revoke(lease)
         self._announce(ended)
@@ -545,9 +543,7 @@ class LeaseTable:
                             self.observer.count("revoke_forced")
                             ended.append(lease)
             if ended or down:
-                self.store.commit(ended, list({l.lender_id: self.lenders[l.lender_id]
-                                               for l in ended if l.lender_id in self.lenders
-                                               }.values()) + down)
+                self.store.commit(ended, down)
                 self._announce(ended)
                 for lease in ended:
                     self._forget(lease)

@@ -130,6 +130,21 @@ def decode(model: Any, batch: int, prompt: int, tokens: int, warmup: int,
             "tokens": torch.cat(out, dim=1)[:, warmup:].cpu()}
 
 
+def profile_steps(model: Any, batch: int, prompt: int, device: torch.device, label: str) -> None:
+    """Print where three decode steps spend their time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        decode(model, batch, prompt, 3, 0, device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"--- profile: {label}")
+    print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=40))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10,
+                                    max_name_column_width=40))
+
+
 def pinned_h2d_gbps(device: torch.device, nbytes: int = GiB, repeats: int = 5) -> float:
     """The pinned host-to-device copy of ``nbytes`` (median of ``repeats``), GB/s."""
     if device.type != "cuda":
@@ -208,9 +223,31 @@ def run_model(name: str, args: argparse.Namespace, node: Any, client: Any,
     base = build(name, layers, device, dtype, args.smoke)
     lenders = {l["backend"]: l for l in node.lenders()}
     for batch in args.batches:
+        # The reference tokens: transformers' own eager experts, every expert resident.
         ref = decode(base, batch, args.prompt, args.tokens, args.warmup, device)
-        record({"model": name, "mode": "resident", "batch": batch, "fraction": 0.0,
+        record({"model": name, "mode": "resident-hf", "batch": batch, "fraction": 0.0,
                 **_public(ref)})
+        # The ceiling: every expert resident, through the same code as Harvest's runs.
+        model = copy.deepcopy(base)
+        offload = offload_experts(model, client, fraction=0.0)
+        res = decode(model, batch, args.prompt, args.tokens, args.warmup, device)
+        record({"model": name, "mode": "resident", "batch": batch, "fraction": 0.0,
+                **_public(res), "tokens_identical": bool(torch.equal(res["tokens"],
+                                                                    ref["tokens"]))})
+        offload.close()
+        del model
+        if device.type == "cuda" and args.grouped:
+            base.config._experts_implementation = "grouped_mm"
+            try:
+                res = decode(base, batch, args.prompt, args.tokens, args.warmup, device)
+                record({"model": name, "mode": "resident-grouped-mm", "batch": batch,
+                        "fraction": 0.0, **_public(res),
+                        "tokens_identical": bool(torch.equal(res["tokens"], ref["tokens"]))})
+            except Exception as exc:  # noqa: BLE001 - informative only
+                record({"model": name, "mode": "resident-grouped-mm", "batch": batch,
+                        "fraction": 0.0, "error": f"{type(exc).__name__}: {exc}"})
+            finally:
+                base.config._experts_implementation = "eager"
         for fraction in args.fractions:
             for mode in args.modes:
                 if mode == "harvest-gpu" and "cuda-vmm" not in lenders:
@@ -234,6 +271,8 @@ def run_model(name: str, args: argparse.Namespace, node: Any, client: Any,
                         fetched_at: list[int] = []
                         res = decode(model, batch, args.prompt, args.tokens, args.warmup, device,
                                      between=lambda: fetched_at.append(offload.stats.bytes_fetched))
+                        if args.profile:
+                            profile_steps(model, batch, args.prompt, device, f"{name} {mode}")
                         timed = fetched_at[-1] - fetched_at[args.warmup - 1] if args.warmup \
                             else fetched_at[-1] - before
                         per_step = timed / args.tokens
@@ -392,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", default="30GiB")
     parser.add_argument("--out", default=str(REPO / "bench/results/moe.json"))
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
+    parser.add_argument("--no-grouped", dest="grouped", action="store_false",
+                        help="skip the resident run with transformers' grouped_mm experts")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's top ops for each Harvest mode's decode")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from harvestd.sizes import parse_size

@@ -308,7 +308,7 @@ def main() -> int:
     parser.add_argument("--sweep", type=int, default=13, help="points of the l sweep")
     parser.add_argument("--chunk-tokens", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--out", default=str(REPO / "bench/results/planner.json"))
     args = parser.parse_args()
