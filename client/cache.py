@@ -14,6 +14,7 @@ read again from the source (see :mod:`client.fetch`).
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
@@ -25,7 +26,7 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 import torch
 
 from client import metrics
-from client.fetch import Fetch, Row
+from client.fetch import DMA_MIN_BYTES, Fetch, Row
 from client.slabs import Slab, SlabSet
 from harvestd.errors import InvalidArgument, LeaseRevoked
 
@@ -142,6 +143,80 @@ class TieredCache:
         if slot is not None:
             self._fill(entry, slot, value)
         return self.tier_of(key)
+
+    def put_many(self, keys: Sequence[Hashable], values: torch.Tensor) -> None:
+        """Cache row ``i`` of ``values`` (``[len(keys), ...]``) under ``keys[i]``, in one
+        batched write: one copy to the host for every authoritative copy, and one scatter
+        per borrowed slab (one copy per row when rows are large). Query :meth:`tier_of`
+        for where each landed."""
+        n = len(keys)
+        if not isinstance(values, torch.Tensor) or values.dim() == 0 or values.shape[0] != n:
+            raise InvalidArgument(f"values must be a tensor with {n} rows, one per key")
+        if len(set(keys)) != n:
+            raise InvalidArgument("keys must be distinct")
+        if n == 0:
+            return
+        rows = values.detach().contiguous().view(n, -1)
+        flat = rows.view(torch.uint8) if rows.dtype != torch.uint8 else rows
+        # One host buffer for all: entries keep views of its rows (it lives while any does).
+        host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=self._pin)
+        host.copy_(flat)
+        entries = [Entry(key, tuple(values.shape[1:]), values.dtype, flat.shape[1], host[i],
+                         None) for i, key in enumerate(keys)]
+        with self._lock:
+            for entry in entries:
+                old = self._entries.pop(entry.key, None)
+                if old is not None:
+                    self._drop(old)
+                self._entries[entry.key] = entry
+        slots: list[tuple[Slab, int]] = []
+        for entry in entries:
+            slot = self._take_slot(entry.nbytes)
+            if slot is None:
+                break
+            slots.append(slot)
+        by_slab: dict[int, tuple[Slab, list[int]]] = {}
+        for i, slot in enumerate(slots):
+            by_slab.setdefault(id(slot[0]), (slot[0], []))[1].append(i)
+        for slab, index in by_slab.values():
+            self._fill_rows(slab, [entries[i] for i in index], [slots[i][1] for i in index],
+                            flat, index)
+
+    def _fill_rows(self, slab: Slab, entries: list[Entry], offsets: list[int],
+                   flat: torch.Tensor, index: list[int]) -> None:
+        """Copy rows ``index`` of ``flat`` into one slab's slots and give the entries
+        those slots (the batched twin of :meth:`_fill`)."""
+        nbytes = flat.shape[1]
+        written = False
+        try:
+            with slab.lease.use():
+                dst = slab.lease.as_bytes()
+                ctx = torch.cuda.stream(self._fill_stream) if self.stream is not None \
+                    else contextlib.nullcontext()
+                if self.stream is not None:
+                    self._fill_stream.wait_stream(torch.cuda.current_stream(self.device))
+                with ctx:
+                    if nbytes >= DMA_MIN_BYTES or len(index) == 1:
+                        for i, offset in zip(index, offsets, strict=True):
+                            dst[offset: offset + nbytes].copy_(flat[i], non_blocking=True)
+                    else:
+                        from client.blocks import scatter
+
+                        scatter(dst, flat[index[0]: index[-1] + 1]
+                                if index[-1] - index[0] == len(index) - 1 else flat[index],
+                                offsets, nbytes, check=False)
+                if self.stream is not None:
+                    self._fill_stream.synchronize()  # complete before use() ends
+            written = True
+        except LeaseRevoked:
+            pass  # the slab went while we wrote: these entries stay on their source
+        with self._lock:
+            for entry, offset in zip(entries, offsets, strict=True):
+                if written and self._entries.get(entry.key) is entry and slab.alive \
+                        and entry.slot is None:
+                    entry.slot = (slab, offset)
+                else:
+                    slab.give(offset)
 
     def _take_slot(self, nbytes: int) -> tuple[Slab, int] | None:
         """A borrowed slot for ``nbytes``: in a slab we hold, else in a new one (leased
@@ -260,6 +335,10 @@ class TieredCache:
     def _fetched(self, fetch: Fetch) -> None:
         """A fetch is over: count it, and let go of what it read."""
         metrics.CACHE_FETCH_LATENCY.observe(time.perf_counter() - fetch.started)
+        # Counted once per tier, not per row: a metric's labels().inc() costs microseconds,
+        # and a fetch may have hundreds of rows.
+        served: dict[Tier, list[int]] = {}
+        fallbacks = 0
         with self._lock:
             for row in fetch.rows:
                 entry = row.entry
@@ -269,10 +348,16 @@ class TieredCache:
                     entry.slot = None
                 if row.tier is None:
                     continue
-                self.stats.add(row.tier, entry.nbytes)
+                count = served.setdefault(row.tier, [0, 0])
+                count[0] += 1
+                count[1] += entry.nbytes
                 if row.slot is not None and row.tier in (Tier.HOST, Tier.RECOMPUTE):
-                    self.stats.fallbacks += 1
-                    metrics.CACHE_FALLBACKS.inc()
+                    fallbacks += 1
+            for tier, (n, nbytes) in served.items():
+                self.stats.add(tier, nbytes, n)
+            if fallbacks:
+                self.stats.fallbacks += fallbacks
+                metrics.CACHE_FALLBACKS.inc(fallbacks)
 
     def get_many(self, keys: Sequence[Hashable], out: torch.Tensor) -> torch.Tensor:
         """Objects of one size into the rows of ``out`` (``[len(keys), ...]``); returns

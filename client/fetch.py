@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 # full speed); smaller ones move together in one gather kernel, since one copy each
 # would run at launch speed.
 DMA_MIN_BYTES = 1 << 20
+# From device memory (a GPU lease) one gather kernel runs at memory speed whatever the
+# row size, while a copy per row costs a launch (~10 us, a 1 MiB copy's time many times
+# over): rows move one copy each only when this large (and the gather's staging with
+# them would be large too).
+DEVICE_COPY_MIN_BYTES = 64 << 20
 
 
 @dataclass
@@ -130,7 +135,8 @@ class Fetch:
         src = slab.lease.as_bytes()
         nbytes = self._bytes.shape[1]
         tier = self._tier_of_slab(slab)
-        if nbytes >= DMA_MIN_BYTES or len(rows) == 1 or self._bytes.device != src.device \
+        large = DMA_MIN_BYTES if src.device.type == "cpu" else DEVICE_COPY_MIN_BYTES
+        if nbytes >= large or len(rows) == 1 or self._bytes.device != src.device \
                 and self._bytes.device.type == "cpu":
             for row in rows:
                 offset = row.slot[1]
@@ -140,10 +146,18 @@ class Fetch:
             return
         from client.blocks import gather
 
-        block = torch.empty((len(rows), nbytes), dtype=torch.uint8, device=self._bytes.device)
-        gather(src, [r.slot[1] for r in rows], nbytes, block, check=False)
-        index = torch.tensor([r.index for r in rows], device=self._bytes.device)
-        self._bytes.index_copy_(0, index, block)
+        rows = sorted(rows, key=lambda r: r.index)
+        first = rows[0].index
+        if rows[-1].index - first == len(rows) - 1:
+            # Rows bound for consecutive rows of out: gather straight into them.
+            gather(src, [r.slot[1] for r in rows], nbytes,
+                   self._bytes[first: first + len(rows)], check=False)
+        else:
+            block = torch.empty((len(rows), nbytes), dtype=torch.uint8,
+                                device=self._bytes.device)
+            gather(src, [r.slot[1] for r in rows], nbytes, block, check=False)
+            index = torch.tensor([r.index for r in rows], device=self._bytes.device)
+            self._bytes.index_copy_(0, index, block)
         for row in rows:
             row.tier = tier
         self._mark(*rows)
@@ -167,11 +181,19 @@ class Fetch:
         if event is not None:
             torch.cuda.current_stream(self._stream.device).wait_event(event)
 
+    def done(self) -> bool:
+        """Whether every copy launched has completed on the device (never blocks)."""
+        return self._done is None or self._done.query()
+
     def wait(self) -> list[int]:
         """Finish: every row holds its object once this returns (on the caller's stream).
         Returns the rows that a revocation overlapped, which were read again from their
-        source: anything computed from them before this call must be computed again."""
+        source: anything computed from them before this call must be computed again.
+
+        A second call (from any thread, not concurrently with the first) finishes
+        nothing more: it orders the caller's stream after the rows again."""
         if self._waited:
+            self._join()
             return self.redone
         self._waited = True
         try:
@@ -187,12 +209,20 @@ class Fetch:
                         for row in rows:
                             row.tier = self._read_source(row.entry, self._bytes[row.index])
                     self.redone.extend(r.index for r in rows)
-            if self._stream is not None:
-                torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+                    if self._stream is not None:
+                        self._done = torch.cuda.Event()  # now after the reads again
+                        self._done.record(self._stream)
+            self._join()
         finally:
             self._uses = []
             self._finished(self)
         return self.redone
+
+    def _join(self) -> None:
+        """Order the caller's stream after this fetch's copies: after its own event, not
+        after the whole stream, where later fetches may already be queued behind it."""
+        if self._done is not None:
+            torch.cuda.current_stream(self._stream.device).wait_event(self._done)
 
     def __enter__(self) -> "Fetch":
         return self

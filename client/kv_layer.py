@@ -1,0 +1,114 @@
+"""One layer of a :class:`client.kv.HarvestCache` as transformers sees it, and the
+check that a model's layers are ones it can hold (full attention only)."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin, get_layer_types_and_kwargs
+
+from harvestd.errors import FailedPrecondition, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+BEAMS = ("HarvestCache does not reorder its batch ({what}): beam search, contrastive "
+         "search and batch selection are not supported; decode greedily or by sampling")
+
+
+def check_config(config: Any) -> int:
+    """Refuse a model whose layers are not all full attention; its layer count."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") \
+        else config
+    if getattr(text, "is_encoder_decoder", False):
+        raise InvalidArgument("HarvestCache is for decoder-only models")
+    types, _ = get_layer_types_and_kwargs(text)
+    other = sorted({t for t in types if t != "full_attention"})
+    if other:
+        raise InvalidArgument(f"HarvestCache keeps full-attention K/V only; this model has "
+                              f"{', '.join(other)} layers (sliding-window, chunked and "
+                              f"linear-attention layers are not supported)")
+    if getattr(text, "num_kv_shared_layers", 0):
+        raise InvalidArgument("HarvestCache does not support layers sharing another "
+                              "layer's K/V (num_kv_shared_layers)")
+    return len(types)
+
+
+class HarvestLayer(CacheLayerMixin):
+    """One layer's K/V: ``blocks`` full blocks in the tiered cache, then ``tail_len``
+    tokens in ``tail`` on the device. Updated through its :class:`HarvestCache`."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, index: int, block_tokens: int) -> None:
+        super().__init__()
+        self.index = index
+        self.block_tokens = block_tokens
+        self.tokens = 0
+        self.blocks = 0
+        self.tail_len = 0
+        self.epoch = 0            # a crop or reset starts a new one: fetches in flight go stale
+        self.tail: torch.Tensor | None = None  # [2, batch, heads, block_tokens, head_dim]
+        self.shape: tuple[int, int, int] | None = None  # (batch, kv_heads, head_dim)
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Take the batch, heads, head size, dtype and device of the first K/V."""
+        batch, heads, _, dim = key_states.shape
+        self.shape = (int(batch), int(heads), int(dim))
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.tail = torch.empty((2, batch, heads, self.block_tokens, dim), dtype=self.dtype,
+                                device=self.device)
+        self.is_initialized = True
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one block (K and V)."""
+        batch, heads, dim = self.shape
+        return 2 * batch * heads * self.block_tokens * dim * self.dtype.itemsize
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Not on its own: the cache updates its layers (it fetches across them)."""
+        raise FailedPrecondition("a HarvestLayer is updated through its HarvestCache")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for the attention mask."""
+        return self.tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens held."""
+        return self.tokens
+
+    def get_max_length(self) -> int:
+        """No maximum."""
+        return -1
+
+    def offload(self) -> None:
+        """Nothing to do: the blocks are in the tiered cache already."""
+
+    def prefetch(self) -> None:
+        """Nothing to do: the cache prefetches across layers itself."""
+
+    def reset(self) -> None:
+        """Not on its own: see :meth:`HarvestCache.reset`."""
+        raise FailedPrecondition("a HarvestLayer is reset through its HarvestCache")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Unsupported."""
+        raise InvalidArgument(BEAMS.format(what="reorder_cache"))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Not on its own: see :meth:`HarvestCache.crop`."""
+        raise FailedPrecondition("a HarvestLayer is cropped through its HarvestCache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Unsupported."""
+        raise InvalidArgument(BEAMS.format(what="batch_repeat_interleave"))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Unsupported."""
+        raise InvalidArgument(BEAMS.format(what="batch_select_indices"))
