@@ -70,6 +70,7 @@ class CacheStats:
     revocations: int = 0
     fallbacks: int = 0   # reads meant for borrowed memory, served from the source instead
     swaps: int = 0       # objects moved into borrowed memory by use
+    refills: int = 0     # objects moved back into borrowed memory by the background pass
 
     def add(self, tier: Tier, nbytes: int, n: int = 1) -> None:
         """Count ``n`` reads of ``nbytes`` in all from ``tier``."""
@@ -110,6 +111,7 @@ class TieredCache:
         self._fill_stream = torch.cuda.Stream(self.device) if self.stream is not None else None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._last_revocation = 0.0
         self._refiller: threading.Thread | None = None
         if refill_every is not None:
             self._refiller = threading.Thread(target=self._refill_loop, args=(refill_every,),
@@ -189,7 +191,7 @@ class TieredCache:
         nbytes = flat.shape[1]
         written = False
         try:
-            with slab.lease.use():
+            with slab.lease.use(device_work=self.stream is not None):
                 dst = slab.lease.as_bytes()
                 ctx = torch.cuda.stream(self._fill_stream) if self.stream is not None \
                     else contextlib.nullcontext()
@@ -237,7 +239,7 @@ class TieredCache:
         slab, offset = slot
         flat = value.detach().contiguous().view(-1).view(torch.uint8)
         try:
-            with slab.lease.use():
+            with slab.lease.use(device_work=self.stream is not None):
                 dst = slab.lease.as_bytes()[offset: offset + entry.nbytes]
                 if self.stream is None:
                     dst.copy_(flat)
@@ -436,6 +438,7 @@ class TieredCache:
             for entry in lost:
                 entry.slot = None
             self.stats.revocations += 1
+            self._last_revocation = time.monotonic()
         metrics.CACHE_REVOCATIONS.inc()
         self._wake.set()
         log.info("slab %s revoked: %d entries fall back to their source", slab.lease.id,
@@ -488,15 +491,24 @@ class TieredCache:
             self.stats.swaps += swapped
         return swapped
 
+    # Swapping objects by use moves whole objects over the link: not more often than
+    # this, and not while revocations come in (lenders are taking memory back then, and
+    # a swap would only evict what is still read).
+    REBALANCE_EVERY_S = 2.0
+
     def _refill_loop(self, every: float) -> None:
+        last_rebalance = time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(every)
             self._wake.clear()
             if self._stop.is_set():
                 return
             try:
-                self.refill()
-                self.rebalance()
+                self.stats.refills += self.refill()
+                now = time.monotonic()
+                if now - max(last_rebalance, self._last_revocation) >= self.REBALANCE_EVERY_S:
+                    last_rebalance = now
+                    self.rebalance()
             except Exception:  # noqa: BLE001 - the pass retries; reads never depend on it
                 log.exception("cache refill failed")
 

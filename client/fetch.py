@@ -93,7 +93,7 @@ class Fetch:
             else:
                 by_slab.setdefault(id(row.slot[0]), (row.slot[0], []))[1].append(row)
         for slab, rows in by_slab.values():
-            use = slab.lease.use()
+            use = slab.lease.use(device_work=self._stream is not None)
             try:
                 use.__enter__()
             except HarvestError:  # gone already: read these from their source

@@ -178,7 +178,7 @@ def fetch_kv(plan: FetchPlan, *, out_k: "torch.Tensor", out_v: "torch.Tensor",
                         "its predicted time will be off", plan.activations_via, x.device)
     with contextlib.ExitStack() as held:
         for lease in leases:
-            held.enter_context(lease.use())
+            held.enter_context(lease.use(device_work=ok.device.type == "cuda"))
         if ok.device.type == "cuda":
             _run_cuda(r, x, (w_k, b_k, w_v, b_v), copies, ok, ov, chunk_tokens)
             if synchronize:

@@ -41,6 +41,7 @@ class Lease:
         self._cond = threading.Condition()
         self._readers = 0
         self._users: dict[int, int] = {}  # thread id: how many use() blocks it is in
+        self._device_readers = 0  # uses covering device work in flight (see use())
         self._fenced = False
         self._fence_ok = False
         self._ack_wanted = False   # some caller of _end needs the broker to hear we fenced
@@ -101,18 +102,26 @@ class Lease:
             raise LeaseRevoked(f"lease {self.id} is gone: not renewed in time")
 
     @contextlib.contextmanager
-    def use(self) -> Iterator[None]:
+    def use(self, device_work: bool = False) -> Iterator[None]:
         """Hold the lease for a read or write: a revocation waits (up to its grace) for
         every ``use`` in flight before it fences the memory, and no new one starts after.
 
         If the lease was nonetheless fenced while this ``use`` ran (a forced end that
         could not wait), leaving the block raises :class:`LeaseRevoked`: what the block
         read may be partly zeros, so the caller must discard it and fall back.
+
+        ``device_work=True``: the block launches device work (a GPU copy) that reads the
+        lease after the block's Python code is done, and the caller leaves the block only
+        once that work has completed. The fence then waits for it however long it takes:
+        unmapping pages under a copy in flight would fault it or let it read another
+        lease's data. The broker still ends the lease after its grace period, unclean, so
+        the lender frees that memory rather than lending it again while it is mapped here.
         """
         user = threading.get_ident()  # the thread that entered, wherever it is left
         with self._cond:
             self._check()
             self._readers += 1
+            self._device_readers += device_work
             self._users[user] = self._users.get(user, 0) + 1
         completed = False
         try:
@@ -121,6 +130,7 @@ class Lease:
         finally:
             with self._cond:
                 self._readers -= 1
+                self._device_readers -= device_work
                 self._users[user] -= 1
                 if not self._users[user]:
                     del self._users[user]
@@ -196,11 +206,14 @@ class Lease:
         with self._cond:
             self._deadline = max(self._deadline, sent_at + self.ttl - self._margin)
 
-    def release(self) -> None:
-        """Give the memory back; idempotent."""
+    def release(self, wait_s: float = 0.0) -> None:
+        """Give the memory back; idempotent. ``wait_s``: first wait up to that long for
+        uses in flight on other threads (a GPU mapping must not be fenced under a kernel
+        that reads it; :class:`client.striped.StripedLease` releases its other stripes
+        so when one is revoked)."""
         if self._ended:
             return
-        self._end("released", "released by its holder", ack=False)
+        self._end("released", "released by its holder", ack=False, wait_s=wait_s)
         try:
             self._client._release(self)
         except HarvestError as err:
@@ -221,8 +234,10 @@ class Lease:
                 self._ended = reason
                 self._state = state
                 deadline = time.monotonic() + wait_s
-                while self._readers and time.monotonic() < deadline:
-                    self._cond.wait(deadline - time.monotonic())
+                while self._readers and (self._device_readers
+                                         or time.monotonic() < deadline):
+                    self._cond.wait(max(0.001, deadline - time.monotonic())
+                                    if not self._device_readers else 0.05)
                 callbacks, self._callbacks = self._callbacks, []
         if late is not None:
             if late:

@@ -19,6 +19,8 @@ eager experts (``experts_implementation="eager"``).
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -70,6 +72,53 @@ class OffloadStats:
     experts_fetched: int = 0
     bytes_fetched: int = 0
     recomputed_layers: int = 0  # layers computed again because a revocation overlapped
+    unverified_layers: int = 0  # a fence overlapped a read after its layer was computed
+
+
+class _Closer:
+    """Ends fetches once their copies have completed, on a thread of its own, so that
+    the model's thread never waits for a copy: it queues the next layer's kernels while
+    the copies run (the kernels that need a fetched expert wait for it on the device).
+    The fetch's leases stay in use, fence held off, until the copies are done."""
+
+    def __init__(self, on_redone: Callable[[Fetch, list[int]], None]) -> None:
+        self._queue: queue.SimpleQueue[Fetch | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._on_redone = on_redone
+        self._thread = threading.Thread(target=self._run, name="harvest-moe-closer",
+                                        daemon=True)
+        self._thread.start()
+
+    def add(self, fetch: Fetch) -> None:
+        """End ``fetch`` once its copies complete."""
+        with self._idle:
+            self._pending += 1
+        self._queue.put(fetch)
+
+    def _run(self) -> None:
+        while (fetch := self._queue.get()) is not None:
+            try:
+                redone = fetch.wait()
+                if redone:
+                    self._on_redone(fetch, redone)
+            except Exception:  # noqa: BLE001 - the closer must outlive one bad fetch
+                log.exception("ending a fetch failed")
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Wait until every fetch handed over has ended."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def stop(self) -> None:
+        """End what is queued, then the thread."""
+        self.drain()
+        self._queue.put(None)
+        self._thread.join(timeout=10)
 
 
 class ExpertOffload:
@@ -81,6 +130,22 @@ class ExpertOffload:
         self.stats = OffloadStats()
         self.modules: dict[str, OffloadedExperts] = {}
         self._staging: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._closer = _Closer(self._redone) if cache.stream is not None else None
+
+    def _redone(self, fetch: Fetch, rows: list[int]) -> None:
+        # Cannot happen while the fetch's leases are held with device_work: their fence
+        # waits for it. Should it ever, say so loudly: the layer was computed already.
+        self.stats.unverified_layers += 1
+        log.error("a fence overlapped %d fetched experts after their layer was computed",
+                  len(rows))
+
+    def finish(self, fetch: Fetch) -> list[int]:
+        """End a layer's fetch: on a GPU, later, once its copies complete (the caller
+        goes on); on the CPU, now. Returns rows read again from the source (CPU only)."""
+        if self._closer is not None:
+            self._closer.add(fetch)
+            return []
+        return fetch.wait()
 
     def fetch(self, name: str, experts: Sequence[int], row_bytes: int) -> tuple[Fetch, torch.Tensor]:
         """Start fetching ``experts`` of module ``name`` into staging rows (``[n, bytes]``)."""
@@ -98,6 +163,8 @@ class ExpertOffload:
 
     def close(self) -> None:
         """Release the borrowed memory. The model keeps working from the host copies."""
+        if self._closer is not None:
+            self._closer.stop()
         self.cache.close()
 
 
@@ -161,7 +228,7 @@ class OffloadedExperts(nn.Module):
             out = self._compute(hidden_states, top_k_weights, routes, fetched,
                                 lambda e: fetch.ready(ready[e]))
         finally:
-            redone = fetch.wait()
+            redone = self._owner.finish(fetch)
         if redone:  # a forced revocation overlapped the read: those rows are re-read now
             self._owner.stats.recomputed_layers += 1
             out = self._compute(hidden_states, top_k_weights, routes, fetched, None)

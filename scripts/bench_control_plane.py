@@ -147,6 +147,50 @@ def bench_throughput(address: str, node: str, args: argparse.Namespace) -> dict[
             "errors": sum(errors.values()), "errors_by_kind": dict(errors)}
 
 
+def _floor_worker(address: str, seconds: float, start: Any, out: Any) -> None:
+    """One worker of the RPC floor: the cheapest real broker RPC (a keepalive of no
+    lease) in a loop, so that the run shows what any RPC costs on this machine."""
+    import grpc
+
+    from protos import harvest_pb2 as pb
+    from protos import harvest_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.BrokerStub(channel)
+    request = pb.KeepAliveRequest(client_id=f"bench-floor-{os.getpid()}")
+    stub.KeepAlive(request, timeout=10.0)
+    out.put(("ready", os.getpid()))
+    calls, elapsed = 0, 0.0
+    if start.wait(WAIT_S):
+        began = time.monotonic()
+        while time.monotonic() < began + seconds:
+            stub.KeepAlive(request, timeout=10.0)
+            calls += 1
+        elapsed = time.monotonic() - began
+    channel.close()
+    out.put(("done", {"calls": calls, "elapsed": elapsed}))
+
+
+def bench_rpc_floor(address: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The same number of workers doing nothing but empty keepalives: RPCs per second
+    that this machine's gRPC stacks and broker can carry at all."""
+    start, results = SPAWN.Event(), SPAWN.Queue()
+    procs = [SPAWN.Process(target=_floor_worker, args=(address, args.seconds, start, results),
+                           daemon=True) for _ in range(args.workers)]
+    done: list[dict[str, Any]] = []
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:
+            results.get(timeout=WAIT_S)
+        start.set()
+        done = [results.get(timeout=args.seconds + WAIT_S)[1] for _ in procs]
+    finally:
+        _reap(procs, 15.0 if len(done) == len(procs) else 0.0)
+    window = max(d["elapsed"] for d in done) or math.nan
+    return {"window_s": window, "rpcs_per_s": sum(d["calls"] for d in done) / window}
+
+
 def _holder(state_dir: str, nbytes: int, ttl: float, settle: float, conn: Any) -> None:
     """A holder: per "lease" command, map one lease, hold it ``settle`` s, say when it goes."""
     from client import connect
@@ -298,6 +342,10 @@ def print_table(res: dict[str, Any]) -> None:
               f"{v['max_ms']:>10.2f}")
     print(f"{'all':<10}{tp['ops_per_s']:>10.0f}   leases renewed/s "
           f"{tp['leases_renewed_per_s']:.0f}   errors {tp['errors']} {tp['errors_by_kind'] or ''}")
+    print(f"lease operations/s (each lease granted, renewed or released): "
+          f"{tp['lease_ops_per_s']:.0f}")
+    print(f"RPC floor (empty keepalives, same workers): {res['rpc_floor']['rpcs_per_s']:.0f} "
+          f"RPCs/s; the mixed run reaches {tp['of_rpc_floor']:.2f} of it")
     print(f"\nreclaim: holders of {p['holder_bytes'] >> 20} MiB each, {p['repeats']} repeats, "
           f"settle {p['settle']} s")
     print(f"{'holders':<9}{'p50 ms':>9}{'max ms':>9}{'broker p50':>12}{'freed':>7}"
@@ -338,9 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     load_before = os.getloadavg()  # other work on the machine skews every figure: record it
     with node(args.state_dir, args.host_bytes) as state_dir:
-        throughput = bench_throughput(resolve_address(None, state_dir), node_name(state_dir),
-                                      args)
+        address = resolve_address(None, state_dir)
+        floor = bench_rpc_floor(address, args)
+        throughput = bench_throughput(address, node_name(state_dir), args)
         reclaim = bench_reclaim(state_dir, args)
+    ops = throughput["ops"]
+    # A keepalive renews a whole batch of leases in one RPC, as the client library does.
+    throughput["lease_ops_per_s"] = (ops["grant"]["ops_per_s"] + ops["release"]["ops_per_s"]
+                                     + throughput["leases_renewed_per_s"])
+    throughput["of_rpc_floor"] = throughput["ops_per_s"] / floor["rpcs_per_s"]
     res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                        "python": platform.python_version(), "host": platform.node(),
                        "loadavg_before": load_before},
@@ -348,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "parameters": {k: v for k, v in vars(args).items() if k != "out"},
            "node_started_here": args.state_dir is None,
-           "throughput": throughput, "reclaim": reclaim}
+           "rpc_floor": floor, "throughput": throughput, "reclaim": reclaim}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print_table(res)

@@ -27,6 +27,7 @@ import copy
 import gc
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -126,7 +127,8 @@ def decode(model: Any, batch: int, prompt: int, tokens: int, warmup: int,
                 between()
     total = sum(steps)
     return {"tokens_per_s": batch * len(steps) / total, "step_ms_median":
-            statistics.median(steps) * 1e3, "step_ms": [s * 1e3 for s in steps],
+            statistics.median(steps) * 1e3, "step_ms_mean": total / len(steps) * 1e3,
+            "step_ms": [s * 1e3 for s in steps],
             "tokens": torch.cat(out, dim=1)[:, warmup:].cpu()}
 
 
@@ -143,6 +145,24 @@ def profile_steps(model: Any, batch: int, prompt: int, device: torch.device, lab
     print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=40))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10,
                                     max_name_column_width=40))
+
+
+def spy_dump() -> None:
+    """Print every thread's Python stack (py-spy, where it is installed): where the
+    process spends a slow stretch."""
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or next((str(p) for p in (Path(d) / "bin" / "py-spy" for d in
+                                                          sys.path) if p.exists()), None)
+    if spy is None:
+        print("py-spy is not installed: no stack dump")
+        return
+    for _ in range(3):
+        out = subprocess.run([spy, "dump", "--pid", str(os.getpid())], capture_output=True,
+                             text=True, timeout=60)
+        print("--- py-spy dump\n" + out.stdout + out.stderr, flush=True)
+        time.sleep(0.1)
 
 
 def pinned_h2d_gbps(device: torch.device, nbytes: int = GiB, repeats: int = 5) -> float:
@@ -216,87 +236,102 @@ def revoking(client: Any, lender: dict[str, Any], every: float, nbytes: int
 def run_model(name: str, args: argparse.Namespace, node: Any, client: Any,
               device: torch.device, dtype: torch.dtype, pinned: float,
               record: Callable[[dict[str, Any]], None]) -> None:
-    """Every mode, fraction and batch for one model shape."""
+    """Every mode, fraction and batch for one model shape (each offloaded model is set up
+    once and decoded at every batch size)."""
     from client.moe import offload_experts
 
-    layers = args.layers[name]
-    base = build(name, layers, device, dtype, args.smoke)
+    base = build(name, args.layers[name], device, dtype, args.smoke)
     lenders = {l["backend"]: l for l in node.lenders()}
+    # The reference tokens: transformers' own eager experts, every expert resident.
+    refs = {}
     for batch in args.batches:
-        # The reference tokens: transformers' own eager experts, every expert resident.
-        ref = decode(base, batch, args.prompt, args.tokens, args.warmup, device)
+        refs[batch] = decode(base, batch, args.prompt, args.tokens, args.warmup, device)
         record({"model": name, "mode": "resident-hf", "batch": batch, "fraction": 0.0,
-                **_public(ref)})
-        # The ceiling: every expert resident, through the same code as Harvest's runs.
-        model = copy.deepcopy(base)
-        offload = offload_experts(model, client, fraction=0.0)
-        res = decode(model, batch, args.prompt, args.tokens, args.warmup, device)
-        record({"model": name, "mode": "resident", "batch": batch, "fraction": 0.0,
-                **_public(res), "tokens_identical": bool(torch.equal(res["tokens"],
-                                                                    ref["tokens"]))})
-        offload.close()
-        del model
-        if device.type == "cuda" and args.grouped:
-            base.config._experts_implementation = "grouped_mm"
-            try:
+                **_public(refs[batch])})
+    if device.type == "cuda" and args.grouped:
+        base.config._experts_implementation = "grouped_mm"
+        try:
+            for batch in args.batches:
                 res = decode(base, batch, args.prompt, args.tokens, args.warmup, device)
                 record({"model": name, "mode": "resident-grouped-mm", "batch": batch,
-                        "fraction": 0.0, **_public(res),
-                        "tokens_identical": bool(torch.equal(res["tokens"], ref["tokens"]))})
-            except Exception as exc:  # noqa: BLE001 - informative only
-                record({"model": name, "mode": "resident-grouped-mm", "batch": batch,
-                        "fraction": 0.0, "error": f"{type(exc).__name__}: {exc}"})
-            finally:
-                base.config._experts_implementation = "eager"
-        for fraction in args.fractions:
-            for mode in args.modes:
-                if mode == "harvest-gpu" and "cuda-vmm" not in lenders:
-                    continue
-                model = copy.deepcopy(base)
-                row: dict[str, Any] = {"model": name, "mode": mode, "batch": batch,
-                                       "fraction": fraction}
+                        "fraction": 0.0, **_public(res), "tokens_identical":
+                        bool(torch.equal(res["tokens"], refs[batch]["tokens"]))})
+        except Exception as exc:  # noqa: BLE001 - informative only
+            record({"model": name, "mode": "resident-grouped-mm", "batch": 0,
+                    "fraction": 0.0, "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            base.config._experts_implementation = "eager"
+    # The ceiling: every expert resident, through the same code as Harvest's runs.
+    runs = [("resident", 0.0)] + [(mode, f) for f in args.fractions for mode in args.modes
+                                  if mode != "harvest-gpu" or "cuda-vmm" in lenders]
+    for mode, fraction in runs:
+        model = copy.deepcopy(base)
+        offload = None
+        setup: dict[str, Any] = {}
+        try:
+            if mode == "accelerate":
+                setup["offloaded_bytes"] = accelerate_offload(model, fraction, device)
+            else:
+                backends = ("cuda-vmm",) if mode == "harvest-gpu" else ("host",)
+                offload = offload_experts(model, client, fraction=fraction, backends=backends,
+                                          slab_bytes=args.slab_bytes)
+                setup.update(offloaded_bytes=offload.stats.bytes_offloaded,
+                             borrowed_bytes=offload.cache.borrowed_bytes)
+        except Exception as exc:  # noqa: BLE001 - one failed mode must not lose the rest
+            log.exception("%s %s fraction %s: setup failed", name, mode, fraction)
+            setup["error"] = f"{type(exc).__name__}: {exc}"
+        for batch in args.batches:
+            row: dict[str, Any] = {"model": name, "mode": mode, "batch": batch,
+                                   "fraction": fraction, **setup}
+            if "error" not in setup:
                 try:
-                    if mode == "accelerate":
-                        row["offloaded_bytes"] = accelerate_offload(model, fraction, device)
-                        res = decode(model, batch, args.prompt, args.accelerate_tokens,
-                                     args.warmup, device)
-                        want = ref["tokens"][:, : args.accelerate_tokens]
-                    else:
-                        backends = ("host",) if mode == "harvest-host" else ("cuda-vmm",)
-                        offload = offload_experts(model, client, fraction=fraction,
-                                                  backends=backends, slab_bytes=args.slab_bytes)
-                        row["offloaded_bytes"] = offload.stats.bytes_offloaded
-                        row["borrowed_bytes"] = offload.cache.borrowed_bytes
-                        before = offload.stats.bytes_fetched
-                        fetched_at: list[int] = []
-                        res = decode(model, batch, args.prompt, args.tokens, args.warmup, device,
-                                     between=lambda: fetched_at.append(offload.stats.bytes_fetched))
-                        if args.profile:
-                            profile_steps(model, batch, args.prompt, device, f"{name} {mode}")
-                        timed = fetched_at[-1] - fetched_at[args.warmup - 1] if args.warmup \
-                            else fetched_at[-1] - before
-                        per_step = timed / args.tokens
-                        row["fetched_bytes_per_step"] = per_step
-                        row["reads_by_tier"] = dict(offload.cache.stats.hits)
-                        if pinned == pinned and per_step:  # not NaN
-                            bound_s = per_step / (pinned * 1e9)
-                            row["pcie_bound_step_ms"] = bound_s * 1e3
-                            row["of_pcie_bound"] = bound_s / (res["step_ms_median"] / 1e3)
-                        offload.close()
-                        want = ref["tokens"]
-                    row.update(_public(res), tokens_identical=bool(torch.equal(res["tokens"], want)))
-                except Exception as exc:  # noqa: BLE001 - one failed mode must not lose the rest
-                    log.exception("%s %s batch %d fraction %s failed", name, mode, batch, fraction)
+                    row.update(measure(model, offload, mode, batch, refs[batch], args, device,
+                                       pinned, f"{name} {mode}"))
+                except Exception as exc:  # noqa: BLE001 - as above
+                    log.exception("%s %s batch %d fraction %s failed", name, mode, batch,
+                                  fraction)
                     row["error"] = f"{type(exc).__name__}: {exc}"
-                record(row)
-                del model
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            record(row)
+        if offload is not None:
+            offload.close()
+        del model, offload
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if args.revoke_every > 0 and name in args.revoke_models:
         run_revocations(name, base, args, client, lenders, device, record)
     del base
     gc.collect()
+
+
+def measure(model: Any, offload: Any, mode: str, batch: int, ref: dict[str, Any],
+            args: argparse.Namespace, device: torch.device, pinned: float, label: str
+            ) -> dict[str, Any]:
+    """One decode of a set-up model: tokens/s, tokens checked against ``ref``, and for a
+    Harvest run what it fetched per step against the PCIe bound."""
+    row: dict[str, Any] = {}
+    if offload is None:  # accelerate: slow, so fewer steps
+        res = decode(model, batch, args.prompt, args.accelerate_tokens, args.warmup, device)
+        want = ref["tokens"][:, : args.accelerate_tokens]
+    else:
+        before = offload.stats.bytes_fetched
+        fetched_at: list[int] = []
+        res = decode(model, batch, args.prompt, args.tokens, args.warmup, device,
+                     between=lambda: fetched_at.append(offload.stats.bytes_fetched))
+        if args.profile and mode != "resident":
+            profile_steps(model, batch, args.prompt, device, label)
+        timed = fetched_at[-1] - (fetched_at[args.warmup - 1] if args.warmup else before)
+        per_step = timed / args.tokens
+        row.update(fetched_bytes_per_step=per_step, reads_by_tier=dict(offload.cache.stats.hits))
+        if pinned == pinned and per_step:  # not NaN
+            # Mean bytes over mean time: steps that route more offloaded experts move
+            # more, so a median step would not match.
+            bound_s = per_step / (pinned * 1e9)
+            row.update(pcie_bound_step_ms=bound_s * 1e3,
+                       of_pcie_bound=bound_s / (res["step_ms_mean"] / 1e3))
+        want = ref["tokens"]
+    row.update(_public(res), tokens_identical=bool(torch.equal(res["tokens"], want)))
+    return row
 
 
 def run_revocations(name: str, base: Any, args: argparse.Namespace, client: Any,
@@ -319,16 +354,22 @@ def run_revocations(name: str, base: Any, args: argparse.Namespace, client: Any,
                                "fraction": fraction, "experiment": "revocations"}
         if mode == "harvest-gpu-revoked":
             slab = max(s.lease.nbytes for s in offload.cache._slabs.slabs)
+            if args.spy:
+                threading.Timer(args.revoke_seconds / 2, spy_dump).start()
             with revoking(client, lenders[fast], args.revoke_every, slab) as counts:
                 res = decode(model, batch, args.prompt, 8, args.warmup, device,
                              seconds=args.revoke_seconds)
+                if args.profile:
+                    profile_steps(model, batch, args.prompt, device, f"{name} {mode}")
             row.update(counts, revoke_every_s=args.revoke_every)
             tokens = res["tokens"].shape[1]
             ref = decode(base, batch, args.prompt, tokens, args.warmup, device)
         else:
             res = decode(model, batch, args.prompt, tokens, args.warmup, device)
-        row.update(_public(res), reads_by_tier=dict(offload.cache.stats.hits),
-                   revocations_seen=offload.cache.stats.revocations,
+        cstats = offload.cache.stats
+        row.update(_public(res), reads_by_tier=dict(cstats.hits),
+                   revocations_seen=cstats.revocations, refills=cstats.refills,
+                   swaps=cstats.swaps, fallbacks=cstats.fallbacks,
                    tokens_identical=bool(torch.equal(res["tokens"], ref["tokens"])))
         offload.close()
         record(row)
@@ -433,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
     parser.add_argument("--no-grouped", dest="grouped", action="store_false",
                         help="skip the resident run with transformers' grouped_mm experts")
+    parser.add_argument("--spy", action="store_true",
+                        help="dump every thread's stack (py-spy) mid-way through the "
+                        "revocation run")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's top ops for each Harvest mode's decode")
     args = parser.parse_args(argv)

@@ -22,6 +22,9 @@ def test_quick_run_reports_every_op_and_every_reclaim_freed(tmp_path):
         assert throughput["ops"][op]["ops_per_s"] > 0, op
         assert throughput["ops"][op]["p99_ms"] > 0, op
     assert throughput["errors"] == 0, throughput["errors_by_kind"]
+    assert res["rpc_floor"]["rpcs_per_s"] > 0
+    assert throughput["lease_ops_per_s"] > throughput["ops_per_s"]  # batched renewals
+    assert 0 < throughput["of_rpc_floor"]
     assert [r["holders"] for r in res["reclaim"]] == [1, 2]
     for row in res["reclaim"]:
         assert row["runs"] and all(run["freed"] for run in row["runs"]), row
