@@ -87,13 +87,16 @@ class TieredCache:
     ``backends`` orders the lenders borrowed from (``"cuda-vmm"``, ``"cuda-ipc"``,
     ``"host"``); ``borrow_bytes`` caps what is borrowed, in leases of ``slab_bytes``.
     ``refill_every`` (seconds) runs the background pass that refills and rebalances;
-    ``None`` leaves it to explicit :meth:`refill` / :meth:`rebalance` calls.
+    ``None`` leaves it to explicit :meth:`refill` / :meth:`rebalance` calls. The pass
+    refills only ``refill_holdoff`` seconds after the last revocation (default
+    ``REFILL_HOLDOFF_S``).
     """
 
     def __init__(self, client: Any, device: Any = "cpu", local_bytes: int = 0,
                  borrow_bytes: int = 1 << 30, slab_bytes: int = 64 << 20,
                  backends: Sequence[str] = ("cuda-vmm", "host"), ttl: float | None = None,
-                 pin_host: bool | None = None, refill_every: float | None = None) -> None:
+                 pin_host: bool | None = None, refill_every: float | None = None,
+                 refill_holdoff: float | None = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -112,6 +115,7 @@ class TieredCache:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._last_revocation = 0.0
+        self.refill_holdoff = self.REFILL_HOLDOFF_S if refill_holdoff is None else refill_holdoff
         self._refiller: threading.Thread | None = None
         if refill_every is not None:
             self._refiller = threading.Thread(target=self._refill_loop, args=(refill_every,),
@@ -491,6 +495,12 @@ class TieredCache:
             self.stats.swaps += swapped
         return swapped
 
+    # Moving objects back right after a revocation feeds them to the next one while a
+    # tenant is still taking memory back (each move crosses the link): wait this long
+    # after the last revocation. Meanwhile reads come from the authoritative copy, so
+    # throughput degrades toward the source's rather than below it.
+    REFILL_HOLDOFF_S = 1.0
+
     # Swapping objects by use moves whole objects over the link: not more often than
     # this, and not while revocations come in (lenders are taking memory back then, and
     # a swap would only evict what is still read).
@@ -504,8 +514,9 @@ class TieredCache:
             if self._stop.is_set():
                 return
             try:
-                self.stats.refills += self.refill()
                 now = time.monotonic()
+                if now - self._last_revocation >= self.refill_holdoff:
+                    self.stats.refills += self.refill()
                 if now - max(last_rebalance, self._last_revocation) >= self.REBALANCE_EVERY_S:
                     last_rebalance = now
                     self.rebalance()

@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 # full speed); smaller ones move together in one gather kernel, since one copy each
 # would run at launch speed.
 DMA_MIN_BYTES = 1 << 20
-# From device memory (a GPU lease) one gather kernel runs at memory speed whatever the
-# row size, while a copy per row costs a launch (~10 us, a 1 MiB copy's time many times
-# over): rows move one copy each only when this large (and the gather's staging with
-# them would be large too).
-DEVICE_COPY_MIN_BYTES = 64 << 20
+# From device memory (a GPU lease) a copy costs a launch (~10 us, a 1 MiB copy's time
+# many times over), so small rows move in one gather kernel; but a gather of a few large
+# rows ran far below memory speed on an H100 (two 17 MiB experts took about 0.9 ms), so
+# rows this large, when there are not many of them, move one copy each.
+DEVICE_COPY_MIN_BYTES = 8 << 20
+MAX_COPIES = 64
 
 
 @dataclass
@@ -136,7 +137,8 @@ class Fetch:
         nbytes = self._bytes.shape[1]
         tier = self._tier_of_slab(slab)
         large = DMA_MIN_BYTES if src.device.type == "cpu" else DEVICE_COPY_MIN_BYTES
-        if nbytes >= large or len(rows) == 1 or self._bytes.device != src.device \
+        if (nbytes >= large and (src.device.type == "cpu" or len(rows) <= MAX_COPIES)) \
+                or len(rows) == 1 or self._bytes.device != src.device \
                 and self._bytes.device.type == "cpu":
             for row in rows:
                 offset = row.slot[1]

@@ -36,7 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchnode import bench_node  # noqa: E402
+from benchnode import bench_node, steady_attention  # noqa: E402
 
 GiB = 1 << 30
 MODES = ("plain", "offloaded", "harvest-host", "harvest-gpu")
@@ -391,6 +391,8 @@ def main() -> int:
     from harvestd.sizes import parse_size
 
     if args.smoke:
+        if args.out == parser.get_default("out"):  # a smoke run's figures are not results
+            args.out = "/tmp/kv_smoke.json"
         args.layers, args.decode, args.warmup, args.block_tokens = 2, 4, 1, 16
         args.contexts, args.batches, args.slab_bytes = "100,300", "1,2", "1MiB"
     args.contexts = [int(c) for c in args.contexts.split(",")]
@@ -403,6 +405,8 @@ def main() -> int:
     import torch
 
     device = torch.device("cpu") if args.smoke else torch.device("cuda", int(args.gpu))
+    attention = steady_attention()
+    print(attention)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     node_args = (dict(backend="host", host_bytes="256MiB") if args.smoke else
@@ -413,6 +417,7 @@ def main() -> int:
         client = node.connect()
         try:
             doc = run(args, client, device)
+            doc["attention"] = attention
         finally:
             client.close()
     doc["wall_s"] = round(time.perf_counter() - began, 1)

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from benchnode import bench_node  # noqa: E402
+from benchnode import bench_node, steady_attention  # noqa: E402
 
 log = logging.getLogger("bench_moe")
 GiB = 1 << 30
@@ -398,18 +398,26 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             entry["vs_accelerate"] = row["tokens_per_s"] / acc["tokens_per_s"]
         if res:
             entry["of_resident"] = row["tokens_per_s"] / res["tokens_per_s"]
+            if row.get("pcie_bound_step_ms"):
+                # No step can beat the resident one, nor the link: the larger of the two
+                # is the bound this run can reach.
+                bound = max(res["step_ms_mean"], row["pcie_bound_step_ms"])
+                entry["of_reachable_bound"] = bound / row["step_ms_mean"]
         gpu = by.get(("harvest-gpu", model, batch, fraction))
         if gpu:
             entry["gpu_lease_vs_host_lease"] = gpu["tokens_per_s"] / row["tokens_per_s"]
         out[f"{model} batch {batch} fraction {fraction}"] = entry
-    rev = {r["mode"]: r for r in rows if r.get("experiment") == "revocations"}
-    if "harvest-gpu-revoked" in rev and "harvest-host" in rev:
-        out["revocations"] = {
-            "revoked_vs_host": rev["harvest-gpu-revoked"]["tokens_per_s"]
-            / rev["harvest-host"]["tokens_per_s"],
-            "revoked_vs_gpu": rev["harvest-gpu-revoked"]["tokens_per_s"]
-            / rev["harvest-gpu"]["tokens_per_s"],
-            "tokens_identical": all(r["tokens_identical"] for r in rev.values())}
+    for model in sorted({r["model"] for r in rows if r.get("experiment") == "revocations"}):
+        rev = {r["mode"]: r for r in rows
+               if r.get("experiment") == "revocations" and r["model"] == model}
+        if {"harvest-gpu-revoked", "harvest-host", "harvest-gpu"} <= set(rev):
+            out[f"{model} revocations"] = {
+                "revoked_vs_host": rev["harvest-gpu-revoked"]["tokens_per_s"]
+                / rev["harvest-host"]["tokens_per_s"],
+                "revoked_vs_gpu": rev["harvest-gpu-revoked"]["tokens_per_s"]
+                / rev["harvest-gpu"]["tokens_per_s"],
+                "revocations": rev["harvest-gpu-revoked"].get("revoked"),
+                "tokens_identical": all(r["tokens_identical"] for r in rev.values())}
     return out
 
 
@@ -495,10 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     args.layers = {"mixtral": args.mixtral_layers, "qwen2-moe": args.qwen_layers}
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    attention = steady_attention()
+    print(attention)
     result: dict[str, Any] = {
         "benchmark": "moe_decode", "command": " ".join(["python"] + sys.argv),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "host": platform.node(), "dtype": str(dtype), "lender_gpu": args.lender_gpu,
+        "attention": attention,
         "same_gpu": device.type == "cuda" and str(device.index or 0) == str(args.lender_gpu),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "parameters": {k: v for k, v in vars(args).items() if k != "layers"} | {

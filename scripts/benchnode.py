@@ -89,3 +89,20 @@ def bench_node(backend: str = "host", *, gpus: str | None = None, cap: str | Non
         with contextlib.suppress(Exception):
             node.cli("stop", timeout=120)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def steady_attention() -> str:
+    """Keep scaled-dot-product attention off cuDNN for a benchmark, and say so.
+
+    On the lent H100 (torch 2.11), decode steps whose key length the process had not
+    seen before ran at 50-70 ms instead of 6: cuDNN's attention builds a plan for every
+    new shape, and a decode step has a new key length each time. The first mode measured
+    paid for that and the modes after it (same shapes) did not, which made the everything
+    -resident ceiling look slower than Harvest. Flash and memory-efficient attention need
+    no per-shape plan; every mode of a run uses the same kernels."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        return "cuDNN attention off (flash / memory-efficient SDPA)"
+    return "CPU attention"
