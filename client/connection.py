@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import grpc
 
@@ -22,6 +22,9 @@ from lender.backends import BackendKind, Exported, get_backend
 from lender.pickup import pick_up
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from client.striped import StripedLease
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class Client:
 
     def lease(self, nbytes: int, ttl: float | None = None, near: Any = None,
               priority: int = 0, backend: str | BackendKind | None = None,
-              device: Any = None) -> Lease:
+              device: Any = None, avoid: Iterable[str] = ()) -> Lease:
         """Borrow ``nbytes`` on this node, mapped into this process.
 
         ``ttl``: seconds between keepalives before the lease lapses (the broker's default
@@ -108,6 +111,7 @@ class Client:
         ``priority``: lower is revoked first. ``backend``: ``"host"``, ``"cuda-vmm"``, ...
         ``device``: map the memory for this device instead of ``near``'s, without keeping
         the lease off it (on a one-GPU machine, borrow from a process on the same GPU).
+        ``avoid``: lender ids the broker must not place it on (see :meth:`lease_striped`).
         Raises :class:`client.NoCapacity` at once when no lender can meet it, and
         :class:`client.LeaseRevoked` when the lease is revoked before it is handed over (a
         tenant reclaimed it at once): it is fenced and acknowledged by then.
@@ -117,6 +121,9 @@ class Client:
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
             raise InvalidArgument(f"nbytes must be a positive int, got {nbytes!r}")
         device_arg = device
+        avoid = [avoid] if isinstance(avoid, str) else list(avoid)
+        if not all(isinstance(a, str) and a for a in avoid):
+            raise InvalidArgument(f"avoid must be lender ids (non-empty strings), got {avoid!r}")
         if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
             raise InvalidArgument(f"ttl must be a positive number of seconds, got {ttl!r}")
         start = time.perf_counter()
@@ -132,7 +139,7 @@ class Client:
             grant = self._call(self._broker.Grant, pb.GrantRequest(
                 client_id=self.id, nbytes=nbytes, ttl_s=float(ttl or 0), node=self.node,
                 near_gpu=near_uuid, priority=priority, holder_pid=os.getpid(),
-                backend=kind.pb if kind else 0))
+                backend=kind.pb if kind else 0, avoid_lenders=avoid))
         finally:
             with self._lock:
                 self._granting.discard(number)
@@ -183,6 +190,26 @@ class Client:
         metrics.LEASED_BYTES.labels(backend=lease.backend.value).inc(lease.nbytes)
         metrics.LEASE_LATENCY.observe(time.perf_counter() - start)
         return lease
+
+    def lease_striped(self, nbytes: int, stripes: int | None = None, near: Any = None,
+                      *, unit: int | None = None, ttl: float | None = None, priority: int = 0,
+                      backend: str | BackendKind | None = None, device: Any = None,
+                      max_stripes: int = 8) -> "StripedLease":
+        """Borrow ``nbytes`` as several leases on distinct lenders (stripes), read at once
+        over their links; see :class:`client.striped.StripedLease` for the layout,
+        ``gather``/``scatter`` and revocation (any stripe lost ends the whole lease).
+
+        ``stripes``: how many; None picks as many lenders as have NVLink to ``near``'s GPU
+        and room for a stripe, up to ``max_stripes``, else 1. ``unit``: bytes per stripe
+        unit (the logical space is dealt out to the stripes in turn, a unit each; default
+        2 MiB; a block read by ``gather`` must not cross a unit). Other arguments as for
+        :meth:`lease`. Raises :class:`client.NoCapacity` when the stripes cannot all be
+        placed (whatever was granted is released first)."""
+        from client.striped import lease_striped
+
+        return lease_striped(self, nbytes, stripes, near, unit=unit, ttl=ttl,
+                             priority=priority, backend=backend, device=device,
+                             max_stripes=max_stripes)
 
     def _settle(self, number: int) -> list[str]:
         """Under the lock, once Grant ``number`` has returned: the events no Grant in

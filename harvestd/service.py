@@ -238,7 +238,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         lease, lender = self.table.grant(
             _require(request.client_id, "client_id"), request.nbytes, request.ttl_s,
             request.node, request.near_gpu, request.priority, request.holder_pid,
-            request.backend)
+            request.backend, request.avoid_lenders)
         reply = lease.to_pb(lender, with_token=True)
         self.table.observer.observe("grant", time.perf_counter() - start)
         return reply

@@ -27,6 +27,7 @@ from lender.backends.base import round_up
 log = logging.getLogger(__name__)
 
 MAX_LEASE_BYTES = 1 << 50  # 1 PiB: anything larger is a mistake, not a request
+MAX_AVOID = 1024  # lenders a grant may exclude: a node has far fewer
 
 
 class Notifier(Protocol):
@@ -271,8 +272,12 @@ class LeaseTable:
 
     def grant(self, client_id: str, nbytes: int, ttl_s: float = 0.0, node: str = "",
               near_gpu: str = "", priority: int = 0, holder_pid: int = 0,
-              backend: int = 0) -> tuple[LeaseRecord, LenderRecord]:
-        """A new lease of ``nbytes`` on the client's node, or NoCapacity at once."""
+              backend: int = 0, avoid: Iterable[str] = ()) -> tuple[LeaseRecord, LenderRecord]:
+        """A new lease of ``nbytes`` on the client's node, or NoCapacity at once; never
+        from a lender in ``avoid`` (the other stripes of a striped lease)."""
+        avoid = frozenset(avoid)
+        if len(avoid) > MAX_AVOID:
+            raise InvalidArgument(f"at most {MAX_AVOID} lenders to avoid, got {len(avoid)}")
         if not client_id:
             raise InvalidArgument("a grant needs a client id")
         if nbytes <= 0 or nbytes > MAX_LEASE_BYTES:
@@ -284,10 +289,11 @@ class LeaseTable:
                                   f"{self.timing.max_ttl} seconds, got {ttl}")
         with self.lock:
             lender = self.policy.place(list(self._by_node.get(node, {}).values()), nbytes,
-                                       node, near_gpu, backend)
+                                       node, near_gpu, backend, avoid)
             if lender is None:
                 self.observer.count("grant_refused")
-                raise NoCapacity(self._no_capacity_reason(nbytes, node, backend))
+                raise NoCapacity(self._no_capacity_reason(nbytes, node, backend) + (
+                    f" (avoiding {len(avoid)} lenders)" if avoid else ""))
             now = self.clock()
             lease = LeaseRecord(
                 id="lease-" + secrets.token_hex(6), lender_id=lender.id, client_id=client_id,

@@ -233,7 +233,7 @@ class CheckPickupReply(_message.Message):
     def __init__(self, nbytes: _Optional[int] = ..., expires_at: _Optional[float] = ...) -> None: ...
 
 class GrantRequest(_message.Message):
-    __slots__ = ("client_id", "nbytes", "ttl_s", "node", "near_gpu", "priority", "holder_pid", "backend")
+    __slots__ = ("client_id", "nbytes", "ttl_s", "node", "near_gpu", "priority", "holder_pid", "backend", "avoid_lenders")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,7 @@ class GrantRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     HOLDER_PID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    AVOID_LENDERS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     nbytes: int
     ttl_s: float
@@ -250,7 +251,8 @@ class GrantRequest(_message.Message):
     priority: int
     holder_pid: int
     backend: Backend
-    def __init__(self, client_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., ttl_s: _Optional[float] = ..., node: _Optional[str] = ..., near_gpu: _Optional[str] = ..., priority: _Optional[int] = ..., holder_pid: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ...) -> None: ...
+    avoid_lenders: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, client_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., ttl_s: _Optional[float] = ..., node: _Optional[str] = ..., near_gpu: _Optional[str] = ..., priority: _Optional[int] = ..., holder_pid: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., avoid_lenders: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KeepAliveRequest(_message.Message):
     __slots__ = ("client_id", "lease_ids")

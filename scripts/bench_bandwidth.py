@@ -10,10 +10,16 @@ Sources, each 1 GiB (or --source-bytes), read into the benchmark GPU (--dst-gpu)
 For each: single copies (one ``.copy_`` of one block, per size in --sizes) and batched
 gathers (many blocks in one launch through client/blocks.py, per --gather-blocks), plus a
 copy-per-block loop of 16 KiB blocks from the lease and a pinned host-to-device copy of
-1 GiB. Timed with CUDA events after warm-ups; the median is kept.
+1 GiB. Timed with CUDA events after warm-ups; the median is kept. With two GPUs
+(--src-gpu other than --dst-gpu), also the peer copy ceiling between them (1 GiB
+device-to-device, peer access enabled; scripts/benchpeer.py) and the reads against it
+(``issue9`` in the JSON: large reads >= 0.9 of it, 16 KiB gathers >= 0.85, both >= 6x
+pinned host).
 
     python3 scripts/bench_bandwidth.py --src-gpu 0 --dst-gpu 0 \
         --out bench/results/bandwidth.json      # + bandwidth.png when matplotlib is there
+    python3 scripts/bench_bandwidth.py --src-gpu 1 --dst-gpu 0 \
+        --out bench/results/bandwidth_nvlink.json   # lender on GPU 1, reads into GPU 0
 """
 from __future__ import annotations
 
@@ -286,6 +292,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                         device=device))
         ref = torch.cat([lease[o:o + 16 * KiB] for o in check.tolist()])
         doc["gather_verified"] = bool(torch.equal(got, ref))
+        if not doc["same_gpu"]:
+            from benchpeer import peer_ceiling
+
+            # The copy engines' ceiling between the two GPUs, in this same run (issue 9).
+            doc["peer_ceiling_1GiB"] = peer_ceiling(cu.ordinal_of_uuid(doc["src_gpu"]), dst)
         lease_map.close()
         hmap.close()
         host.free(halloc)
@@ -302,7 +313,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gather16k_lease_over_loop_copy_16k": _ratio(g16["vmm_lease"],
                                                      doc["loop_copy_16k_lease"]["GBps"]),
     }
+    if "peer_ceiling_1GiB" in doc:
+        doc["issue9"] = peer_targets(doc, g16)
     return doc
+
+
+def peer_targets(doc: dict[str, Any], g16: dict[str, float | None]) -> dict[str, Any]:
+    """Issue 9's targets across two GPUs: reads of 64 MiB and up at 0.9 of the peer
+    copy ceiling, 16 KiB gathers at 0.85 of it, both 6 times the pinned host figure."""
+    ceiling = doc["peer_ceiling_1GiB"]["GBps"]
+    pinned = doc["pinned_h2d_1GiB"]["GBps"]
+    large = {str(r["bytes"]): r["GBps"] for r in doc["sources"]["vmm_lease"]["single_copy"]
+             if r["bytes"] >= 64 * MiB}
+    worst = min(large.values()) if large else None
+    ratios = {
+        "large_reads_over_peer_ceiling": {k: _ratio(v, ceiling) for k, v in large.items()},
+        "large_read_min_over_peer_ceiling": _ratio(worst, ceiling),
+        "gather16k_lease_over_peer_ceiling": _ratio(g16["vmm_lease"], ceiling),
+        "large_read_min_over_pinned_h2d_1GiB": _ratio(worst, pinned),
+        "gather16k_lease_over_pinned_h2d_1GiB": _ratio(g16["vmm_lease"], pinned),
+        "gather16k_lease_over_pinned_host_lease": _ratio(g16["vmm_lease"],
+                                                         g16["pinned_host_lease"]),
+    }
+    targets = {"large_read_min_over_peer_ceiling": 0.9,
+               "gather16k_lease_over_peer_ceiling": 0.85,
+               "large_read_min_over_pinned_h2d_1GiB": 6.0,
+               "gather16k_lease_over_pinned_h2d_1GiB": 6.0}
+    return {"peer_ceiling_GBps": ceiling, "pinned_h2d_GBps": pinned, "ratios": ratios,
+            "targets": targets,
+            "met": {k: ratios[k] is not None and ratios[k] >= v for k, v in targets.items()}}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -329,6 +368,14 @@ def report(doc: dict[str, Any]) -> None:
     print(f"gather verified: {doc['gather_verified']}")
     for key, value in doc["ratios"].items():
         print(f"ratio {key}: {value}")
+    if "issue9" in doc:
+        peer = doc["peer_ceiling_1GiB"]
+        print(f"peer copy ceiling {peer['src']} -> {peer['dst']}, 1 GiB: {peer['GBps']:.1f} GB/s "
+              f"(peer access {peer['peer_access']})")
+        issue = doc["issue9"]
+        for key, target in issue["targets"].items():
+            print(f"target {key}: {issue['ratios'][key]} (>= {target}: "
+                  f"{'met' if issue['met'][key] else 'NOT MET'})")
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:

@@ -210,12 +210,54 @@ class PlainNode(Node):
                     proc.kill()
 
 
+class ManyLenderNode(PlainNode):
+    """A broker and several host lenders, each a plain process (like :class:`PlainNode`):
+    what striped leases need on a machine with no GPU."""
+
+    def __init__(self, state_dir: Path, lenders: int = 3, host_bytes: str = "32MiB",
+                 **kwargs) -> None:
+        super().__init__(state_dir, host_bytes=host_bytes, **kwargs)
+        self.ids = [f"host-{chr(ord('a') + i)}" for i in range(lenders)]
+        self.lenders: dict[str, subprocess.Popen] = {}
+
+    def start_lenders(self) -> None:
+        """Start every lender process, then wait until all have registered."""
+        for lender_id in self.ids:
+            self.lenders[lender_id] = subprocess.Popen(
+                [PY, "-m", "lender", "--id", lender_id, "--state-dir", str(self.state_dir),
+                 "--host-bytes", self.host_bytes, "--report-interval", "0.3"],
+                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: {l["id"] for l in self.json("lenders") if l["state"] == "up"}
+                 >= set(self.ids), timeout=60, what="every lender to register")
+
+    def stop(self) -> None:
+        """Kill every process of the node."""
+        for proc in [*self.lenders.values(), self.broker]:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
 @pytest.fixture
 def plain_node():
     """A fresh plain-process node per test: TTL 2 s, grace 1 s, 64 MiB of host memory."""
     node = PlainNode(short_tmpdir())
     node.start_broker()
     node.start_lender()
+    yield node
+    node.stop()
+    shutil.rmtree(node.state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def many_lender_node():
+    """A broker and three host lenders (32 MiB each) as plain processes, per module."""
+    node = ManyLenderNode(short_tmpdir())
+    node.start_broker()
+    node.start_lenders()
     yield node
     node.stop()
     shutil.rmtree(node.state_dir, ignore_errors=True)

@@ -1,9 +1,13 @@
 """The node on a real GPU: a CUDA VMM lender (Ray actor) and client processes on the
 same GPU, exchanging data through leases; revocation while reads run; a tenant process
 growing into the reserve; a killed client's memory coming back; host and GPU leases
-through the same calls. Run on a lent GPU machine with scripts/gpu_tests.sh."""
+through the same calls. Run on a lent GPU machine with scripts/gpu_tests.sh.
+
+HARVEST_LENDER_GPU and HARVEST_CLIENT_GPU (CUDA ordinals, default 0 and 0) put the lender
+and the clients on two GPUs: scripts/multi_gpu_runs.sh runs these with 1 and 0."""
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
@@ -17,20 +21,25 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
 
 GiB, MiB = 1 << 30, 1 << 20
 RESERVE, CAP = 8 * GiB, 12 * GiB
+LENDER = int(os.environ.get("HARVEST_LENDER_GPU", "0"))
+CLIENT = int(os.environ.get("HARVEST_CLIENT_GPU", "0"))
+if torch.cuda.is_available() and max(LENDER, CLIENT) >= torch.cuda.device_count():
+    pytestmark.append(pytest.mark.skip(reason=f"needs GPUs {LENDER} and {CLIENT}"))
 
 # A holder on the GPU: leases, fills with its marker, gathers 16 KiB blocks in one launch,
 # then verifies under use() until revoked; after that it reads its stale tensor once,
 # which must neither fault nor show anything but its own (fenced) memory.
 GPU_HOLDER = r"""
-import json, sys, threading, time, torch
+import json, os, sys, threading, time, torch
 from client import connect, LeaseRevoked
 nbytes, marker, backend, ttl = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+dev = f"cuda:{os.environ.get('HARVEST_CLIENT_GPU', '0')}"
 c = connect()
-lease = c.lease(nbytes, ttl=ttl, backend=backend, device="cuda:0")
+lease = c.lease(nbytes, ttl=ttl, backend=backend, device=dev)
 t = lease.tensor(torch.uint8)
 t.fill_(marker)
 blocks = 64
-out = torch.empty((blocks, 16384), dtype=torch.uint8, device="cuda:0")
+out = torch.empty((blocks, 16384), dtype=torch.uint8, device=dev)
 lease.gather([i * 32768 for i in range(blocks)], 16384, out)
 gathered_ok = bool((out == marker).all())
 revoked = threading.Event()
@@ -62,14 +71,15 @@ c.close()
 # The GPU's own tenant: allocates until NVML free memory is `leave` bytes, then times
 # how long until free memory is back above the reserve; on "next", allocates into it.
 TENANT = r"""
-import json, sys, time, torch, pynvml
+import json, os, sys, time, torch, pynvml
 uuid, leave, reserve = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-torch.zeros(1, device="cuda:0")  # our own CUDA context first: it takes memory too
+dev = f"cuda:{os.environ.get('HARVEST_LENDER_GPU', '0')}"  # the lender's GPU
+torch.zeros(1, device=dev)  # our own CUDA context first: it takes memory too
 pynvml.nvmlInit()
 h = pynvml.nvmlDeviceGetHandleByUUID(uuid)
 free = lambda: pynvml.nvmlDeviceGetMemoryInfo(h).free
-grab = torch.empty(free() - leave, dtype=torch.uint8, device="cuda:0")
-torch.cuda.synchronize()
+grab = torch.empty(free() - leave, dtype=torch.uint8, device=dev)
+torch.cuda.synchronize(dev)
 pressed = time.monotonic()
 low = free()
 while free() < reserve and time.monotonic() - pressed < 30:
@@ -78,8 +88,8 @@ freed_s = time.monotonic() - pressed
 print(json.dumps({"event": "tenant", "free_at_pressure": low, "freed_s": freed_s,
                   "recovered": free() >= reserve}), flush=True)
 sys.stdin.readline()
-nxt = torch.empty(reserve // 2, dtype=torch.uint8, device="cuda:0")  # finds the memory
-torch.cuda.synchronize()
+nxt = torch.empty(reserve // 2, dtype=torch.uint8, device=dev)  # finds the memory
+torch.cuda.synchronize(dev)
 print(json.dumps({"event": "next_ok"}), flush=True)
 sys.stdin.readline()
 """
@@ -88,7 +98,12 @@ sys.stdin.readline()
 @pytest.fixture(scope="module")
 def gpu_node():
     node = Node(short_tmpdir())
-    result = node.cli("start", "--detach", "--backend", "cuda-vmm", "--reserve", str(RESERVE),
+    from client.devices import cuda_uuid
+
+    # One GPU lender: the holders' grants, the tenant's pressure and its reclaim all
+    # concern that GPU, however many the machine has.
+    result = node.cli("start", "--detach", "--backend", "cuda-vmm", "--gpus", cuda_uuid(LENDER),
+                      "--reserve", str(RESERVE),
                       "--cap", str(CAP), "--host-bytes", "2GiB", "--ttl", "3", "--grace", "1",
                       timeout=300)
     assert result.returncode == 0, result.stderr
@@ -107,7 +122,7 @@ def test_lenders_identify_the_gpu_by_uuid(gpu_node):
     lenders = gpu_node.json("lenders")
     assert {l["backend"] for l in lenders} == {"cuda-vmm", "host"}
     gpu = _gpu_lender(gpu_node)
-    assert gpu["gpu_uuid"] == cuda_uuid(0)
+    assert gpu["gpu_uuid"] == cuda_uuid(LENDER)
     assert 0 < gpu["capacity"] <= CAP
 
 
@@ -117,7 +132,7 @@ def test_leases_exchange_data_and_revoke_while_reading(gpu_node, backend):
     try:
         leased = holder.expect("leased", timeout=120)
         assert leased["backend"] == backend and leased["gathered_ok"]
-        assert leased["device"] == ("cuda:0" if backend == "cuda-vmm" else "cpu")
+        assert leased["device"] == (f"cuda:{CLIENT}" if backend == "cuda-vmm" else "cpu")
         time.sleep(1.0)  # reads run
         assert gpu_node.cli("revoke", leased["id"]).returncode == 0
         assert holder.expect("revoked")["id"] == leased["id"]
@@ -170,5 +185,5 @@ def test_killed_client_memory_comes_back(gpu_node):
     row = {l["id"]: l for l in gpu_node.json("leases", "--all")}[leased["id"]]
     assert row["state"] == "expired"
     with gpu_node.connect() as client, client.lease(GiB, backend="cuda-vmm",
-                                                    device="cuda:0") as lease:
+                                                    device=f"cuda:{CLIENT}") as lease:
         assert int(lease.as_bytes().count_nonzero()) == 0  # zeroed before hand-out
