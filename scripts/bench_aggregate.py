@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmulti import (READER, Worker, cuda_uuids, lender_of, plain_host_node,  # noqa: E402
-                        pyplot, write_json)
+                        write_json)
+from benchnode import pyplot  # noqa: E402
 from harvestd.sizes import parse_size  # noqa: E402
 
 TARGET = 0.85

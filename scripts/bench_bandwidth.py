@@ -37,6 +37,8 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchnode import pyplot  # noqa: E402
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
@@ -380,13 +382,8 @@ def report(doc: dict[str, Any]) -> None:
 
 def plot(doc: dict[str, Any], path: Path) -> None:
     """Bandwidth against size, single copies and gathers, one line per source."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, src in doc["sources"].items():

@@ -36,7 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchnode import bench_node, steady_attention  # noqa: E402
+from benchnode import bench_node, pyplot, steady_attention  # noqa: E402
 
 GiB = 1 << 30
 MODES = ("plain", "offloaded", "harvest-host", "harvest-gpu")
@@ -338,13 +338,8 @@ def report(doc: dict[str, Any]) -> None:
 
 def plot(doc: dict[str, Any], path: Path) -> None:
     """Tokens per second by mode, one group per context and batch."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     keys = sorted({(r["context"], r["batch"]) for r in doc["runs"]})
     modes = [m for m in MODES if any(r["mode"] == m for r in doc["runs"])]

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from benchnode import bench_node, steady_attention  # noqa: E402
+from benchnode import bench_node, pyplot, steady_attention  # noqa: E402
 
 log = logging.getLogger("bench_moe")
 GiB = 1 << 30
@@ -423,12 +423,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Tokens/s against offloaded fraction, one panel per model and batch."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     rows = [r for r in result["rows"] if "error" not in r and "experiment" not in r]
     panels = sorted({(r["model"], r["batch"]) for r in rows})

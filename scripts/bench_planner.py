@@ -27,7 +27,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchnode import bench_node  # noqa: E402
+from benchnode import bench_node, pyplot  # noqa: E402
 
 from client.kv_fetch import fetch_kv  # noqa: E402
 from client.planner import FetchPlan, FetchPlanner, KVShape  # noqa: E402
@@ -268,13 +268,8 @@ def report(doc: dict[str, Any]) -> None:
 
 def plot(doc: dict[str, Any], path: Path) -> None:
     """Time against recompute share, one panel per shape, the planner's choice marked."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     names = list(dict.fromkeys(r["shape"] for r in doc["rows"]))
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4.2), squeeze=False)

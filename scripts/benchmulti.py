@@ -161,16 +161,3 @@ def write_json(doc: dict[str, Any], out: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return path
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot (Agg), or None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
-        return None
-    return plt

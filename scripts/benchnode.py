@@ -106,3 +106,16 @@ def steady_attention() -> str:
         torch.backends.cuda.enable_cudnn_sdp(False)
         return "cuDNN attention off (flash / memory-efficient SDPA)"
     return "CPU attention"
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot (Agg), or None when matplotlib is missing (then say so)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return None
+    return plt
