@@ -232,3 +232,23 @@ def test_a_holder_whose_fence_fails_does_not_acknowledge(plain_node):
             assert "did not acknowledge" in row["reason"]
         finally:
             mapping.close()
+
+
+def test_a_use_covering_device_work_is_never_fenced_under(plain_node):
+    """``use(device_work=True)`` stands for a GPU copy in flight: the fence waits for it
+    past the grace period (the broker ends the lease unclean meanwhile), and comes at once
+    when the use ends."""
+    with plain_node.connect() as client:
+        lease = client.lease(MiB)
+        data = lease.as_bytes()
+        data.fill_(3)
+        with lease.use(device_work=True):
+            plain_node.cli("revoke", lease.id, check=True)
+            wait_for(lambda: {l["id"]: l for l in plain_node.json("leases", "--all")}
+                     [lease.id]["state"] == "revoked", what="the broker's forced end")
+            time.sleep(0.5)  # well past the 1 s grace since the revocation
+            assert not lease._fenced and bool((data == 3).all())
+        wait_for(lambda: lease._fenced, what="the fence once the use ended")
+        assert int(data.count_nonzero()) == 0
+        row = {l["id"]: l for l in plain_node.json("leases", "--all")}[lease.id]
+        assert "did not acknowledge" in row["reason"]
