@@ -83,3 +83,36 @@ def test_counts_match_a_scripted_run(metered_node):
     frees = (value(lender_side, "harvest_lender_frees_total", lender=lender, gpu="host",
                    clean="true"))
     assert frees == 3  # released, revoked and reclaimed: all acknowledged, all clean
+
+
+def test_cache_metrics_count_reads_by_tier_and_revocations(plain_node):
+    """A client's cache metrics (client.metrics.REGISTRY) move by exactly what a scripted
+    run of the cache did."""
+    import torch
+
+    from client import metrics
+    from client.cache import TieredCache
+
+    def sample(name, **labels):
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {tier: sample("harvest_cache_reads_total", tier=tier)
+              for tier in ("host-lease", "host")}
+    bytes_before = sample("harvest_cache_read_bytes_total", tier="host-lease")
+    revoked_before = sample("harvest_cache_revocations_survived_total")
+    fetches_before = sample("harvest_cache_fetch_latency_seconds_count")
+    with plain_node.connect() as client:
+        cache = TieredCache(client, borrow_bytes=MiB, slab_bytes=MiB)
+        for i in range(6):  # 256 KiB each: 4 in the lease, 2 on the host
+            cache.put(i, torch.full((64 * 1024,), float(i)))
+        out = torch.empty((6, 64 * 1024))
+        cache.get_many(list(range(6)), out)
+        plain_node.cli("revoke", cache._slabs.slabs[0].lease.id, check=True)
+        wait_for(lambda: cache.stats.revocations == 1, what="the revocation")
+        cache.get(0)
+        cache.close()
+    assert sample("harvest_cache_reads_total", tier="host-lease") - before["host-lease"] == 4
+    assert sample("harvest_cache_reads_total", tier="host") - before["host"] == 3
+    assert sample("harvest_cache_read_bytes_total", tier="host-lease") - bytes_before == 4 * 256 * 1024
+    assert sample("harvest_cache_revocations_survived_total") - revoked_before == 1
+    assert sample("harvest_cache_fetch_latency_seconds_count") - fetches_before == 2
