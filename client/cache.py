@@ -189,9 +189,10 @@ class TieredCache:
                             flat, index)
 
     def _fill_rows(self, slab: Slab, entries: list[Entry], offsets: list[int],
-                   flat: torch.Tensor, index: list[int]) -> None:
+                   flat: torch.Tensor, index: list[int]) -> int:
         """Copy rows ``index`` of ``flat`` into one slab's slots and give the entries
-        those slots (the batched twin of :meth:`_fill`)."""
+        those slots; how many entries got theirs (an entry replaced meanwhile, or a slab
+        revoked, gives its slot back)."""
         nbytes = flat.shape[1]
         written = False
         try:
@@ -200,6 +201,8 @@ class TieredCache:
                 ctx = torch.cuda.stream(self._fill_stream) if self.stream is not None \
                     else contextlib.nullcontext()
                 if self.stream is not None:
+                    # Its own stream: a fill must not queue behind (or hold up) the
+                    # model's work on the default stream.
                     self._fill_stream.wait_stream(torch.cuda.current_stream(self.device))
                 with ctx:
                     if nbytes >= DMA_MIN_BYTES or len(index) == 1:
@@ -216,13 +219,16 @@ class TieredCache:
             written = True
         except LeaseRevoked:
             pass  # the slab went while we wrote: these entries stay on their source
+        given = 0
         with self._lock:
             for entry, offset in zip(entries, offsets, strict=True):
                 if written and self._entries.get(entry.key) is entry and slab.alive \
                         and entry.slot is None:
                     entry.slot = (slab, offset)
+                    given += 1
                 else:
                     slab.give(offset)
+        return given
 
     def _take_slot(self, nbytes: int) -> tuple[Slab, int] | None:
         """A borrowed slot for ``nbytes``: in a slab we hold, else in a new one (leased
@@ -239,30 +245,10 @@ class TieredCache:
             return self._slabs.take_existing(nbytes)
 
     def _fill(self, entry: Entry, slot: tuple[Slab, int], value: torch.Tensor) -> bool:
-        """Copy ``value`` into a borrowed slot and give the entry that slot."""
-        slab, offset = slot
-        flat = value.detach().contiguous().view(-1).view(torch.uint8)
-        try:
-            with slab.lease.use(device_work=self.stream is not None):
-                dst = slab.lease.as_bytes()[offset: offset + entry.nbytes]
-                if self.stream is None:
-                    dst.copy_(flat)
-                else:
-                    # Its own stream: a refill must not queue behind (or hold up) the
-                    # model's work on the default stream.
-                    self._fill_stream.wait_stream(torch.cuda.current_stream(self.device))
-                    with torch.cuda.stream(self._fill_stream):
-                        dst.copy_(flat, non_blocking=True)
-                    # Complete before use() ends: the lease may go then.
-                    self._fill_stream.synchronize()
-        except LeaseRevoked:
-            return False  # the slab went while we wrote: the entry stays on its source
-        with self._lock:
-            if self._entries.get(entry.key) is entry and slab.alive and entry.slot is None:
-                entry.slot = slot
-                return True
-            slab.give(offset)
-            return False
+        """Copy ``value`` into a borrowed slot and give the entry that slot; whether it
+        got it (see :meth:`_fill_rows`)."""
+        flat = value.detach().contiguous().view(1, -1).view(torch.uint8)
+        return self._fill_rows(slot[0], [entry], [slot[1]], flat, [0]) == 1
 
     def _drop(self, entry: Entry) -> None:
         """Forget an entry's copies (its borrowed slot once nobody reads it)."""

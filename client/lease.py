@@ -95,11 +95,7 @@ class Lease:
         finish the reads they started."""
         if self._users.get(threading.get_ident()) and not self._fenced:
             return
-        if self._ended:
-            raise LeaseRevoked(f"lease {self.id} is gone: {self._ended}")
-        if time.monotonic() >= self._deadline:
-            self._end("revoked", "not renewed in time (broker unreachable?)", ack=False)
-            raise LeaseRevoked(f"lease {self.id} is gone: not renewed in time")
+        self._check()
 
     @contextlib.contextmanager
     def use(self, device_work: bool = False) -> Iterator[None]:
