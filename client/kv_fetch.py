@@ -254,9 +254,10 @@ def _run_cuda(r: int, x: Any, weights: tuple, copies: list, ok: Any, ov: Any,
 # ---------------------------------------------------------------- measuring Rates
 
 
-def _timer(device: "torch.device", warmup: int, repeats: int
-           ) -> Callable[[Callable[[], Any]], float]:
-    """A function timing a callable: median seconds (CUDA events, or wall clock)."""
+def timer(device: "torch.device", warmup: int, repeats: int
+          ) -> Callable[[Callable[[], Any]], float]:
+    """A function timing a callable: median seconds of ``repeats`` runs after ``warmup``
+    (CUDA events on the current stream, or the wall clock on the CPU)."""
     import torch
 
     def run(fn: Callable[[], Any]) -> float:
@@ -280,7 +281,7 @@ def _timer(device: "torch.device", warmup: int, repeats: int
     return run
 
 
-def _link(src: Any, dst: Any, nbytes: int, timer: Callable) -> tuple[float, float]:
+def _link(src: Any, dst: Any, nbytes: int, time_it: Callable) -> tuple[float, float]:
     """``(bytes/s, latency s)`` of copies from ``src`` into ``dst``: a large copy for the
     bandwidth, a 64 KiB one for the fixed cost."""
     import torch
@@ -289,9 +290,9 @@ def _link(src: Any, dst: Any, nbytes: int, timer: Callable) -> tuple[float, floa
     n = min(nbytes, src.numel(), dst.numel())
     if n <= 0:
         raise InvalidArgument("a link source to measure must not be empty")
-    big = timer(lambda: dst[:n].copy_(src[:n], non_blocking=True))
+    big = time_it(lambda: dst[:n].copy_(src[:n], non_blocking=True))
     small_n = min(n, 64 << 10)
-    small = timer(lambda: dst[:small_n].copy_(src[:small_n], non_blocking=True))
+    small = time_it(lambda: dst[:small_n].copy_(src[:small_n], non_blocking=True))
     bps = n / big
     return bps, max(0.0, small - small_n / bps)
 
@@ -319,14 +320,14 @@ def measure_rates(shape: KVShape, device: Any = "cuda", *, host: Any = None, pee
         if dtype is None:
             raise InvalidArgument(f"no GEMM dtype of {shape.dtype_bytes} bytes: pass dtype")
     nbytes = nbytes or ((256 << 20) if cuda else (4 << 20))
-    timer = _timer(device, warmup, repeats)
+    time_it = timer(device, warmup, repeats)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     if host is None:
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
-    host_bps, host_lat = _link(host, dst, nbytes, timer)
+    host_bps, host_lat = _link(host, dst, nbytes, time_it)
     peer_bps = peer_lat = None
     if peer is not None:
-        peer_bps, peer_lat = _link(peer, dst, nbytes, timer)
+        peer_bps, peer_lat = _link(peer, dst, nbytes, time_it)
     rows = chunk_tokens if cuda else min(chunk_tokens, 64)
     reps = 8 if cuda else 2
     x = torch.randn(rows, shape.hidden_size, device=device).to(dtype)
@@ -340,7 +341,7 @@ def measure_rates(shape: KVShape, device: Any = "cuda", *, host: Any = None, pee
         for _ in range(reps):
             _project(x, w_k, b, out_k)
             _project(x, w_v, b, out_v)
-    rate = rows * reps / timer(gemms)
+    rate = rows * reps / time_it(gemms)
     rates = Rates(peer_bps=peer_bps, host_bps=host_bps, recompute_tokens_per_s=rate,
                   peer_latency_s=peer_lat or 0.0, host_latency_s=host_lat, concurrent=cuda)
     log.info("measured on %s for %s: %s", device, shape, rates)

@@ -18,47 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchnode import bench_node, pyplot  # noqa: E402
 
-from client.kv_fetch import fetch_kv  # noqa: E402
+from client.kv_fetch import fetch_kv, timer  # noqa: E402
 from client.planner import FetchPlan, FetchPlanner, KVShape  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 SHAPES = {"opt-6.7b": (4096, 32, 32), "opt-13b": (5120, 40, 40), "llama-3-8b": (4096, 32, 8)}
 SMOKE_SHAPES = {"opt-6.7b/16": (256, 4, 4), "opt-13b/16": (320, 5, 5), "llama-3-8b/16": (256, 4, 1)}
-
-
-def timer(cuda: bool, warmup: int, repeats: int) -> Callable[[Callable[[], Any]], float]:
-    """Median seconds of a callable: CUDA events on the current stream, or wall clock."""
-    import torch
-
-    def run(fn: Callable[[], Any]) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            if cuda:
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                began = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - began)
-        return statistics.median(times)
-    return run
 
 
 class Layer:
@@ -122,7 +97,7 @@ def bench_config(name: str, shape: KVShape, n: int, args: argparse.Namespace, ct
                                      chunk_tokens=args.chunk_tokens,
                                      nbytes=ctx["profile_bytes"])
     planner = FetchPlanner(chunk_tokens=args.chunk_tokens)
-    measure = timer(ctx["cuda"], args.warmup, args.repeats)
+    measure = timer(ctx["device"], args.warmup, args.repeats)
 
     def run(plan: FetchPlan) -> dict[str, Any]:
         with ctx["host"].use(), ctx["peer"].use():
@@ -163,7 +138,7 @@ def baseline(ctx: dict, args: argparse.Namespace) -> dict[str, Any]:
     nbytes = GiB if ctx["cuda"] else 64 * MiB
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=ctx["cuda"])
     dst = torch.empty(nbytes, dtype=torch.uint8, device=ctx["device"])
-    sec = timer(ctx["cuda"], 2, 5)(lambda: dst.copy_(src, non_blocking=True))
+    sec = timer(ctx["device"], 2, 5)(lambda: dst.copy_(src, non_blocking=True))
     return {"bytes": nbytes, "GBps": nbytes / sec / 1e9,
             "what": "pinned host-to-device copy" if ctx["cuda"] else "CPU memcpy (smoke)"}
 
