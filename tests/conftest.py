@@ -1,6 +1,7 @@
 """Fixtures that run real Harvest nodes: real processes, real Ray, real sockets."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -241,15 +242,25 @@ class ManyLenderNode(PlainNode):
                     proc.kill()
 
 
+@contextlib.contextmanager
+def running_plain_node(**kwargs) -> Iterator[PlainNode]:
+    """A :class:`PlainNode` (``kwargs`` go to it) with its broker and lender started in a
+    fresh state dir; stopped and removed afterwards."""
+    node = PlainNode(short_tmpdir(), **kwargs)
+    try:
+        node.start_broker()
+        node.start_lender()
+        yield node
+    finally:
+        node.stop()
+        shutil.rmtree(node.state_dir, ignore_errors=True)
+
+
 @pytest.fixture
 def plain_node():
     """A fresh plain-process node per test: TTL 2 s, grace 1 s, 64 MiB of host memory."""
-    node = PlainNode(short_tmpdir())
-    node.start_broker()
-    node.start_lender()
-    yield node
-    node.stop()
-    shutil.rmtree(node.state_dir, ignore_errors=True)
+    with running_plain_node() as node:
+        yield node
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ mappings of lent memory are gone.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from conftest import Holder, PlainNode, short_tmpdir, wait_for
+from conftest import Holder, PlainNode, wait_for
 from harvestd.errors import LeaseRevoked
 from harvestd.invariants import check_store
 from lender.pickup import pick_up
@@ -158,22 +157,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-@pytest.fixture
-def load_node():
-    """A plain node as in conftest's ``plain_node`` (64 MiB, TTL 2 s, grace 1 s)."""
-    node = PlainNode(short_tmpdir())
-    node.start_broker()
-    node.start_lender()
-    yield node
-    node.stop()
-    shutil.rmtree(node.state_dir, ignore_errors=True)
-
-
 @pytest.mark.slow
-def test_load_no_errors_no_leaks(load_node: PlainNode) -> None:
+def test_load_no_errors_no_leaks(plain_node: PlainNode) -> None:
     """Clients and a tenant for DURATION_S; then zero unexpected errors, zero wrong reads,
     invariants hold, and every byte, fd and mapping is back where it started."""
-    node = load_node
+    node = plain_node
     lender = node.json("lenders")[0]
     lender_pid, lender_id = lender["pid"], lender["id"]
     # Warm the lender's paths up (pick-up socket, free path) before taking the baseline.
@@ -262,18 +250,18 @@ def test_load_no_errors_no_leaks(load_node: PlainNode) -> None:
     assert check_store(str(node.state_dir / "broker.db")) == []
 
 
-def test_pickup_of_a_revoked_lease_raises_lease_revoked(load_node: PlainNode) -> None:
+def test_pickup_of_a_revoked_lease_raises_lease_revoked(plain_node: PlainNode) -> None:
     """Found by the load test: a reclaim revokes the newest lease first, often one whose
     holder has not picked it up yet. The broker's CheckPickup raises LeaseRevoked, which
     travels to the lender as FAILED_PRECONDITION marked ``lease ended: ``; the lender's
     pick-up reply keeps the marker (``errors.to_wire``, as the broker's ``abort_with``
     does, and for the lender's own "ended during its pick-up" refusal too), so
     ``pick_up`` raises LeaseRevoked, the type callers fall back on."""
-    channel = grpc.insecure_channel(f"unix://{load_node.state_dir}/broker.sock")
+    channel = grpc.insecure_channel(f"unix://{plain_node.state_dir}/broker.sock")
     try:
         stub = pb_grpc.BrokerStub(channel)
         grant = stub.Grant(pb.GrantRequest(client_id="c", nbytes=4096,
-                                           node=load_node.json("lenders")[0]["node"]))
+                                           node=plain_node.json("lenders")[0]["node"]))
         stub.Revoke(pb.RevokeRequest(lease_id=grant.id))  # asked, not forced
         with pytest.raises(LeaseRevoked):
             pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
@@ -282,7 +270,7 @@ def test_pickup_of_a_revoked_lease_raises_lease_revoked(load_node: PlainNode) ->
 
 
 @pytest.mark.parametrize("when", ["before-grant-reply", "before-pickup", "after-pickup"])
-def test_revoke_during_pickup(load_node: PlainNode, when: str) -> None:
+def test_revoke_during_pickup(plain_node: PlainNode, when: str) -> None:
     """Found by the load test. A reclaim revokes the newest lease first: often one that
     ``Client.lease()`` has been granted but not yet handed to its caller. The client
     holds back such a REVOKE (and an ENDED) while a Grant that may have made the lease
@@ -299,7 +287,7 @@ def test_revoke_during_pickup(load_node: PlainNode, when: str) -> None:
     Either way nothing is acknowledged before the pick-up is over: here the broker ends
     each revocation itself after the grace, as "did not acknowledge".
     """
-    channel = grpc.insecure_channel(f"unix://{load_node.state_dir}/broker.sock")
+    channel = grpc.insecure_channel(f"unix://{plain_node.state_dir}/broker.sock")
     stub = pb_grpc.BrokerStub(channel)
     granted: list[str] = []
 
@@ -315,7 +303,7 @@ def test_revoke_during_pickup(load_node: PlainNode, when: str) -> None:
         wait_for(lambda: row(lease_id, include_ended=False) is None, timeout=10,
                  what="the revoked lease to be freed and forgotten")
 
-    client = load_node.connect()
+    client = plain_node.connect()
     real_call, real_pick_up = client._call, client._pick_up
 
     def grant_overtaken(method, request, timeout=None):

@@ -2,7 +2,6 @@
 exactly the operations it did."""
 from __future__ import annotations
 
-import shutil
 import time
 import urllib.request
 
@@ -10,7 +9,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import PlainNode, free_port, short_tmpdir, wait_for
+from conftest import free_port, running_plain_node, wait_for
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
 
@@ -30,12 +29,8 @@ def value(samples, name, **labels) -> float:
 
 @pytest.fixture
 def metered_node():
-    node = PlainNode(short_tmpdir(), metrics_port=free_port())
-    node.start_broker()
-    node.start_lender()
-    yield node
-    node.stop()
-    shutil.rmtree(node.state_dir, ignore_errors=True)
+    with running_plain_node(metrics_port=free_port()) as node:
+        yield node
 
 
 def test_counts_match_a_scripted_run(metered_node):

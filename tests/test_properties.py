@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from conftest import PY, PlainNode, _env, short_tmpdir, wait_for
+from conftest import PY, PlainNode, _env, running_plain_node, wait_for
 from harvestd.errors import (FailedPrecondition, HarvestError, InvalidArgument, LeaseRevoked,
                              NoCapacity, NotFound, PermissionDenied)
 from harvestd.invariants import check_store
@@ -1140,14 +1140,10 @@ class Broker:
 @pytest.fixture(scope="module")
 def broker():
     """One plain node (broker + host lender, TTL 2 s, grace 1 s) for the whole fuzz."""
-    node = PlainNode(short_tmpdir())
-    node.start_broker()
-    node.start_lender()
-    target = Broker(node)
-    yield target
-    target.close()
-    node.stop()
-    shutil.rmtree(node.state_dir, ignore_errors=True)
+    with running_plain_node() as node:
+        target = Broker(node)
+        yield target
+        target.close()
 
 
 FUZZ = settings(max_examples=60, deadline=None, database=None,
@@ -1477,12 +1473,8 @@ def cli_args(draw: st.DrawFn, lender_id: str) -> list[str]:
 @pytest.fixture(scope="module")
 def cli_node():
     """A plain node of its own for the CLI fuzz."""
-    node = PlainNode(short_tmpdir())
-    node.start_broker()
-    node.start_lender()
-    yield node
-    node.stop()
-    shutil.rmtree(node.state_dir, ignore_errors=True)
+    with running_plain_node() as node:
+        yield node
 
 
 def _one_clear_outcome(result: subprocess.CompletedProcess, args: list[str]) -> None:
