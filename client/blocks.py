@@ -34,8 +34,9 @@ _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8)
 Offsets = Sequence[int] | torch.Tensor
 
 
-def _bytes_of(t: torch.Tensor, what: str) -> torch.Tensor:
-    """A flat uint8 view of a contiguous tensor (no copy)."""
+def bytes_of(t: torch.Tensor, what: str) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor (no copy); ``InvalidArgument`` naming
+    ``what`` for anything else."""
     if not isinstance(t, torch.Tensor):
         raise InvalidArgument(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_contiguous():
@@ -146,7 +147,7 @@ def gather(src: torch.Tensor, offsets: Offsets, block_bytes: int, out: torch.Ten
     and ``out`` is on a GPU. ``check=False`` skips validating tensor offsets (which costs
     one device sync); they must then be in range and multiples of ``block_bytes``."""
     _source(src, "src")
-    out_b = _bytes_of(out, "out")
+    out_b = bytes_of(out, "out")
     offsets, n, align = _check_offsets(offsets, block_bytes, src.numel(), check)
     total = n * block_bytes
     if out_b.numel() < total:
@@ -177,7 +178,7 @@ def scatter(dst: torch.Tensor, src: torch.Tensor, offsets: Offsets, block_bytes:
     Blocks must not overlap (overlapping blocks land in no defined order). One kernel
     under the same conditions as :func:`gather`."""
     _source(dst, "dst")
-    src_b = _bytes_of(src, "src")
+    src_b = bytes_of(src, "src")
     offsets, n, align = _check_offsets(offsets, block_bytes, dst.numel(), check)
     total = n * block_bytes
     if src_b.numel() < total:

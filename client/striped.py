@@ -89,17 +89,6 @@ def lease_striped(client: "Client", nbytes: int, stripes: int | None = None,
 
 # ---------------------------------------------------------------- the lease
 
-def _flat_bytes(t: Any, what: str) -> "torch.Tensor":
-    import torch
-
-    if not isinstance(t, torch.Tensor):
-        raise InvalidArgument(f"{what} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_contiguous():
-        raise InvalidArgument(f"{what} must be contiguous")
-    flat = t.reshape(-1)
-    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-
-
 def _word(block_bytes: int, *tensors: "torch.Tensor") -> Any:
     """The widest integer word dividing the block and every tensor's address."""
     import torch
@@ -306,10 +295,10 @@ class StripedLease:
         device sync, none with a :meth:`plan` made beforehand; blocks not grouped by
         stripe go through a staging buffer, put in place on each stripe's stream.
         ``check=False`` skips the range checks (a wrong offset then reads outside)."""
-        from client.blocks import gather
+        from client.blocks import bytes_of, gather
 
         self._check()
-        out_b = _flat_bytes(out, "out")
+        out_b = bytes_of(out, "out")
         plan = self._plan_for(offsets, block_bytes, out_b.device, check)
         total = plan.n * block_bytes
         if out_b.numel() < total:
@@ -350,10 +339,10 @@ class StripedLease:
                 block_bytes: int, *, check: bool = True) -> None:
         """Copy block ``i`` of ``src`` to logical byte ``offsets[i]``; one block kernel
         per stripe, each on its own stream (as :meth:`gather`). Blocks must not overlap."""
-        from client.blocks import scatter
+        from client.blocks import bytes_of, scatter
 
         self._check()
-        src_b = _flat_bytes(src, "src")
+        src_b = bytes_of(src, "src")
         plan = self._plan_for(offsets, block_bytes, src_b.device, check)
         total = plan.n * block_bytes
         if src_b.numel() < total:
