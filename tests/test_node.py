@@ -10,6 +10,7 @@ import time
 from conftest import HOLDER, wait_for
 
 MiB = 1 << 20
+SURVIVOR_TTL = 12
 
 
 def _leases(node, *args):
@@ -34,7 +35,9 @@ def test_holders_tenant_reclaim_and_broker_restart(ray_node):
     lender = ray_node.lender_id()
     holders = []
     for marker in (11, 22, 33):
-        holder = ray_node.spawn(HOLDER, str(8 * MiB), str(marker), "3")
+        # A holder fences its lease on its own clock when renewals stop, so the TTL must
+        # outlast a broker restart on a loaded machine (several seconds on a 2-core CI VM).
+        holder = ray_node.spawn(HOLDER, str(8 * MiB), str(marker), str(SURVIVOR_TTL))
         holders.append((holder, holder.expect("leased")))
         time.sleep(0.05)  # distinct creation times: reclaim takes the newest first
     try:
@@ -70,9 +73,13 @@ def test_holders_tenant_reclaim_and_broker_restart(ray_node):
         after = wait_for(lambda: _status_if_new(ray_node, before["broker_pid"]),
                          what="broker restart")
         assert after["generation"] == before["generation"]
-        # The first holder's lease survived, unchanged, and keeps being renewed past its TTL.
-        time.sleep(4)
-        survivor = _leases(ray_node)[ids[0]]
+        # The first holder's lease survived, unchanged, and its holder renews it with the
+        # new broker: the expiry moves past the fresh TTL the restart gave it.
+        restarted = _leases(ray_node)[ids[0]]
+        assert restarted["state"] == "granted" and restarted["holder_pid"] == holders[0][0].pid
+        survivor = wait_for(lambda: _renewed_since(ray_node, ids[0], restarted["expires_at"]),
+                            timeout=SURVIVOR_TTL, every=0.5,
+                            what="keepalive to the restarted broker")
         assert survivor["state"] == "granted" and survivor["holder_pid"] == holders[0][0].pid
         # Nothing is granted twice: a new lease gets a generation above every old one.
         with ray_node.connect() as client:
@@ -89,6 +96,11 @@ def test_holders_tenant_reclaim_and_broker_restart(ray_node):
         for holder, _ in holders:
             holder.kill()
             holder.finish()
+
+
+def _renewed_since(node, lease_id, expires_at):
+    lease = _leases(node).get(lease_id)
+    return lease if lease is not None and lease["expires_at"] > expires_at else None
 
 
 def _status_if_new(node, old_pid):
