@@ -256,6 +256,20 @@ def running_plain_node(**kwargs) -> Iterator[PlainNode]:
         shutil.rmtree(node.state_dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def started_node(*start_args: str, timeout: float = 300) -> Iterator[Node]:
+    """A node started by ``harvestd start --detach *start_args`` (real Ray, the broker
+    actor, lender actors) in a fresh state dir; stopped and removed afterwards."""
+    node = Node(short_tmpdir())
+    try:
+        result = node.cli("start", "--detach", *start_args, timeout=timeout)
+        assert result.returncode == 0, f"harvestd start failed: {result.stderr}"
+        yield node
+    finally:
+        node.cli("stop", timeout=120)
+        shutil.rmtree(node.state_dir, ignore_errors=True)
+
+
 @pytest.fixture
 def plain_node():
     """A fresh plain-process node per test: TTL 2 s, grace 1 s, 64 MiB of host memory."""
@@ -278,13 +292,9 @@ def many_lender_node():
 def ray_node():
     """One real node for the session, started by the CLI: Ray, the broker actor and a
     host lender actor (256 MiB, TTL 3 s, grace 1 s)."""
-    node = Node(short_tmpdir())
-    result = node.cli("start", "--detach", "--backend", "host", "--host-bytes", "256MiB",
-                      "--ttl", "3", "--grace", "1", timeout=240)
-    assert result.returncode == 0, f"harvestd start failed: {result.stderr}"
-    yield node
-    node.cli("stop", timeout=120)
-    shutil.rmtree(node.state_dir, ignore_errors=True)
+    with started_node("--backend", "host", "--host-bytes", "256MiB", "--ttl", "3",
+                      "--grace", "1", timeout=240) as node:
+        yield node
 
 
 # A holder process: leases N bytes, fills them with its marker byte, then keeps

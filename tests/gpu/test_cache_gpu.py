@@ -2,11 +2,10 @@
 right through a revocation and a refill."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
-from conftest import Node, short_tmpdir, wait_for
+from conftest import started_node, wait_for
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
@@ -16,13 +15,9 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def node():
-    n = Node(short_tmpdir())
-    result = n.cli("start", "--detach", "--backend", "cuda-vmm", "--cap", "1GiB",
-                   "--host-bytes", "256MiB", "--ttl", "5", "--grace", "1", timeout=300)
-    assert result.returncode == 0, result.stderr
-    yield n
-    n.cli("stop", timeout=120)
-    shutil.rmtree(n.state_dir, ignore_errors=True)
+    with started_node("--backend", "cuda-vmm", "--cap", "1GiB",
+                      "--host-bytes", "256MiB", "--ttl", "5", "--grace", "1") as n:
+        yield n
 
 
 def test_cache_serves_from_gpu_leases_and_survives_revocation(node):

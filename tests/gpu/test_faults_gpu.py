@@ -4,12 +4,11 @@ Run on a lent GPU machine with scripts/gpu_tests.sh."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 
 import pytest
 
-from conftest import Node, short_tmpdir, wait_for
+from conftest import started_node, wait_for
 
 pytest.importorskip("cuda.bindings")
 torch = pytest.importorskip("torch")
@@ -41,13 +40,9 @@ time.sleep(600)
 
 @pytest.fixture(scope="module")
 def node():
-    n = Node(short_tmpdir())
-    result = n.cli("start", "--detach", "--backend", "cuda-vmm", "--gpus", "0", "--cap", "8GiB",
-                   "--ttl", "5", "--grace", "1", timeout=300)
-    assert result.returncode == 0, result.stderr
-    yield n
-    n.cli("stop", timeout=120)
-    shutil.rmtree(n.state_dir, ignore_errors=True)
+    with started_node("--backend", "cuda-vmm", "--gpus", "0", "--cap", "8GiB",
+                      "--ttl", "5", "--grace", "1") as n:
+        yield n
 
 
 def _gpu_lender(node):

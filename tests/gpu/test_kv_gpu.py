@@ -7,11 +7,10 @@ Two block sizes: small blocks (one gather kernel per slab from either tier) and 
 gather kernel straight into the staging rows)."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
-from conftest import Node, short_tmpdir, wait_for
+from conftest import started_node, wait_for
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -22,13 +21,9 @@ DEVICE = "cuda:0"
 
 @pytest.fixture(scope="module")
 def node():
-    n = Node(short_tmpdir())
-    result = n.cli("start", "--detach", "--backend", "cuda-vmm", "--cap", "1GiB",
-                   "--host-bytes", "512MiB", "--ttl", "5", "--grace", "1", timeout=300)
-    assert result.returncode == 0, result.stderr
-    yield n
-    n.cli("stop", timeout=120)
-    shutil.rmtree(n.state_dir, ignore_errors=True)
+    with started_node("--backend", "cuda-vmm", "--cap", "1GiB",
+                      "--host-bytes", "512MiB", "--ttl", "5", "--grace", "1") as n:
+        yield n
 
 
 def tiny_llama() -> torch.nn.Module:

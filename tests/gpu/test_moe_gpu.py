@@ -3,11 +3,10 @@ all-resident model's, with a revocation mid-generation too."""
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 
-from conftest import Node, short_tmpdir, wait_for
+from conftest import started_node, wait_for
 
 pytest.importorskip("cuda.bindings")
 torch = pytest.importorskip("torch")
@@ -18,13 +17,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def node():
-    n = Node(short_tmpdir())
-    result = n.cli("start", "--detach", "--backend", "cuda-vmm", "--cap", "2GiB",
-                   "--host-bytes", "1GiB", "--ttl", "10", "--grace", "1", timeout=300)
-    assert result.returncode == 0, result.stderr
-    yield n
-    n.cli("stop", timeout=120)
-    shutil.rmtree(n.state_dir, ignore_errors=True)
+    with started_node("--backend", "cuda-vmm", "--cap", "2GiB",
+                      "--host-bytes", "1GiB", "--ttl", "10", "--grace", "1") as n:
+        yield n
 
 
 def qwen_moe():

@@ -8,12 +8,11 @@ and the clients on two GPUs: scripts/multi_gpu_runs.sh runs these with 1 and 0."
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import pytest
 
-from conftest import Node, short_tmpdir, wait_for
+from conftest import started_node, wait_for
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
@@ -97,19 +96,14 @@ sys.stdin.readline()
 
 @pytest.fixture(scope="module")
 def gpu_node():
-    node = Node(short_tmpdir())
     from client.devices import cuda_uuid
 
     # One GPU lender: the holders' grants, the tenant's pressure and its reclaim all
     # concern that GPU, however many the machine has.
-    result = node.cli("start", "--detach", "--backend", "cuda-vmm", "--gpus", cuda_uuid(LENDER),
-                      "--reserve", str(RESERVE),
-                      "--cap", str(CAP), "--host-bytes", "2GiB", "--ttl", "3", "--grace", "1",
-                      timeout=300)
-    assert result.returncode == 0, result.stderr
-    yield node
-    node.cli("stop", timeout=120)
-    shutil.rmtree(node.state_dir, ignore_errors=True)
+    with started_node("--backend", "cuda-vmm", "--gpus", cuda_uuid(LENDER),
+                      "--reserve", str(RESERVE), "--cap", str(CAP), "--host-bytes", "2GiB",
+                      "--ttl", "3", "--grace", "1") as node:
+        yield node
 
 
 def _gpu_lender(node):

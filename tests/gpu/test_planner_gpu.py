@@ -2,11 +2,10 @@
 the rest recomputed from activations on a side stream, equal to the reference."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
-from conftest import Node, short_tmpdir
+from conftest import started_node
 
 pytest.importorskip("cuda.bindings")
 torch = pytest.importorskip("torch")
@@ -18,13 +17,9 @@ DEVICE = "cuda:0"
 
 @pytest.fixture(scope="module")
 def node():
-    n = Node(short_tmpdir())
-    result = n.cli("start", "--detach", "--backend", "cuda-vmm", "--cap", "1GiB",
-                   "--host-bytes", "256MiB", "--ttl", "10", "--grace", "1", timeout=300)
-    assert result.returncode == 0, result.stderr
-    yield n
-    n.cli("stop", timeout=120)
-    shutil.rmtree(n.state_dir, ignore_errors=True)
+    with started_node("--backend", "cuda-vmm", "--cap", "1GiB",
+                      "--host-bytes", "256MiB", "--ttl", "10", "--grace", "1") as n:
+        yield n
 
 
 def layer(tokens: int, hidden: int, kv_dim: int, dtype):

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("cuda.bindings")
 torch = pytest.importorskip("torch")
 
-from conftest import PY, Holder, Node, _env, short_tmpdir, wait_for  # noqa: E402
+from conftest import PY, Holder, Node, _env, short_tmpdir, started_node, wait_for  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
 RESERVE, CAP = 8 * GiB, 12 * GiB
@@ -113,14 +113,10 @@ def lender_on(node: Node, ordinal: int) -> dict:
 @pytest.fixture(scope="module")
 def pair_node():
     """A lender on each GPU of the pair (no host lender)."""
-    node = Node(short_tmpdir())
-    result = node.cli("start", "--detach", "--backend", "cuda-vmm", "--gpus",
-                      f"{uuid(LENDER)},{uuid(CLIENT)}", "--reserve", str(RESERVE), "--cap",
-                      str(CAP), "--ttl", "3", "--grace", "1", timeout=300)
-    assert result.returncode == 0, result.stderr
-    yield node
-    node.cli("stop", timeout=120)
-    shutil.rmtree(node.state_dir, ignore_errors=True)
+    with started_node("--backend", "cuda-vmm", "--gpus", f"{uuid(LENDER)},{uuid(CLIENT)}",
+                      "--reserve", str(RESERVE), "--cap", str(CAP), "--ttl", "3",
+                      "--grace", "1") as node:
+        yield node
 
 
 def test_lease_across_gpus_maps_with_access_for_the_client_only():

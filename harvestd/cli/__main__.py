@@ -1,0 +1,4 @@
+"""``python -m harvestd.cli``: the same CLI as ``harvestd``."""
+from harvestd.cli import main
+
+main()
