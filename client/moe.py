@@ -12,9 +12,10 @@ Works on the fused experts of transformers 5 (``gate_up_proj [E, 2I, H]`` and
 ``down_proj [E, H, I]``, as in Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE). Each offloaded
 expert is one cached object (its ``gate_up`` then its ``down`` bytes), so one layer's
 routed experts move in one batched fetch, on the cache's own stream, while the resident
-experts compute. Experts are computed in the order the eager implementation computes
-them, with the same operations, so the tokens out are identical to the model's own
-eager experts (``experts_implementation="eager"``).
+experts compute. By default experts are computed in the order the eager implementation
+computes them, with the same operations, so the tokens out are identical to the model's
+own eager experts (``experts_implementation="eager"``); ``compute="grouped"`` uses grouped
+GEMMs instead (see :mod:`client.moe_compute`).
 """
 from __future__ import annotations
 
@@ -26,15 +27,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from client.cache import TieredCache
 from client.fetch import Fetch
+from client.moe_compute import (Compute, Weights, eager_experts, eager_routes, grouped_experts,
+                                grouped_plan, stacked_rows)
 from harvestd.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
 Select = Callable[[str, int, int], Sequence[int]]
+# Orders the caller's stream after fetched row ``i`` (``None``: after every row).
+Ready = Callable[[int | None], None]
 
 
 def _last(name: str, num_experts: int, count: int) -> list[int]:
@@ -173,11 +177,12 @@ class OffloadedExperts(nn.Module):
     ``down_proj`` (only those), offloaded ones are fetched per call."""
 
     def __init__(self, original: nn.Module, name: str, offloaded: Sequence[int],
-                 owner: ExpertOffload) -> None:
+                 owner: ExpertOffload, compute: Compute = Compute.EAGER) -> None:
         super().__init__()
         gate_up, down = original.gate_up_proj, original.down_proj
         self.num_experts = int(gate_up.shape[0])
         self.name = name
+        self.compute = compute
         self.act_fn = original.act_fn
         self._owner = owner
         off = sorted(set(int(e) for e in offloaded))
@@ -187,6 +192,7 @@ class OffloadedExperts(nn.Module):
         self._slot = [-1] * self.num_experts
         for i, e in enumerate(resident):
             self._slot[e] = i
+        self._slot_of = torch.tensor(self._slot, dtype=torch.long)  # for the grouped plan
         self.offloaded = off
         self._gate_up_shape = tuple(gate_up.shape[1:])
         self._down_shape = tuple(down.shape[1:])
@@ -204,78 +210,68 @@ class OffloadedExperts(nn.Module):
                                  down.detach()[e].reshape(-1).view(torch.uint8)])
                 owner.cache.put((name, e), row)
 
-    def _weights(self, expert: int, fetched: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        slot = self._slot[expert]
-        if slot >= 0:
-            return self.gate_up_proj[slot], self.down_proj[slot]
-        row = fetched[expert]
-        gate_up = row[: self._gate_up_bytes].view(self._dtype).view(self._gate_up_shape)
-        down = row[self._gate_up_bytes:].view(self._dtype).view(self._down_shape)
-        return gate_up, down
+    def _stacked(self, rows: torch.Tensor) -> Weights:
+        return stacked_rows(rows, self._gate_up_bytes, self._dtype, self._gate_up_shape,
+                            self._down_shape)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        """The experts' output for the routed tokens, as the eager implementation computes
-        it; offloaded experts are fetched as the router picks them."""
-        routes = self._routes(top_k_index)
+        """The experts' output for the routed tokens, computed as ``self.compute`` says;
+        offloaded experts are fetched as the router picks them."""
+        if self.compute is Compute.GROUPED:
+            plan = grouped_plan(top_k_index, self._slot_of, self.gate_up_proj.shape[0])
+            return self._run(plan.fetched, lambda fetched, ready: grouped_experts(
+                hidden_states, top_k_weights, plan, (self.gate_up_proj, self.down_proj),
+                fetched, self.act_fn, ready))
+        routes = eager_routes(top_k_index, self.num_experts)
+
+        def eager(fetched: Weights | None, ready: Ready | None) -> torch.Tensor:
+            position = {e: i for i, e in enumerate(wanted)}
+
+            def weights(expert: int) -> Weights:
+                slot = self._slot[expert]
+                if slot >= 0:
+                    return self.gate_up_proj[slot], self.down_proj[slot]
+                i = position[expert]
+                return fetched[0][i], fetched[1][i]
+
+            return eager_experts(hidden_states, top_k_weights, routes, weights, self.act_fn,
+                                 None if ready is None else
+                                 lambda e: self._slot[e] < 0 and ready(position[e]))
+
         wanted = [e for e in routes if self._slot[e] < 0]
+        return self._run(wanted, eager)
+
+    def _run(self, wanted: list[int],
+             compute: Callable[[Weights | None, Ready | None], torch.Tensor]) -> torch.Tensor:
+        """Fetch ``wanted`` (offloaded experts, ascending) and compute: ``compute(fetched,
+        ready)`` gets the fetched weights stacked in ``wanted`` order and a ``ready(i)`` to
+        call before it reads row ``i`` (``ready()``: every row)."""
         if not wanted:
-            return self._compute(hidden_states, top_k_weights, routes, {}, None)
+            return compute(None, None)
         fetch, rows = self._owner.fetch(self.name, wanted, self.row_bytes)
-        fetched = {e: rows[i] for i, e in enumerate(wanted)}
-        ready = {e: i for i, e in enumerate(wanted)}
+        fetched = self._stacked(rows)
+
+        def ready(index: int | None = None) -> None:
+            for i in range(len(wanted)) if index is None else (index,):
+                fetch.ready(i)
+
         try:
-            out = self._compute(hidden_states, top_k_weights, routes, fetched,
-                                lambda e: fetch.ready(ready[e]))
+            out = compute(fetched, ready)
         finally:
             redone = self._owner.finish(fetch)
         if redone:  # a forced revocation overlapped the read: those rows are re-read now
             self._owner.stats.recomputed_layers += 1
-            out = self._compute(hidden_states, top_k_weights, routes, fetched, None)
+            out = compute(fetched, None)
         return out
-
-    def _routes(self, top_k_index: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """For each expert the router picked, in ascending order: ``(top_k_pos,
-        token_idx)`` on the device, in the order ``torch.where(expert_mask[e])`` gives
-        them (by top-k slot, then token). Worked out on the CPU after one copy of the
-        routing, so that the experts' kernels queue without a device sync each."""
-        tokens, k = top_k_index.shape
-        flat = top_k_index.t().reshape(-1).to("cpu")  # (slot, token) row-major: one sync
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        on_device = order.to(top_k_index.device, non_blocking=True)
-        routes = {}
-        start = 0
-        for expert, count in enumerate(counts[: self.num_experts]):
-            if count:
-                chosen = on_device[start: start + count]
-                routes[expert] = (chosen // tokens, chosen % tokens)
-            start += count
-        return routes
-
-    def _compute(self, hidden_states: torch.Tensor, top_k_weights: torch.Tensor,
-                 routes: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                 fetched: dict[int, torch.Tensor], ready: Callable[[int], None] | None
-                 ) -> torch.Tensor:
-        final = torch.zeros_like(hidden_states)
-        for expert, (top_k_pos, token_idx) in routes.items():
-            if ready is not None and expert in fetched:
-                ready(expert)
-            gate_up, down = self._weights(expert, fetched)
-            current_state = hidden_states[token_idx]
-            gate, up = F.linear(current_state, gate_up).chunk(2, dim=-1)
-            current = self.act_fn(gate) * up
-            current = F.linear(current, down)
-            current = current * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, current.to(final.dtype))
-        return final
 
 
 def offload_experts(model: nn.Module, client: Any, fraction: float = 0.5, *,
                     select: Select | None = None, local_bytes: int = 0,
                     borrow_bytes: int | None = None, slab_bytes: int = 1 << 30,
                     backends: Sequence[str] = ("cuda-vmm", "host"), ttl: float | None = None,
-                    refill_every: float | None = 0.25) -> ExpertOffload:
+                    refill_every: float | None = 0.25,
+                    compute: Compute | str = Compute.EAGER) -> ExpertOffload:
     """Take ``fraction`` of every MoE layer's experts off the model's device into memory
     borrowed through ``client`` (a :func:`client.connect` client); the model then fetches
     them as its routers pick them. Returns the :class:`ExpertOffload` (its ``stats``, its
@@ -286,10 +282,14 @@ def offload_experts(model: nn.Module, client: Any, fraction: float = 0.5, *,
     the highest-numbered). ``backends`` orders the lenders borrowed from; what borrowed
     memory cannot hold is read from the pinned host copy. ``borrow_bytes`` caps the
     borrowing (default: all offloaded experts). ``refill_every`` is how often the cache
-    moves experts back into borrowed memory after a revocation (``None``: never)."""
+    moves experts back into borrowed memory after a revocation (``None``: never).
+    ``compute`` is how routed experts are computed: ``"eager"`` (expert by expert, the
+    tokens of transformers' eager experts) or ``"grouped"`` (grouped GEMMs, far fewer
+    kernels at a serving batch; the tokens of the same module with ``fraction=0``)."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
             or not 0.0 <= float(fraction) <= 1.0:
         raise InvalidArgument(f"fraction must be in [0, 1], got {fraction!r}")
+    compute = Compute.parse(compute)
     modules = find_experts(model)
     if not modules:
         raise InvalidArgument("no MoE experts found in this model (supported: transformers' "
@@ -314,7 +314,7 @@ def offload_experts(model: nn.Module, client: Any, fraction: float = 0.5, *,
     for name, module in modules.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        replacement = OffloadedExperts(module, name, plan[name], owner)
+        replacement = OffloadedExperts(module, name, plan[name], owner, compute)
         setattr(parent, attr, replacement)
         owner.modules[name] = replacement
         owner.stats.experts_total += replacement.num_experts

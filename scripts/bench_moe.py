@@ -7,7 +7,9 @@ shaped and a Qwen1.5-MoE-A2.7B-shaped model, with fewer layers so that the every
 resident ceiling fits on one GPU. For each model, offloaded fraction and batch size, a
 greedy decode of --tokens tokens is timed (after a prefill of --prompt tokens and
 --warmup steps), and its tokens are compared with the resident model's (every mode runs
-the eager experts implementation, so they must be identical). Harvest offloads that
+the eager experts implementation, so they must be identical; with --compute grouped,
+Harvest's runs compute with grouped GEMMs and are compared with Harvest's module with
+nothing offloaded, computed the same way). Harvest offloads that
 fraction of every layer's experts; accelerate can only offload whole modules, so it
 offloads the experts of that fraction of the layers (the same bytes).
 
@@ -17,6 +19,7 @@ A revocation run reclaims the GPU lender's memory every --revoke-every seconds (
 gives it back half a period later) while Harvest decodes from GPU leases.
 
     python scripts/bench_moe.py --lender-gpu 0 --out bench/results/moe.json
+    python scripts/bench_moe.py --lender-gpu 0 --compute grouped --out bench/results/moe_grouped.json
     python scripts/bench_moe.py --smoke          # tiny, on the CPU, with a host node
 """
 from __future__ import annotations
@@ -233,6 +236,26 @@ def revoking(client: Any, lender: dict[str, Any], every: float, nbytes: int
             client.restore(lender["id"])
 
 
+def reference(base: Any, client: Any, args: argparse.Namespace, batch: int, tokens: int,
+              device: torch.device) -> dict[str, Any]:
+    """The tokens Harvest's runs must reproduce: every expert resident, computed as they
+    compute (``--compute eager``: transformers' own eager experts; ``grouped``: Harvest's
+    module with nothing offloaded, whose grouped GEMMs give other numerics than eager)."""
+    from client.moe import offload_experts
+
+    if args.compute == "eager":
+        return decode(base, batch, args.prompt, tokens, args.warmup, device)
+    model = copy.deepcopy(base)
+    offload = offload_experts(model, client, fraction=0.0, backends=("host",),
+                              compute=args.compute)
+    try:
+        return decode(model, batch, args.prompt, tokens, args.warmup, device)
+    finally:
+        offload.close()
+        del model
+        gc.collect()
+
+
 def run_model(name: str, args: argparse.Namespace, node: Any, client: Any,
               device: torch.device, dtype: torch.dtype, pinned: float,
               record: Callable[[dict[str, Any]], None]) -> None:
@@ -248,11 +271,13 @@ def run_model(name: str, args: argparse.Namespace, node: Any, client: Any,
         refs[batch] = decode(base, batch, args.prompt, args.tokens, args.warmup, device)
         record({"model": name, "mode": "resident-hf", "batch": batch, "fraction": 0.0,
                 **_public(refs[batch])})
+    hf_grouped: dict[int, dict[str, Any]] = {}
     if device.type == "cuda" and args.grouped:
         base.config._experts_implementation = "grouped_mm"
         try:
             for batch in args.batches:
-                res = decode(base, batch, args.prompt, args.tokens, args.warmup, device)
+                res = hf_grouped[batch] = decode(base, batch, args.prompt, args.tokens,
+                                                 args.warmup, device)
                 record({"model": name, "mode": "resident-grouped-mm", "batch": batch,
                         "fraction": 0.0, **_public(res), "tokens_identical":
                         bool(torch.equal(res["tokens"], refs[batch]["tokens"]))})
@@ -261,6 +286,10 @@ def run_model(name: str, args: argparse.Namespace, node: Any, client: Any,
                     "fraction": 0.0, "error": f"{type(exc).__name__}: {exc}"})
         finally:
             base.config._experts_implementation = "eager"
+    # accelerate runs transformers' eager experts: its tokens are checked against those.
+    harvest_refs = refs if args.compute == "eager" else {
+        batch: reference(base, client, args, batch, args.tokens, device)
+        for batch in args.batches}
     # The ceiling: every expert resident, through the same code as Harvest's runs.
     runs = [("resident", 0.0)] + [(mode, f) for f in args.fractions for mode in args.modes
                                   if mode != "harvest-gpu" or "cuda-vmm" in lenders]
@@ -274,7 +303,7 @@ def run_model(name: str, args: argparse.Namespace, node: Any, client: Any,
             else:
                 backends = ("cuda-vmm",) if mode == "harvest-gpu" else ("host",)
                 offload = offload_experts(model, client, fraction=fraction, backends=backends,
-                                          slab_bytes=args.slab_bytes)
+                                          slab_bytes=args.slab_bytes, compute=args.compute)
                 setup.update(offloaded_bytes=offload.stats.bytes_offloaded,
                              borrowed_bytes=offload.cache.borrowed_bytes)
         except Exception as exc:  # noqa: BLE001 - one failed mode must not lose the rest
@@ -285,7 +314,10 @@ def run_model(name: str, args: argparse.Namespace, node: Any, client: Any,
                                    "fraction": fraction, **setup}
             if "error" not in setup:
                 try:
-                    row.update(measure(model, offload, mode, batch, refs[batch], args, device,
+                    ref = refs[batch] if mode == "accelerate" else harvest_refs[batch]
+                    if mode == "resident" and args.compute == "grouped" and batch in hf_grouped:
+                        ref = hf_grouped[batch]  # is Harvest's grouped module transformers'?
+                    row.update(measure(model, offload, mode, batch, ref, args, device,
                                        pinned, f"{name} {mode}"))
                 except Exception as exc:  # noqa: BLE001 - as above
                     log.exception("%s %s batch %d fraction %s failed", name, mode, batch,
@@ -349,7 +381,8 @@ def run_revocations(name: str, base: Any, args: argparse.Namespace, client: Any,
         model = copy.deepcopy(base)
         backends = ("host",) if mode == "harvest-host" else (fast,)
         offload = offload_experts(model, client, fraction=fraction, backends=backends,
-                                  slab_bytes=args.slab_bytes, refill_every=0.05)
+                                  slab_bytes=args.slab_bytes, refill_every=0.05,
+                                  compute=args.compute)
         row: dict[str, Any] = {"model": name, "mode": mode, "batch": batch,
                                "fraction": fraction, "experiment": "revocations"}
         if mode == "harvest-gpu-revoked":
@@ -363,7 +396,7 @@ def run_revocations(name: str, base: Any, args: argparse.Namespace, client: Any,
                     profile_steps(model, batch, args.prompt, device, f"{name} {mode}")
             row.update(counts, revoke_every_s=args.revoke_every)
             tokens = res["tokens"].shape[1]
-            ref = decode(base, batch, args.prompt, tokens, args.warmup, device)
+            ref = reference(base, client, args, batch, tokens, device)
         else:
             res = decode(model, batch, args.prompt, tokens, args.warmup, device)
         cstats = offload.cache.stats
@@ -476,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", default="30GiB")
     parser.add_argument("--out", default=str(REPO / "bench/results/moe.json"))
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
+    parser.add_argument("--compute", choices=("eager", "grouped"), default="eager",
+                        help="how Harvest's experts module computes (offload_experts' "
+                             "compute=); grouped runs are checked against the same module "
+                             "with nothing offloaded")
     parser.add_argument("--no-grouped", dest="grouped", action="store_false",
                         help="skip the resident run with transformers' grouped_mm experts")
     parser.add_argument("--spy", action="store_true",

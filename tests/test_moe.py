@@ -104,6 +104,78 @@ def test_revocations_mid_generation_change_no_token(plain_node):
         offload.close()
 
 
+@pytest.mark.parametrize("n", [8, 5], ids=["aligned", "unaligned-fallback"])
+def test_grouped_mm_is_one_matmul_per_group(n):
+    from client.moe_compute import grouped_mm
+
+    torch.manual_seed(2)
+    x, weight = torch.randn(7, 4), torch.randn(3, 4, n)
+    offsets = torch.tensor([2, 2, 7], dtype=torch.int32)  # group 1 is empty
+    want = torch.cat([x[:2] @ weight[0], x[2:] @ weight[2]])
+    assert torch.allclose(grouped_mm(x, weight, offsets), want)
+
+
+def _grouped_reference(client, build, tokens: int = 12):
+    """Tokens of the model with every expert resident, computed grouped: the reference
+    of ``compute="grouped"``."""
+    model = build()
+    offload = offload_experts(model, client, fraction=0.0, backends=("host",), compute="grouped")
+    try:
+        return generate(model, tokens)
+    finally:
+        offload.close()
+
+
+def test_grouped_resident_equals_transformers_grouped_mm(plain_node):
+    """With nothing offloaded, the grouped module is transformers' grouped_mm experts
+    (on the CPU kernel, exactly): same tokens."""
+    reference = qwen_moe()
+    reference.set_experts_implementation("grouped_mm")
+    want = generate(reference)
+    with plain_node.connect() as client:
+        assert torch.equal(_grouped_reference(client, qwen_moe), want)
+
+
+@pytest.mark.parametrize("build", [mixtral, qwen_moe], ids=["mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0])
+def test_grouped_tokens_identical_to_every_expert_resident(plain_node, build, fraction):
+    with plain_node.connect() as client:
+        want = _grouped_reference(client, build)
+        model = build()
+        offload = offload_experts(model, client, fraction=fraction, slab_bytes=1 << 20,
+                                  backends=("host",), compute="grouped")
+        assert all(m.compute.value == "grouped" for m in offload.modules.values())
+        assert torch.equal(generate(model), want)
+        assert offload.cache.stats.hits.get("host-lease", 0) > 0
+        assert offload.stats.experts_fetched > 0
+        offload.close()
+
+
+def test_grouped_revocation_mid_generation_changes_no_token(plain_node):
+    with plain_node.connect() as client:
+        want = _grouped_reference(client, qwen_moe, tokens=16)
+        model = qwen_moe()
+        offload = offload_experts(model, client, fraction=0.5, slab_bytes=256 << 10,
+                                  backends=("host",), refill_every=None, compute="grouped")
+        slabs = list(offload.cache._slabs.slabs)
+        calls = {"n": 0}
+
+        def revoke_some(module, args, output):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                for slab in slabs[:2]:
+                    plain_node.cli("revoke", slab.lease.id, check=True)
+                wait_for(lambda: offload.cache.stats.revocations >= 2, what="revocations")
+
+        hook = model.register_forward_hook(revoke_some)
+        got = generate(model, tokens=16)
+        hook.remove()
+        assert offload.cache.stats.revocations >= 2
+        assert offload.cache.stats.hits.get("host", 0) > 0
+        assert torch.equal(got, want)
+        offload.close()
+
+
 def test_offload_without_leases_still_right(plain_node):
     """No lender has room: every expert is served from its pinned host copy."""
     reference = mixtral()
@@ -124,5 +196,7 @@ def test_bad_arguments(plain_node):
                 offload_experts(mixtral(), client, fraction=fraction)
         with pytest.raises(InvalidArgument, match="no MoE experts"):
             offload_experts(torch.nn.Linear(4, 4), client)
+        with pytest.raises(InvalidArgument, match="compute must be one of"):
+            offload_experts(mixtral(), client, compute="fused")
         with pytest.raises(InvalidArgument, match="must lie in"):
             offload_experts(mixtral(), client, select=lambda name, n, k: [n + 3])

@@ -82,3 +82,28 @@ def test_revocation_mid_generation_on_gpu_leases(node):
         assert offload.cache.refill() > 0
         assert torch.equal(generate(model, tokens=24), want)
         offload.close()
+
+
+@pytest.mark.parametrize("backend,tier", [("cuda-vmm", "gpu-lease"), ("host", "host-lease")])
+def test_grouped_experts_in_leases_give_the_grouped_resident_tokens(node, backend, tier):
+    """``compute="grouped"`` on the GPU (torch's grouped GEMM, bf16): the same tokens as
+    the same module with nothing offloaded, and as transformers' grouped_mm experts."""
+    from client.moe import offload_experts
+
+    base = qwen_moe()
+    base.set_experts_implementation("grouped_mm")
+    transformers_grouped = generate(base)
+    base.set_experts_implementation("eager")
+    with node.connect() as client:
+        resident = copy.deepcopy(base)
+        ceiling = offload_experts(resident, client, fraction=0.0, backends=(backend,),
+                                  compute="grouped")
+        want = generate(resident)
+        ceiling.close()
+        assert torch.equal(want, transformers_grouped)
+        model = copy.deepcopy(base)
+        offload = offload_experts(model, client, fraction=0.5, backends=(backend,),
+                                  slab_bytes=8 << 20, compute="grouped")
+        assert torch.equal(generate(model), want)
+        assert set(offload.cache.stats.hits) == {tier}
+        offload.close()
