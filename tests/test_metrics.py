@@ -2,7 +2,6 @@
 exactly the operations it did."""
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import grpc
@@ -49,10 +48,12 @@ def test_counts_match_a_scripted_run(metered_node):
         channel = grpc.insecure_channel(f"unix://{node.state_dir}/broker.sock")
         stub = pb_grpc.BrokerStub(channel)
         node_name = node.json("lenders")[0]["node"]
-        stub.Grant(pb.GrantRequest(client_id="lapsing", nbytes=MiB, ttl_s=0.3, node=node_name))
+        lapsing = stub.Grant(pb.GrantRequest(client_id="lapsing", nbytes=MiB, ttl_s=0.3,
+                                             node=node_name))
         stub.KeepAlive(pb.KeepAliveRequest(client_id="lapsing", lease_ids=["lease-nope"]))
         channel.close()
-        time.sleep(0.8)  # the lapsing lease expires
+        wait_for(lambda: lapsing.id not in {l["id"] for l in node.json("leases")},
+                 every=0.2, what="the lapsing lease to expire")
         node.cli("reclaim", "--lender", lender, "--bytes", str(63 * MiB), check=True)
         wait_for(lambda: kept.revoked, what="reclaim to revoke the kept lease")
         broker = wait_for(lambda: (lambda s: s if value(s, "harvest_revocations_acked_total")
