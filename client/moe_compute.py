@@ -102,6 +102,8 @@ class GroupedPlan:
     fetched_offsets: torch.Tensor   # [len(fetched)] int32 on the device
     resident_rows: int
     fetched: list[int]            # offloaded experts routed to, ascending
+    resident_ends: list[int]      # the offsets on the CPU, for grouped_mm's fallback
+    fetched_ends: list[int]
 
 
 def grouped_plan(top_k_index: torch.Tensor, slot_of: torch.Tensor, resident: int
@@ -124,22 +126,26 @@ def grouped_plan(top_k_index: torch.Tensor, slot_of: torch.Tensor, resident: int
     packed = torch.cat([order, offsets]).to(top_k_index.device, non_blocking=True)
     size = order.numel()
     offsets_dev = packed[size:].to(torch.int32)
+    ends = offsets.tolist()
     return GroupedPlan(order=packed[:size], resident_offsets=offsets_dev[:resident],
                        fetched_offsets=offsets_dev[resident:],
-                       resident_rows=int(counts[:resident].sum()), fetched=fetched)
+                       resident_rows=int(counts[:resident].sum()), fetched=fetched,
+                       resident_ends=ends[:resident], fetched_ends=ends[resident:])
 
 
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+               ends: Sequence[int] | None = None) -> torch.Tensor:
     """``x`` [S, K] times ``weight`` [G, K, N], rows ``offsets[g-1]:offsets[g]`` with group
     ``g``: torch's grouped GEMM where it has one for this device and dtype (on a GPU,
-    bf16 only), else one matmul per group."""
+    bf16 only), else one matmul per group (``ends``, the offsets on the CPU, spare that
+    fallback a device sync)."""
     if (x.device.type == "cpu" or x.dtype == torch.bfloat16) and _aligned(x) and _aligned(weight):
         for op in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)):
             if op is not None:
                 return op(x, weight, offs=offsets)
     out = x.new_empty((x.shape[0], weight.shape[-1]))
     start = 0
-    for group, end in enumerate(offsets.tolist()):
+    for group, end in enumerate(offsets.tolist() if ends is None else ends):
         if end > start:
             torch.matmul(x[start:end], weight[group], out=out[start:end])
         start = end
@@ -154,9 +160,10 @@ def _aligned(t: torch.Tensor) -> bool:
 
 
 def _grouped_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                 offsets: torch.Tensor, act_fn: Callable) -> torch.Tensor:
-    gate, up = grouped_mm(x.to(gate_up.dtype), gate_up.transpose(-2, -1), offsets).chunk(2, dim=-1)
-    return grouped_mm(act_fn(gate) * up, down.transpose(-2, -1), offsets)
+                 offsets: torch.Tensor, ends: list[int], act_fn: Callable) -> torch.Tensor:
+    gate, up = grouped_mm(x.to(gate_up.dtype), gate_up.transpose(-2, -1), offsets,
+                          ends).chunk(2, dim=-1)
+    return grouped_mm(act_fn(gate) * up, down.transpose(-2, -1), offsets, ends)
 
 
 def grouped_experts(hidden_states: torch.Tensor, top_k_weights: torch.Tensor,
@@ -170,14 +177,14 @@ def grouped_experts(hidden_states: torch.Tensor, top_k_weights: torch.Tensor,
     parts: list[torch.Tensor] = []
     if plan.resident_rows:
         parts.append(_grouped_ffn(x[: plan.resident_rows], *resident, plan.resident_offsets,
-                                  act_fn))
+                                  plan.resident_ends, act_fn))
     if plan.fetched:
         if fetched is None:
             raise ValueError("the plan routes to fetched experts but none were given")
         if ready is not None:
             ready()
         parts.append(_grouped_ffn(x[plan.resident_rows:], *fetched, plan.fetched_offsets,
-                                  act_fn))
+                                  plan.fetched_ends, act_fn))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     weighted = out * top_k_weights.reshape(-1)[plan.order].unsqueeze(-1)
     # Back to (token, slot) order, then the same sum over slots as transformers' grouped_mm.
