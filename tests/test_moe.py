@@ -25,9 +25,9 @@ def mixtral() -> torch.nn.Module:
     return transformers.MixtralForCausalLM(cfg).eval()
 
 
-def qwen_moe() -> torch.nn.Module:
+def qwen_moe(expert_width: int = 32) -> torch.nn.Module:
     cfg = transformers.Qwen2MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=expert_width,
         shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
         max_position_embeddings=256, experts_implementation="eager")
@@ -38,13 +38,7 @@ def qwen_moe() -> torch.nn.Module:
 def qwen_moe_unaligned() -> torch.nn.Module:
     """Rows of 30 floats: torch's grouped GEMM refuses strides that are not multiples of
     16 bytes, so the grouped module falls back to one matmul per expert."""
-    cfg = transformers.Qwen2MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=30,
-        shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
-        max_position_embeddings=256, experts_implementation="eager")
-    torch.manual_seed(0)
-    return transformers.Qwen2MoeForCausalLM(cfg).eval()
+    return qwen_moe(expert_width=30)
 
 
 def generate(model: torch.nn.Module, tokens: int = 12) -> torch.Tensor:
