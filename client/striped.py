@@ -295,21 +295,15 @@ class StripedLease:
         device sync, none with a :meth:`plan` made beforehand; blocks not grouped by
         stripe go through a staging buffer, put in place on each stripe's stream.
         ``check=False`` skips the range checks (a wrong offset then reads outside)."""
-        from client.blocks import bytes_of, gather
+        from client.blocks import gather
 
-        self._check()
-        out_b = bytes_of(out, "out")
-        plan = self._plan_for(offsets, block_bytes, out_b.device, check)
-        total = plan.n * block_bytes
-        if out_b.numel() < total:
-            raise InvalidArgument(f"out holds {out_b.numel()} bytes; {plan.n} blocks of "
-                                  f"{block_bytes} need {total}")
+        out_b, plan = self._blocks(out, "out", offsets, block_bytes, check)
         if plan.n == 0:
             return out
         import torch
 
         staging = out_b if plan.order is None else torch.empty(
-            total, dtype=torch.uint8, device=out_b.device)
+            plan.n * block_bytes, dtype=torch.uint8, device=out_b.device)
         word = _word(block_bytes, out_b, staging)
 
         def piece(src: "torch.Tensor", start: int, count: int) -> None:
@@ -339,15 +333,9 @@ class StripedLease:
                 block_bytes: int, *, check: bool = True) -> None:
         """Copy block ``i`` of ``src`` to logical byte ``offsets[i]``; one block kernel
         per stripe, each on its own stream (as :meth:`gather`). Blocks must not overlap."""
-        from client.blocks import bytes_of, scatter
+        from client.blocks import scatter
 
-        self._check()
-        src_b = bytes_of(src, "src")
-        plan = self._plan_for(offsets, block_bytes, src_b.device, check)
-        total = plan.n * block_bytes
-        if src_b.numel() < total:
-            raise InvalidArgument(f"src holds {src_b.numel()} bytes; {plan.n} blocks of "
-                                  f"{block_bytes} need {total}")
+        src_b, plan = self._blocks(src, "src", offsets, block_bytes, check)
         if plan.n == 0:
             return
 
@@ -362,6 +350,22 @@ class StripedLease:
 
         with self.use():
             self._launch(src_b.device, self._pieces(plan, piece))
+
+    def _blocks(self, tensor: "torch.Tensor", name: str,
+                offsets: "Sequence[int] | torch.Tensor | StripePlan", block_bytes: int,
+                check: bool) -> "tuple[torch.Tensor, StripePlan]":
+        """``tensor``'s bytes and the plan of ``offsets``, once the lease is checked and
+        ``tensor`` is known to hold every block (what gather and scatter both need)."""
+        from client.blocks import bytes_of
+
+        self._check()
+        data = bytes_of(tensor, name)
+        plan = self._plan_for(offsets, block_bytes, data.device, check)
+        total = plan.n * block_bytes
+        if data.numel() < total:
+            raise InvalidArgument(f"{name} holds {data.numel()} bytes; {plan.n} blocks of "
+                                  f"{block_bytes} need {total}")
+        return data, plan
 
     def _pieces(self, plan: StripePlan, piece: Callable[["torch.Tensor", int, int], None]
                 ) -> list[tuple[int, Callable[[], None]]]:
