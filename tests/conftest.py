@@ -42,6 +42,16 @@ def short_tmpdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="hv-", dir="/tmp"))
 
 
+class Clock:
+    """A clock a test moves by hand (``clock.now += 5``), for the lease table's tests."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, every: float = 0.05,
              what: str = "condition"):
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
@@ -200,9 +210,13 @@ class PlainNode(Node):
         wait_for(lambda: any(l["id"] == self.id and l["state"] == "up"
                              for l in self.json("lenders")), what="lender to register")
 
+    def processes(self) -> list[subprocess.Popen | None]:
+        """The node's processes, lenders first (those not started are None)."""
+        return [self.lender, self.broker]
+
     def stop(self) -> None:
-        """Kill every process of the node."""
-        for proc in (self.lender, self.broker):
+        """Kill every process of the node: SIGTERM, then SIGKILL after 10 s."""
+        for proc in self.processes():
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 try:
@@ -231,15 +245,9 @@ class ManyLenderNode(PlainNode):
         wait_for(lambda: {l["id"] for l in self.json("lenders") if l["state"] == "up"}
                  >= set(self.ids), timeout=60, what="every lender to register")
 
-    def stop(self) -> None:
-        """Kill every process of the node."""
-        for proc in [*self.lenders.values(), self.broker]:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+    def processes(self) -> list[subprocess.Popen | None]:
+        """Every lender's process, then the broker's."""
+        return [*self.lenders.values(), self.broker]
 
 
 @contextlib.contextmanager

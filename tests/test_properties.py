@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from conftest import PY, PlainNode, _env, running_plain_node, wait_for
+from conftest import PY, Clock, PlainNode, _env, running_plain_node, wait_for
 from harvestd.errors import (FailedPrecondition, HarvestError, InvalidArgument, LeaseRevoked,
                              NoCapacity, NotFound, PermissionDenied)
 from harvestd.invariants import check_store
@@ -54,16 +54,6 @@ U64_MAX = (1 << 64) - 1
 # ======================================================================= a. the table
 
 TIMING = Timing(default_ttl=10.0, min_ttl=0.2, max_ttl=3600.0, grace=2.0, lender_timeout=30.0)
-
-
-class Clock:
-    """A clock the state machine moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Recorder:
@@ -240,6 +230,21 @@ class TableMachine(RuleBasedStateMachine):
         known = list(self.leases) + (extra or ["lease-nope", ""])
         return data.draw(st.sampled_from(known), label="lease id")
 
+    @staticmethod
+    def holder_refusal(m: MLease | None, client: str) -> type[HarvestError] | None:
+        """Mirror LeaseTable._holders_lease: what a holder's call about ``m`` is refused
+        with before anything else (None: not refused there)."""
+        if m is None or not m.in_table:
+            return NotFound
+        return PermissionDenied if m.client != client else None
+
+    @staticmethod
+    def registration_refusal(lender: MLender | None, stale: bool) -> type[HarvestError] | None:
+        """Mirror LeaseTable._current_lender: an unknown lender, or a stale registration."""
+        if lender is None:
+            return NotFound
+        return PermissionDenied if stale else None
+
     def end(self, lease: MLease, state: LeaseState, clean: bool) -> None:
         """Mirror LeaseTable._end."""
         lease.state = state
@@ -359,13 +364,8 @@ class TableMachine(RuleBasedStateMachine):
         """Ends a live lease cleanly; idempotent on an ended one; refuses strangers."""
         lease_id = self.pick(data)
         m = self.leases.get(lease_id)
-        if m is None or not m.in_table:
-            expected: type[HarvestError] | None = NotFound
-        elif m.client != client:
-            expected = PermissionDenied
-        else:
-            expected = None
-        lease = self.attempt(expected, self.table.release, client, lease_id)
+        lease = self.attempt(self.holder_refusal(m, client), self.table.release, client,
+                             lease_id)
         if lease is not None and m.active:
             self.end(m, LeaseState.RELEASED, clean=True)
 
@@ -374,14 +374,8 @@ class TableMachine(RuleBasedStateMachine):
         """Ends a revoking lease cleanly; refuses a granted one."""
         lease_id = self.pick(data)
         m = self.leases.get(lease_id)
-        if m is None or not m.in_table:
-            expected: type[HarvestError] | None = NotFound
-        elif m.client != client:
-            expected = PermissionDenied
-        elif m.state is LeaseState.GRANTED:
-            expected = FailedPrecondition
-        else:
-            expected = None
+        expected = self.holder_refusal(m, client) or (
+            FailedPrecondition if m.state is LeaseState.GRANTED else None)
         if self.attempt(expected, self.table.ack_revoke, client, lease_id) is not None:
             if m.state is LeaseState.REVOKING:
                 self.end(m, LeaseState.REVOKED, clean=True)
@@ -521,12 +515,7 @@ class TableMachine(RuleBasedStateMachine):
     def report(self, lender_id: str, stale: bool, capacity: int) -> None:
         """A capacity report from the current registration (a stale one is refused)."""
         lender = self.lenders.get(lender_id)
-        if lender is None:
-            expected: type[HarvestError] | None = NotFound
-        elif stale:
-            expected = PermissionDenied
-        else:
-            expected = None
+        expected = self.registration_refusal(lender, stale)
         generation = (lender.generation + (7 if stale else 0)) if lender else 1
         if self.attempt(expected, self.table.report_lender, lender_id, generation,
                         capacity) is None:
@@ -545,12 +534,7 @@ class TableMachine(RuleBasedStateMachine):
                    and not l.active and not l.freed]
         ids = data.draw(st.lists(st.sampled_from(pending + list(self.leases) + ["lease-nope"]),
                                  max_size=4), label="ids")
-        if lender is None:
-            expected: type[HarvestError] | None = NotFound
-        elif stale:
-            expected = PermissionDenied
-        else:
-            expected = None
+        expected = self.registration_refusal(lender, stale)
         generation = (lender.generation + (3 if stale else 0)) if lender else 1
         if self.attempt(expected, self.table.confirm_free, lender_id, generation, ids) is None \
                 and expected is not None:

@@ -11,17 +11,9 @@ from harvestd.model import LeaseState, LenderRecord, LenderState
 from harvestd.store import MemoryStore, SqliteStore
 from harvestd.table import LeaseTable, Timing
 
+from conftest import Clock
+
 MiB = 1 << 20
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Recorder:
