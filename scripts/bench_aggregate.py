@@ -57,6 +57,17 @@ def _run_together(workers: list[Worker], seconds: float) -> list[dict[str, Any]]
     return [w.expect("ran", timeout=seconds + 120) for w in workers]
 
 
+def _counts_that_fit(counts: list[int], available: int, doc: dict[str, Any], part: str,
+                     what: str) -> list[int]:
+    """The ``counts`` this machine has GPUs for; each other one is printed and recorded
+    in ``doc["skipped"]``."""
+    fit = [k for k in counts if k <= available]
+    for k in sorted(set(counts) - set(fit)):
+        print(f"{part} k={k}: skipped, needs {k} {what}")
+        doc["skipped"].append(f"{part} k={k}")
+    return fit
+
+
 def fan_out(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str, Any]) -> None:
     """One lender read by k borrowers at once."""
     from benchpeer import concurrent_copies
@@ -69,10 +80,8 @@ def fan_out(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str
         target = lender_of(lenders, uuids[lender_gpu])
         others = [i for i in range(len(uuids)) if i != lender_gpu] or [lender_gpu]
         devices = [f"cuda:{i}" for i in others]
-    counts = [k for k in args.counts if k <= len(devices)]
-    for k in sorted(set(args.counts) - set(counts)):
-        print(f"fan-out k={k}: skipped, needs {k} borrower GPUs besides the lender's")
-        doc["skipped"].append(f"fan-out k={k}")
+    counts = _counts_that_fit(args.counts, len(devices), doc, "fan-out",
+                              "borrower GPUs besides the lender's")
     if not counts:
         return
     workers = _readers(devices[:max(counts)], node.env)
@@ -110,10 +119,8 @@ def striped(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str
     else:
         b = args.borrower_gpu
         device, peers = f"cuda:{b}", [i for i in range(len(uuids)) if i != b]
-    counts = [k for k in args.counts if k <= len(peers)]
-    for k in sorted(set(args.counts) - set(counts)):
-        print(f"striped k={k}: skipped, needs {k} lender GPUs besides the borrower's")
-        doc["skipped"].append(f"striped k={k}")
+    counts = _counts_that_fit(args.counts, len(peers), doc, "striped",
+                              "lender GPUs besides the borrower's")
     if not counts:
         return
     links: dict[int, float] = {}
