@@ -11,12 +11,33 @@
 Every error is a :class:`HarvestError`; a lease that is gone raises
 :class:`LeaseRevoked`; a request no lender can meet raises :class:`NoCapacity` at once.
 """
+
 from client.connection import Client, ReclaimResult, connect
 from client.lease import Lease
 from client.striped import StripedLease
-from harvestd.errors import (FailedPrecondition, HarvestError, InvalidArgument, LeaseRevoked,
-                             NoCapacity, NotFound, PermissionDenied, Unavailable)
+from harvestd.errors import (
+    FailedPrecondition,
+    HarvestError,
+    InvalidArgument,
+    LeaseRevoked,
+    NoCapacity,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 
-__all__ = ["Client", "FailedPrecondition", "HarvestError", "InvalidArgument", "Lease",
-           "LeaseRevoked", "NoCapacity", "NotFound", "PermissionDenied", "ReclaimResult",
-           "StripedLease", "Unavailable", "connect"]
+__all__ = [
+    "Client",
+    "FailedPrecondition",
+    "HarvestError",
+    "InvalidArgument",
+    "Lease",
+    "LeaseRevoked",
+    "NoCapacity",
+    "NotFound",
+    "PermissionDenied",
+    "ReclaimResult",
+    "StripedLease",
+    "Unavailable",
+    "connect",
+]

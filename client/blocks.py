@@ -13,6 +13,7 @@ and ``index_copy_`` (scatter) over the byte range viewed as rows of ``block_byte
 * Pinned host memory feeding a CUDA tensor (or fed by one) is seen by the GPU through
   its device address (UVA), so the gather still runs as one GPU kernel over PCIe.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,9 @@ def _source(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-def _check_offsets(offsets: Offsets, block_bytes: int, limit: int, check: bool
-                   ) -> tuple[torch.Tensor | list[int], int, int]:
+def _check_offsets(
+    offsets: Offsets, block_bytes: int, limit: int, check: bool
+) -> tuple[torch.Tensor | list[int], int, int]:
     """``(offsets, count, alignment)``: alignment is the largest power of two up to 8
     dividing every offset, or ``block_bytes`` itself when every offset is a multiple."""
     if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes <= 0:
@@ -66,8 +68,9 @@ def _check_offsets(offsets: Offsets, block_bytes: int, limit: int, check: bool
         if n == 0 or not check:
             return offsets, n, block_bytes
         off = offsets.long()
-        flags = torch.stack([off.min(), off.max()] + [
-            (off % m == 0).all().long() for m in (block_bytes, 8, 4, 2)]).tolist()  # one sync
+        flags = torch.stack(
+            [off.min(), off.max()] + [(off % m == 0).all().long() for m in (block_bytes, 8, 4, 2)]
+        ).tolist()  # one sync
         lo, hi, aligned = flags[0], flags[1], flags[2:]
     else:
         try:
@@ -84,19 +87,27 @@ def _check_offsets(offsets: Offsets, block_bytes: int, limit: int, check: bool
         aligned = [g % m == 0 for m in (block_bytes, 8, 4, 2)]
         offsets = off_list
     if lo < 0 or hi + block_bytes > limit:
-        raise InvalidArgument(f"offsets must lie in [0, {limit - block_bytes}] for "
-                              f"{block_bytes}-byte blocks in {limit} bytes; got "
-                              f"[{lo}, {hi}]")
-    align = block_bytes if aligned[0] else next(
-        (m for m, ok in zip((8, 4, 2), aligned[1:], strict=True) if ok), 1)
+        raise InvalidArgument(
+            f"offsets must lie in [0, {limit - block_bytes}] for "
+            f"{block_bytes}-byte blocks in {limit} bytes; got "
+            f"[{lo}, {hi}]"
+        )
+    align = (
+        block_bytes
+        if aligned[0]
+        else next((m for m, ok in zip((8, 4, 2), aligned[1:], strict=True) if ok), 1)
+    )
     return offsets, n, align
 
 
 def _word(align: int, block_bytes: int, *tensors: torch.Tensor) -> tuple[int, torch.dtype]:
     """The widest word dividing the offsets' alignment, the block, and every address."""
     for size, dtype in _WORDS:
-        if align % size == 0 and block_bytes % size == 0 and all(
-                t.data_ptr() % size == 0 and t.storage_offset() % size == 0 for t in tensors):
+        if (
+            align % size == 0
+            and block_bytes % size == 0
+            and all(t.data_ptr() % size == 0 and t.storage_offset() % size == 0 for t in tensors)
+        ):
             return size, dtype
     return 1, torch.uint8
 
@@ -124,8 +135,15 @@ def _as_cuda(t: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     return cu.tensor_over(dptr, t.numel(), index, t)
 
 
-def _rows(src: torch.Tensor, offsets: torch.Tensor, n: int, block_bytes: int, align: int,
-          word: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows(
+    src: torch.Tensor,
+    offsets: torch.Tensor,
+    n: int,
+    block_bytes: int,
+    align: int,
+    word: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(view, row index)``: ``view[row index]`` are the blocks, in words."""
     usable = src.numel() - src.numel() % word
     words = src[:usable].view(dtype)
@@ -137,8 +155,9 @@ def _rows(src: torch.Tensor, offsets: torch.Tensor, n: int, block_bytes: int, al
     return words.as_strided((nrows, bw), (1, 1)), offsets // word
 
 
-def gather(src: torch.Tensor, offsets: Offsets, block_bytes: int, out: torch.Tensor,
-           *, check: bool = True) -> torch.Tensor:
+def gather(
+    src: torch.Tensor, offsets: Offsets, block_bytes: int, out: torch.Tensor, *, check: bool = True
+) -> torch.Tensor:
     """Copy the ``block_bytes``-long blocks at byte ``offsets`` of ``src`` (a 1-D uint8
     tensor, e.g. a lease's bytes) into ``out``, block ``i`` to bytes
     ``[i * block_bytes, (i + 1) * block_bytes)`` of ``out``; returns ``out``.
@@ -151,8 +170,9 @@ def gather(src: torch.Tensor, offsets: Offsets, block_bytes: int, out: torch.Ten
     offsets, n, align = _check_offsets(offsets, block_bytes, src.numel(), check)
     total = n * block_bytes
     if out_b.numel() < total:
-        raise InvalidArgument(f"out holds {out_b.numel()} bytes; {n} blocks of {block_bytes} "
-                              f"need {total}")
+        raise InvalidArgument(
+            f"out holds {out_b.numel()} bytes; {n} blocks of {block_bytes} need {total}"
+        )
     if n == 0:
         return out
     dst = out_b[:total]
@@ -160,8 +180,11 @@ def gather(src: torch.Tensor, offsets: Offsets, block_bytes: int, out: torch.Ten
         view = _as_cuda(src, out_b.device)
         if view is not None:
             src = view
-    work = dst if src.device == dst.device else torch.empty(total, dtype=torch.uint8,
-                                                           device=src.device)
+    work = (
+        dst
+        if src.device == dst.device
+        else torch.empty(total, dtype=torch.uint8, device=src.device)
+    )
     word, dtype = _word(align, block_bytes, src, work)
     table, rows = _rows(src, _index(offsets, src.device), n, block_bytes, align, word, dtype)
     torch.index_select(table, 0, rows, out=work.view(dtype).view(n, block_bytes // word))
@@ -170,8 +193,9 @@ def gather(src: torch.Tensor, offsets: Offsets, block_bytes: int, out: torch.Ten
     return out
 
 
-def scatter(dst: torch.Tensor, src: torch.Tensor, offsets: Offsets, block_bytes: int,
-            *, check: bool = True) -> None:
+def scatter(
+    dst: torch.Tensor, src: torch.Tensor, offsets: Offsets, block_bytes: int, *, check: bool = True
+) -> None:
     """Copy block ``i`` of ``src`` (bytes ``[i * block_bytes, (i + 1) * block_bytes)``)
     to byte ``offsets[i]`` of ``dst`` (a 1-D uint8 tensor, e.g. a lease's bytes).
 
@@ -182,8 +206,9 @@ def scatter(dst: torch.Tensor, src: torch.Tensor, offsets: Offsets, block_bytes:
     offsets, n, align = _check_offsets(offsets, block_bytes, dst.numel(), check)
     total = n * block_bytes
     if src_b.numel() < total:
-        raise InvalidArgument(f"src holds {src_b.numel()} bytes; {n} blocks of {block_bytes} "
-                              f"need {total}")
+        raise InvalidArgument(
+            f"src holds {src_b.numel()} bytes; {n} blocks of {block_bytes} need {total}"
+        )
     if n == 0:
         return
     target = dst

@@ -1,4 +1,5 @@
 """A client's connection to its node: leases, keepalive, and revocations."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,23 +9,20 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import grpc
 
 from client import metrics
 from client.devices import resolve_near
 from client.lease import Lease
-from harvestd.errors import (HarvestError, InvalidArgument, LeaseRevoked, Unavailable,
-                             from_rpc_error)
+from client.striped import StripedLease, lease_striped
+from harvestd.errors import HarvestError, InvalidArgument, LeaseRevoked, Unavailable, from_rpc_error
 from harvestd.paths import node_name, resolve_address
 from lender.backends import BackendKind, Exported, get_backend
 from lender.pickup import pick_up
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from client.striped import StripedLease
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +43,13 @@ class ReclaimResult:
 class Client:
     """A process's connection to the Harvest node; make one with :func:`connect`."""
 
-    def __init__(self, address: str, node: str | None = None, timeout_s: float = 10.0,
-                 margin_s: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        node: str | None = None,
+        timeout_s: float = 10.0,
+        margin_s: float | None = None,
+    ) -> None:
         self.address = address
         self.node = node or node_name()
         self.id = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -77,7 +80,8 @@ class Client:
         self._threads = [
             threading.Thread(target=self._watch, name="harvest-watch", daemon=True),
             threading.Thread(target=self._renew, name="harvest-keepalive", daemon=True),
-            threading.Thread(target=self._fence_overdue, name="harvest-fence", daemon=True)]
+            threading.Thread(target=self._fence_overdue, name="harvest-fence", daemon=True),
+        ]
         for thread in self._threads:
             thread.start()
         # Revocations must reach us from the first lease on.
@@ -90,7 +94,7 @@ class Client:
             return method(request, timeout=timeout or self.timeout_s)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
-        except ValueError as err:  # grpc's "Cannot invoke RPC on closed channel!"
+        except ValueError:  # grpc's "Cannot invoke RPC on closed channel!"
             if self._closed.is_set():
                 raise Unavailable("this client is closed") from None
             raise
@@ -100,9 +104,16 @@ class Client:
 
     # ------------------------------------------------------------ leases
 
-    def lease(self, nbytes: int, ttl: float | None = None, near: Any = None,
-              priority: int = 0, backend: str | BackendKind | None = None,
-              device: Any = None, avoid: Iterable[str] = ()) -> Lease:
+    def lease(
+        self,
+        nbytes: int,
+        ttl: float | None = None,
+        near: Any = None,
+        priority: int = 0,
+        backend: str | BackendKind | None = None,
+        device: Any = None,
+        avoid: Iterable[str] = (),
+    ) -> Lease:
         """Borrow ``nbytes`` on this node, mapped into this process.
 
         ``ttl``: seconds between keepalives before the lease lapses (the broker's default
@@ -136,10 +147,20 @@ class Client:
             self._granting.add(number)
         grant = None
         try:
-            grant = self._call(self._broker.Grant, pb.GrantRequest(
-                client_id=self.id, nbytes=nbytes, ttl_s=float(ttl or 0), node=self.node,
-                near_gpu=near_uuid, priority=priority, holder_pid=os.getpid(),
-                backend=kind.pb if kind else 0, avoid_lenders=avoid))
+            grant = self._call(
+                self._broker.Grant,
+                pb.GrantRequest(
+                    client_id=self.id,
+                    nbytes=nbytes,
+                    ttl_s=float(ttl or 0),
+                    node=self.node,
+                    near_gpu=near_uuid,
+                    priority=priority,
+                    holder_pid=os.getpid(),
+                    backend=kind.pb if kind else 0,
+                    avoid_lenders=avoid,
+                ),
+            )
         finally:
             with self._lock:
                 self._granting.discard(number)
@@ -160,12 +181,12 @@ class Client:
             self._release_id(grant.id)
             if any(e.kind == pb.LeaseEvent.REVOKE for e in deferred):
                 self._ack_id(grant.id)  # never mapped: nothing to fence
-            if deferred and isinstance(exc, HarvestError) and not isinstance(exc,
-                                                                             LeaseRevoked):
+            if deferred and isinstance(exc, HarvestError) and not isinstance(exc, LeaseRevoked):
                 # The lease ended first, and the lender or the broker refused the pick-up
                 # for that reason, in whichever words: to the caller it is a revocation.
-                raise LeaseRevoked(f"lease {grant.id} ended before its pick-up: "
-                                   f"{_reason(deferred)}") from exc
+                raise LeaseRevoked(
+                    f"lease {grant.id} ended before its pick-up: {_reason(deferred)}"
+                ) from exc
             raise
         margin = self._margin if self._margin is not None else min(1.0, grant.ttl_s / 4)
         lease = Lease(self, grant, mapping, margin)
@@ -180,8 +201,7 @@ class Client:
             # It stays in _picking meanwhile, so that a repeated REVOKE (the stream
             # replays them when it reconnects) is held back too, not acknowledged early.
             reason = _reason(deferred)
-            lease._end("revoked", reason,
-                       ack=any(e.kind == pb.LeaseEvent.REVOKE for e in deferred))
+            lease._end("revoked", reason, ack=any(e.kind == pb.LeaseEvent.REVOKE for e in deferred))
             with self._lock:
                 self._picking.discard(lease.id)
                 self._deferred.pop(lease.id, None)  # answered by the fence above
@@ -191,10 +211,19 @@ class Client:
         metrics.LEASE_LATENCY.observe(time.perf_counter() - start)
         return lease
 
-    def lease_striped(self, nbytes: int, stripes: int | None = None, near: Any = None,
-                      *, unit: int | None = None, ttl: float | None = None, priority: int = 0,
-                      backend: str | BackendKind | None = None, device: Any = None,
-                      max_stripes: int = 8) -> "StripedLease":
+    def lease_striped(
+        self,
+        nbytes: int,
+        stripes: int | None = None,
+        near: Any = None,
+        *,
+        unit: int | None = None,
+        ttl: float | None = None,
+        priority: int = 0,
+        backend: str | BackendKind | None = None,
+        device: Any = None,
+        max_stripes: int = 8,
+    ) -> "StripedLease":
         """Borrow ``nbytes`` as several leases on distinct lenders (stripes), read at once
         over their links; see :class:`client.striped.StripedLease` for the layout,
         ``gather``/``scatter`` and revocation (any stripe lost ends the whole lease).
@@ -205,11 +234,18 @@ class Client:
         2 MiB; a block read by ``gather`` must not cross a unit). Other arguments as for
         :meth:`lease`. Raises :class:`client.NoCapacity` when the stripes cannot all be
         placed (whatever was granted is released first)."""
-        from client.striped import lease_striped
-
-        return lease_striped(self, nbytes, stripes, near, unit=unit, ttl=ttl,
-                             priority=priority, backend=backend, device=device,
-                             max_stripes=max_stripes)
+        return lease_striped(
+            self,
+            nbytes,
+            stripes,
+            near,
+            unit=unit,
+            ttl=ttl,
+            priority=priority,
+            backend=backend,
+            device=device,
+            max_stripes=max_stripes,
+        )
 
     def _settle(self, number: int) -> list[str]:
         """Under the lock, once Grant ``number`` has returned: the events no Grant in
@@ -231,8 +267,13 @@ class Client:
             import torch
 
             device = torch.device("cuda", torch.cuda.current_device())
-        exported = Exported(kind=kind, alloc_bytes=reply.alloc_bytes, fd=fd,
-                            ipc_handle=reply.ipc_handle, gpu_uuid=reply.gpu_uuid)
+        exported = Exported(
+            kind=kind,
+            alloc_bytes=reply.alloc_bytes,
+            fd=fd,
+            ipc_handle=reply.ipc_handle,
+            gpu_uuid=reply.gpu_uuid,
+        )
         backend = _client_backend(kind)
         imported = backend.import_handle(exported)
         return backend.map(imported, reply.alloc_bytes, device)
@@ -253,22 +294,27 @@ class Client:
 
     def _release_id(self, lease_id: str) -> None:
         try:
-            self._call(self._broker.Release, pb.ReleaseRequest(client_id=self.id,
-                                                              lease_id=lease_id))
+            self._call(
+                self._broker.Release, pb.ReleaseRequest(client_id=self.id, lease_id=lease_id)
+            )
         except HarvestError as err:
             log.info("release of %s failed: %s", lease_id, err)
 
     def _ack(self, lease: Lease) -> None:
         try:
-            self._call(self._broker.AckRevoke, pb.AckRevokeRequest(client_id=self.id,
-                                                                  lease_id=lease.id))
+            self._call(
+                self._broker.AckRevoke, pb.AckRevokeRequest(client_id=self.id, lease_id=lease.id)
+            )
         except HarvestError as err:
             log.info("acknowledging revocation of %s failed: %s", lease.id, err)
 
     def _keepalive(self, leases: list[Lease], timeout: float | None = None) -> None:
         sent = time.monotonic()
-        reply = self._call(self._broker.KeepAlive, pb.KeepAliveRequest(
-            client_id=self.id, lease_ids=[l.id for l in leases]), timeout=timeout)
+        reply = self._call(
+            self._broker.KeepAlive,
+            pb.KeepAliveRequest(client_id=self.id, lease_ids=[l.id for l in leases]),
+            timeout=timeout,
+        )
         by_id = {l.id: l for l in leases}
         for alive in reply.alive:
             if alive.id in by_id:
@@ -277,8 +323,9 @@ class Client:
             if lost.id in by_id:
                 # A lease being revoked is lost to us too, but the broker waits for our
                 # acknowledgement: give it, whichever of this and the REVOKE event is first.
-                by_id[lost.id]._end("revoked", lost.reason or "lease lost",
-                                    ack=lost.state == pb.REVOKING)
+                by_id[lost.id]._end(
+                    "revoked", lost.reason or "lease lost", ack=lost.state == pb.REVOKING
+                )
 
     # ------------------------------------------------------------ background
 
@@ -310,8 +357,7 @@ class Client:
             now = time.monotonic()
             for lease in self.leases():
                 if now >= lease.deadline:
-                    lease._end("revoked", "not renewed in time (broker unreachable?)",
-                               ack=False)
+                    lease._end("revoked", "not renewed in time (broker unreachable?)", ack=False)
 
     def _watch(self) -> None:
         backoff = 0.05
@@ -326,8 +372,7 @@ class Client:
                         self._on_event(event)
             except grpc.RpcError as err:
                 if not self._closed.is_set():
-                    log.info("revocation stream broke (%s); reconnecting",
-                             from_rpc_error(err))
+                    log.info("revocation stream broke (%s); reconnecting", from_rpc_error(err))
             self._closed.wait(backoff)
             backoff = min(backoff * 2, 1.0)
 
@@ -354,20 +399,24 @@ class Client:
             return
         if event.kind == pb.LeaseEvent.REVOKE:
             wait = max(0.0, event.lease.revoke_deadline - time.time() - 0.2)
-            threading.Thread(target=lease._end, args=("revoked", event.lease.reason, True, wait),
-                             daemon=True).start()
+            threading.Thread(
+                target=lease._end, args=("revoked", event.lease.reason, True, wait), daemon=True
+            ).start()
         elif event.kind == pb.LeaseEvent.ENDED:
             # Nobody else gets these pages while we map them (the lender frees rather than
             # pools memory of a lease that ended by force), so a short wait for reads in
             # flight is safe, and spares them a LeaseRevoked.
-            threading.Thread(target=lease._end, args=("revoked", event.lease.reason
-                                                      or "lease ended", False, _ENDED_WAIT_S),
-                             daemon=True).start()
+            threading.Thread(
+                target=lease._end,
+                args=("revoked", event.lease.reason or "lease ended", False, _ENDED_WAIT_S),
+                daemon=True,
+            ).start()
 
     def _ack_id(self, lease_id: str) -> None:
         try:
-            self._call(self._broker.AckRevoke, pb.AckRevokeRequest(client_id=self.id,
-                                                                  lease_id=lease_id))
+            self._call(
+                self._broker.AckRevoke, pb.AckRevokeRequest(client_id=self.id, lease_id=lease_id)
+            )
         except HarvestError:
             pass
 
@@ -378,14 +427,18 @@ class Client:
         returns once their memory is free (or ``timeout`` passes)."""
         if not isinstance(nbytes, int) or nbytes < 0:
             raise InvalidArgument(f"nbytes must be a non-negative int, got {nbytes!r}")
-        reply = self._call(self._broker.Reclaim, pb.ReclaimRequest(
-            lender_id=lender, nbytes=nbytes, timeout_s=timeout), timeout=(timeout or 60) + 5)
+        reply = self._call(
+            self._broker.Reclaim,
+            pb.ReclaimRequest(lender_id=lender, nbytes=nbytes, timeout_s=timeout),
+            timeout=(timeout or 60) + 5,
+        )
         return ReclaimResult(list(reply.revoked), reply.reclaimed, reply.freed, reply.elapsed_s)
 
     def restore(self, lender: str, nbytes: int = 0) -> int:
         """Give reclaimed memory (``nbytes``, or all) back to lending; the reclaimed total."""
-        return self._call(self._broker.Restore, pb.RestoreRequest(lender_id=lender,
-                                                                 nbytes=nbytes)).reclaimed
+        return self._call(
+            self._broker.Restore, pb.RestoreRequest(lender_id=lender, nbytes=nbytes)
+        ).reclaimed
 
     def lenders(self) -> list[pb.Lender]:
         """Every lender the broker knows."""
@@ -426,9 +479,15 @@ def _client_backend(kind: BackendKind):
     return _BACKENDS[kind]
 
 
-def connect(address: str | None = None, *, state_dir: str | None = None,
-            node: str | None = None, timeout: float = 10.0) -> Client:
+def connect(
+    address: str | None = None,
+    *,
+    state_dir: str | None = None,
+    node: str | None = None,
+    timeout: float = 10.0,
+) -> Client:
     """Connect to the Harvest node: ``address`` (a gRPC target), else ``$HARVEST_ADDRESS``,
     else the node whose state dir is ``state_dir`` / ``$HARVEST_STATE_DIR`` / the default."""
-    return Client(resolve_address(address, state_dir), node=node or node_name(state_dir),
-                  timeout_s=timeout)
+    return Client(
+        resolve_address(address, state_dir), node=node or node_name(state_dir), timeout_s=timeout
+    )

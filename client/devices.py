@@ -1,5 +1,6 @@
 """Which GPU a client means by ``near``, by UUID (Ray remaps CUDA_VISIBLE_DEVICES, so
 ordinals alone cannot name a physical GPU across processes)."""
+
 from __future__ import annotations
 
 from typing import Any

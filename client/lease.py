@@ -1,5 +1,6 @@
 """A lease as its holder sees it: borrowed memory mapped into this process, usable
 until it is released or revoked, and fenced the moment it is not."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,7 @@ import logging
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 from harvestd.errors import HarvestError, InvalidArgument, LeaseRevoked
 from lender.backends.base import BackendKind, Mapping
@@ -15,11 +16,26 @@ from lender.backends.base import BackendKind, Mapping
 if TYPE_CHECKING:
     import torch
 
-    from client.connection import Client
-
 log = logging.getLogger(__name__)
 
 RevokeCallback = Callable[["Lease", str], None]
+
+
+class LeaseOwner(Protocol):
+    """What a lease calls back into: the connection that granted it
+    (:class:`client.connection.Client`), which talks to the broker for it."""
+
+    def _keepalive(self, leases: list["Lease"], timeout: float | None = None) -> None:
+        """Renew ``leases`` with the broker now."""
+
+    def _release(self, lease: "Lease") -> None:
+        """Tell the broker ``lease`` is given back."""
+
+    def _ack(self, lease: "Lease") -> None:
+        """Tell the broker ``lease`` is fenced (a revocation acknowledged)."""
+
+    def _forget(self, lease: "Lease") -> None:
+        """Stop keeping ``lease`` alive."""
 
 
 class Lease:
@@ -27,7 +43,7 @@ class Lease:
     copy. Keepalive runs in the background; ``on_revoke`` tells you when it is gone, and
     every use after that raises :class:`client.LeaseRevoked`."""
 
-    def __init__(self, client: "Client", grant, mapping: Mapping, margin_s: float) -> None:
+    def __init__(self, client: LeaseOwner, grant: Any, mapping: Mapping, margin_s: float) -> None:
         self._client = client
         self.id: str = grant.id
         self.nbytes: int = grant.nbytes
@@ -44,9 +60,9 @@ class Lease:
         self._device_readers = 0  # uses covering device work in flight (see use())
         self._fenced = False
         self._fence_ok = False
-        self._ack_wanted = False   # some caller of _end needs the broker to hear we fenced
+        self._ack_wanted = False  # some caller of _end needs the broker to hear we fenced
         self._acked = False
-        self._ended: str = ""          # why it ended; empty while usable
+        self._ended: str = ""  # why it ended; empty while usable
         self._state = "granted"
         self._callbacks: list[RevokeCallback] = []
         # The holder's own deadline, on its own monotonic clock: past it, the broker may
@@ -57,8 +73,10 @@ class Lease:
     # ------------------------------------------------------------ description
 
     def __repr__(self) -> str:
-        return (f"Lease(id={self.id!r}, nbytes={self.nbytes}, lender={self.lender!r}, "
-                f"backend={self.backend.value!r}, state={self.state!r})")
+        return (
+            f"Lease(id={self.id!r}, nbytes={self.nbytes}, lender={self.lender!r}, "
+            f"backend={self.backend.value!r}, state={self.state!r})"
+        )
 
     @property
     def state(self) -> str:
@@ -140,8 +158,9 @@ class Lease:
         self._check_access()
         return self._mapping.as_tensor()[: self.nbytes]
 
-    def tensor(self, dtype: "torch.dtype", shape: Sequence[int] | int | None = None,
-               offset: int = 0) -> "torch.Tensor":
+    def tensor(
+        self, dtype: "torch.dtype", shape: Sequence[int] | int | None = None, offset: int = 0
+    ) -> "torch.Tensor":
         """A tensor of ``dtype`` and ``shape`` over the borrowed memory at byte ``offset``
         (no copy). Without a shape: as many elements as fit."""
         import torch
@@ -149,8 +168,7 @@ class Lease:
         self._check_access()
         itemsize = torch.empty((), dtype=dtype).element_size()
         if offset < 0 or offset % itemsize:
-            raise InvalidArgument(f"offset {offset} must be a non-negative multiple of "
-                                  f"{itemsize}")
+            raise InvalidArgument(f"offset {offset} must be a non-negative multiple of {itemsize}")
         if shape is None:
             shape = ((self.nbytes - offset) // itemsize,)
         elif isinstance(shape, int):
@@ -160,13 +178,16 @@ class Lease:
             raise InvalidArgument(f"shape {shape} has a negative size")
         need = math.prod(shape) * itemsize
         if offset + need > self.nbytes:
-            raise InvalidArgument(f"a {dtype} tensor of shape {shape} at offset {offset} "
-                                  f"needs {offset + need} bytes; the lease has {self.nbytes}")
-        raw = self._mapping.as_tensor()[offset: offset + need]
+            raise InvalidArgument(
+                f"a {dtype} tensor of shape {shape} at offset {offset} "
+                f"needs {offset + need} bytes; the lease has {self.nbytes}"
+            )
+        raw = self._mapping.as_tensor()[offset : offset + need]
         return raw.view(dtype).view(shape)
 
-    def gather(self, offsets: Sequence[int] | "torch.Tensor", block_bytes: int,
-               out: "torch.Tensor") -> "torch.Tensor":
+    def gather(
+        self, offsets: Sequence[int] | "torch.Tensor", block_bytes: int, out: "torch.Tensor"
+    ) -> "torch.Tensor":
         """Copy the blocks at byte ``offsets`` (each ``block_bytes`` long) into ``out``, in
         one launch: the fast way to move many small blocks."""
         from client.blocks import gather
@@ -174,8 +195,9 @@ class Lease:
         with self.use():
             return gather(self.as_bytes(), offsets, block_bytes, out)
 
-    def scatter(self, src: "torch.Tensor", offsets: Sequence[int] | "torch.Tensor",
-                block_bytes: int) -> None:
+    def scatter(
+        self, src: "torch.Tensor", offsets: Sequence[int] | "torch.Tensor", block_bytes: int
+    ) -> None:
         """Copy the rows of ``src`` (``block_bytes`` each) to byte ``offsets``, in one launch."""
         from client.blocks import scatter
 
@@ -230,10 +252,12 @@ class Lease:
                 self._ended = reason
                 self._state = state
                 deadline = time.monotonic() + wait_s
-                while self._readers and (self._device_readers
-                                         or time.monotonic() < deadline):
-                    self._cond.wait(max(0.001, deadline - time.monotonic())
-                                    if not self._device_readers else 0.05)
+                while self._readers and (self._device_readers or time.monotonic() < deadline):
+                    self._cond.wait(
+                        max(0.001, deadline - time.monotonic())
+                        if not self._device_readers
+                        else 0.05
+                    )
                 callbacks, self._callbacks = self._callbacks, []
         if late is not None:
             if late:

@@ -17,23 +17,23 @@ authoritative copy exactly as with one lease.
 
 The arithmetic (layout, plans, how many stripes) is in :mod:`client.striping`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import operator
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence
 
+from client.devices import resolve_near
+from client.lease import Lease
 from client.striping import DEFAULT_UNIT, StripeLayout, StripePlan, auto_stripes
 from harvestd.errors import HarvestError, InvalidArgument, LeaseRevoked, NoCapacity
 from lender.backends.base import BackendKind
 
 if TYPE_CHECKING:
     import torch
-
-    from client.connection import Client
-    from client.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,42 @@ _SIBLING_WAIT_S = 2.0
 StripedCallback = Callable[["StripedLease", str], None]
 
 
-def lease_striped(client: "Client", nbytes: int, stripes: int | None = None,
-                  near: Any = None, *, unit: int | None = None, ttl: float | None = None,
-                  priority: int = 0, backend: str | BackendKind | None = None,
-                  device: Any = None, max_stripes: int = 8) -> "StripedLease":
-    """See :meth:`client.connection.Client.lease_striped`."""
-    from client.devices import resolve_near
+class Lessor(Protocol):
+    """Where stripes come from: a connection that grants single leases and lists the
+    lenders (:class:`client.connection.Client`)."""
 
+    node: str
+
+    def lease(
+        self,
+        nbytes: int,
+        ttl: float | None = None,
+        near: Any = None,
+        priority: int = 0,
+        backend: str | BackendKind | None = None,
+        device: Any = None,
+        avoid: Iterable[str] = (),
+    ) -> Lease:
+        """Grant, pick up and map one lease."""
+
+    def lenders(self) -> list[Any]:
+        """Every lender the broker knows, as the broker describes it."""
+
+
+def lease_striped(
+    client: Lessor,
+    nbytes: int,
+    stripes: int | None = None,
+    near: Any = None,
+    *,
+    unit: int | None = None,
+    ttl: float | None = None,
+    priority: int = 0,
+    backend: str | BackendKind | None = None,
+    device: Any = None,
+    max_stripes: int = 8,
+) -> "StripedLease":
+    """See :meth:`client.connection.Client.lease_striped`."""
     unit = DEFAULT_UNIT if unit is None else unit
     if isinstance(max_stripes, bool) or not isinstance(max_stripes, int) or max_stripes < 1:
         raise InvalidArgument(f"max_stripes must be a positive int, got {max_stripes!r}")
@@ -61,17 +90,32 @@ def lease_striped(client: "Client", nbytes: int, stripes: int | None = None,
         StripeLayout(nbytes, 1, unit)
         _, near_uuid = resolve_near(near)
         kind = BackendKind(backend) if backend else None
-        best = auto_stripes(client.lenders(), nbytes, near_uuid, client.node,
-                            kind.pb if kind else 0, unit, max_stripes)
+        best = auto_stripes(
+            client.lenders(),
+            nbytes,
+            near_uuid,
+            client.node,
+            kind.pb if kind else 0,
+            unit,
+            max_stripes,
+        )
         counts = list(range(best, 0, -1))  # a lender may fill up meanwhile: fewer, then
     for i, count in enumerate(counts):
         layout = StripeLayout(nbytes, count, unit)
         leases: list[Lease] = []
         try:
             for stripe in range(count):
-                leases.append(client.lease(
-                    layout.stripe_bytes(stripe), ttl=ttl, near=near, priority=priority,
-                    backend=backend, device=device, avoid=[l.lender for l in leases]))
+                leases.append(
+                    client.lease(
+                        layout.stripe_bytes(stripe),
+                        ttl=ttl,
+                        near=near,
+                        priority=priority,
+                        backend=backend,
+                        device=device,
+                        avoid=[l.lender for l in leases],
+                    )
+                )
         except NoCapacity:
             for lease in leases:
                 lease.release()
@@ -88,6 +132,7 @@ def lease_striped(client: "Client", nbytes: int, stripes: int | None = None,
 
 
 # ---------------------------------------------------------------- the lease
+
 
 def _word(block_bytes: int, *tensors: "torch.Tensor") -> Any:
     """The widest integer word dividing the block and every tensor's address."""
@@ -137,8 +182,10 @@ class StripedLease:
     # ------------------------------------------------------------ description
 
     def __repr__(self) -> str:
-        return (f"StripedLease(nbytes={self.nbytes}, stripes={self.layout.stripes}, "
-                f"unit={self.layout.unit}, lenders={self.lenders}, state={self.state!r})")
+        return (
+            f"StripedLease(nbytes={self.nbytes}, stripes={self.layout.stripes}, "
+            f"unit={self.layout.unit}, lenders={self.lenders}, state={self.state!r})"
+        )
 
     @property
     def ids(self) -> list[str]:
@@ -186,19 +233,33 @@ class StripedLease:
                 stack.enter_context(lease.use(device_work) if device_work else lease.use())
             yield
 
-    def tensor(self, stripe: int, dtype: "torch.dtype", shape: Sequence[int] | int | None = None,
-               offset: int = 0) -> "torch.Tensor":
+    def tensor(
+        self,
+        stripe: int,
+        dtype: "torch.dtype",
+        shape: Sequence[int] | int | None = None,
+        offset: int = 0,
+    ) -> "torch.Tensor":
         """A tensor over stripe ``stripe``'s own bytes (no copy; see
         :meth:`client.Lease.tensor`). Its bytes are the logical units ``stripe``,
         ``stripe + stripes``, ... back to back."""
         self._check()
-        if isinstance(stripe, bool) or not isinstance(stripe, int) or not (
-                0 <= stripe < self.layout.stripes):
+        if (
+            isinstance(stripe, bool)
+            or not isinstance(stripe, int)
+            or not (0 <= stripe < self.layout.stripes)
+        ):
             raise InvalidArgument(f"stripe must be in [0, {self.layout.stripes}), got {stripe!r}")
         return self.stripes[stripe].tensor(dtype, shape, offset)
 
-    def plan(self, offsets: Sequence[int] | "torch.Tensor", block_bytes: int,
-             device: Any = None, *, check: bool = True) -> StripePlan:
+    def plan(
+        self,
+        offsets: Sequence[int] | "torch.Tensor",
+        block_bytes: int,
+        device: Any = None,
+        *,
+        check: bool = True,
+    ) -> StripePlan:
         """Sort the blocks at logical byte ``offsets`` by stripe, once (one device sync),
         for any number of :meth:`gather` / :meth:`scatter` calls with the same blocks
         (pass the plan as their ``offsets``). ``device``: where the calls' ``out`` /
@@ -208,8 +269,9 @@ class StripedLease:
         if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes <= 0:
             raise InvalidArgument(f"block_bytes must be a positive int, got {block_bytes!r}")
         if block_bytes > self.layout.unit:
-            raise InvalidArgument(f"{block_bytes}-byte blocks do not fit a "
-                                  f"{self.layout.unit}-byte stripe unit")
+            raise InvalidArgument(
+                f"{block_bytes}-byte blocks do not fit a {self.layout.unit}-byte stripe unit"
+            )
         if isinstance(offsets, torch.Tensor):
             if offsets.dim() != 1 or offsets.dtype not in (torch.int64, torch.int32):
                 raise InvalidArgument("offsets must be a 1-D int64 or int32 tensor")
@@ -219,8 +281,11 @@ class StripedLease:
                 off = torch.tensor([operator.index(o) for o in offsets], dtype=torch.int64)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise InvalidArgument(f"offsets must be integers: {exc}") from exc
-        device = torch.device(device) if device is not None else (
-            off.device if isinstance(offsets, torch.Tensor) else torch.device(self.device))
+        device = (
+            torch.device(device)
+            if device is not None
+            else (off.device if isinstance(offsets, torch.Tensor) else torch.device(self.device))
+        )
         n, k, unit = off.numel(), self.layout.stripes, self.layout.unit
         if n == 0:
             return StripePlan(self.layout, block_bytes, 0, (0,) * k, None, None, True, device)
@@ -228,36 +293,49 @@ class StripedLease:
         stripe = units % k  # floor modulo: in [0, k) even for a bad negative offset
         local = torch.div(units, k, rounding_mode="floor") * unit + off % unit
         order = torch.argsort(stripe, stable=True)
-        stats = [torch.bincount(stripe, minlength=k),
-                 (order == torch.arange(n, device=off.device)).all().reshape(1),
-                 (local % block_bytes == 0).all().reshape(1)]
+        stats = [
+            torch.bincount(stripe, minlength=k),
+            (order == torch.arange(n, device=off.device)).all().reshape(1),
+            (local % block_bytes == 0).all().reshape(1),
+        ]
         if check:
-            stats += [off.min().reshape(1), off.max().reshape(1),
-                      (off % unit).max().reshape(1)]
+            stats += [off.min().reshape(1), off.max().reshape(1), (off % unit).max().reshape(1)]
         flat = torch.cat([t.long() for t in stats]).tolist()  # the one sync
         counts, in_order, aligned = flat[:k], bool(flat[k]), bool(flat[k + 1])
         if check:
-            lo, hi, deepest = flat[k + 2:]
+            lo, hi, deepest = flat[k + 2 :]
             if lo < 0 or hi + block_bytes > self.nbytes:
-                raise InvalidArgument(f"offsets must lie in [0, {self.nbytes - block_bytes}] "
-                                      f"for {block_bytes}-byte blocks; got [{lo}, {hi}]")
+                raise InvalidArgument(
+                    f"offsets must lie in [0, {self.nbytes - block_bytes}] "
+                    f"for {block_bytes}-byte blocks; got [{lo}, {hi}]"
+                )
             if deepest + block_bytes > unit:
-                raise InvalidArgument(f"a {block_bytes}-byte block at unit byte {deepest} "
-                                      f"crosses a {unit}-byte stripe unit")
+                raise InvalidArgument(
+                    f"a {block_bytes}-byte block at unit byte {deepest} "
+                    f"crosses a {unit}-byte stripe unit"
+                )
         local = local if in_order else local[order]
         local = local.to(device)
-        return StripePlan(self.layout, block_bytes, n, tuple(counts), local,
-                          None if in_order else order.to(device), aligned, device,
-                          torch.div(local, block_bytes, rounding_mode="floor") if aligned
-                          else None)
+        return StripePlan(
+            self.layout,
+            block_bytes,
+            n,
+            tuple(counts),
+            local,
+            None if in_order else order.to(device),
+            aligned,
+            device,
+            torch.div(local, block_bytes, rounding_mode="floor") if aligned else None,
+        )
 
-    def _plan_for(self, offsets: Any, block_bytes: int, device: Any, check: bool
-                  ) -> StripePlan:
+    def _plan_for(self, offsets: Any, block_bytes: int, device: Any, check: bool) -> StripePlan:
         if not isinstance(offsets, StripePlan):
             return self.plan(offsets, block_bytes, device, check=check)
         if offsets.layout != self.layout or offsets.block_bytes != block_bytes:
-            raise InvalidArgument(f"the plan is for {offsets.block_bytes}-byte blocks of "
-                                  f"{offsets.layout}, not {block_bytes}-byte blocks here")
+            raise InvalidArgument(
+                f"the plan is for {offsets.block_bytes}-byte blocks of "
+                f"{offsets.layout}, not {block_bytes}-byte blocks here"
+            )
         if offsets.device != device:
             raise InvalidArgument(f"the plan is for {offsets.device}, the buffer on {device}")
         return offsets
@@ -273,8 +351,7 @@ class StripedLease:
         index = device.index if device.index is not None else torch.cuda.current_device()
         streams = self._streams.get(index)
         if streams is None:
-            streams = self._streams[index] = [torch.cuda.Stream(device=index)
-                                              for _ in self.stripes]
+            streams = self._streams[index] = [torch.cuda.Stream(device=index) for _ in self.stripes]
         current = torch.cuda.current_stream(index)
         # Every tensor the pieces touch was made on `current`, which waits for all of them
         # below before anything else runs on it: none is reused while a piece reads it.
@@ -285,8 +362,14 @@ class StripedLease:
         for stripe, _ in work:
             current.wait_stream(streams[stripe])
 
-    def gather(self, offsets: "Sequence[int] | torch.Tensor | StripePlan", block_bytes: int,
-               out: "torch.Tensor", *, check: bool = True) -> "torch.Tensor":
+    def gather(
+        self,
+        offsets: "Sequence[int] | torch.Tensor | StripePlan",
+        block_bytes: int,
+        out: "torch.Tensor",
+        *,
+        check: bool = True,
+    ) -> "torch.Tensor":
         """Copy the ``block_bytes`` blocks at logical byte ``offsets`` into ``out`` (block
         ``i`` to its bytes ``[i * block_bytes, (i + 1) * block_bytes)``); returns ``out``.
 
@@ -302,8 +385,11 @@ class StripedLease:
             return out
         import torch
 
-        staging = out_b if plan.order is None else torch.empty(
-            plan.n * block_bytes, dtype=torch.uint8, device=out_b.device)
+        staging = (
+            out_b
+            if plan.order is None
+            else torch.empty(plan.n * block_bytes, dtype=torch.uint8, device=out_b.device)
+        )
         word = _word(block_bytes, out_b, staging)
 
         def piece(src: "torch.Tensor", start: int, count: int) -> None:
@@ -313,24 +399,40 @@ class StripedLease:
                 # index_select is all; per stripe and call, Python's cost is what caps a
                 # many-stripe read, not the GPU's.
                 src_word = _word(block_bytes, src, staging)
-                torch.index_select(_table(src, block_bytes, src_word), 0,
-                                   plan.rows[start:start + count],
-                                   out=_rows(staging[rows], count, block_bytes, src_word))
+                torch.index_select(
+                    _table(src, block_bytes, src_word),
+                    0,
+                    plan.rows[start : start + count],
+                    out=_rows(staging[rows], count, block_bytes, src_word),
+                )
             else:
-                gather(src, plan.local[start:start + count], block_bytes, staging[rows],
-                       check=not plan.aligned)
+                gather(
+                    src,
+                    plan.local[start : start + count],
+                    block_bytes,
+                    staging[rows],
+                    check=not plan.aligned,
+                )
             if plan.order is not None:
                 # Into place on the stripe's own stream, while other stripes still read.
                 _rows(out_b, plan.n, block_bytes, word).index_copy_(
-                    0, plan.order[start:start + count],
-                    _rows(staging[rows], count, block_bytes, word))
+                    0,
+                    plan.order[start : start + count],
+                    _rows(staging[rows], count, block_bytes, word),
+                )
 
         with self.use():
             self._launch(out_b.device, self._pieces(plan, piece))
         return out
 
-    def scatter(self, src: "torch.Tensor", offsets: "Sequence[int] | torch.Tensor | StripePlan",
-                block_bytes: int, *, check: bool = True) -> None:
+    def scatter(
+        self,
+        src: "torch.Tensor",
+        offsets: "Sequence[int] | torch.Tensor | StripePlan",
+        block_bytes: int,
+        *,
+        check: bool = True,
+    ) -> None:
         """Copy block ``i`` of ``src`` to logical byte ``offsets[i]``; one block kernel
         per stripe, each on its own stream (as :meth:`gather`). Blocks must not overlap."""
         from client.blocks import scatter
@@ -341,19 +443,26 @@ class StripedLease:
 
         def piece(dst: "torch.Tensor", start: int, count: int) -> None:
             if plan.order is None:
-                rows = src_b[start * block_bytes:(start + count) * block_bytes]
+                rows = src_b[start * block_bytes : (start + count) * block_bytes]
             else:
-                rows = _rows(src_b, plan.n, block_bytes, _word(block_bytes, src_b)
-                             ).index_select(0, plan.order[start:start + count])
-            scatter(dst, rows, plan.local[start:start + count], block_bytes,
-                    check=not plan.aligned)
+                rows = _rows(src_b, plan.n, block_bytes, _word(block_bytes, src_b)).index_select(
+                    0, plan.order[start : start + count]
+                )
+            scatter(
+                dst, rows, plan.local[start : start + count], block_bytes, check=not plan.aligned
+            )
 
         with self.use():
             self._launch(src_b.device, self._pieces(plan, piece))
 
-    def _blocks(self, tensor: "torch.Tensor", name: str,
-                offsets: "Sequence[int] | torch.Tensor | StripePlan", block_bytes: int,
-                check: bool) -> "tuple[torch.Tensor, StripePlan]":
+    def _blocks(
+        self,
+        tensor: "torch.Tensor",
+        name: str,
+        offsets: "Sequence[int] | torch.Tensor | StripePlan",
+        block_bytes: int,
+        check: bool,
+    ) -> "tuple[torch.Tensor, StripePlan]":
         """``tensor``'s bytes and the plan of ``offsets``, once the lease is checked and
         ``tensor`` is known to hold every block (what gather and scatter both need)."""
         from client.blocks import bytes_of
@@ -363,19 +472,22 @@ class StripedLease:
         plan = self._plan_for(offsets, block_bytes, data.device, check)
         total = plan.n * block_bytes
         if data.numel() < total:
-            raise InvalidArgument(f"{name} holds {data.numel()} bytes; {plan.n} blocks of "
-                                  f"{block_bytes} need {total}")
+            raise InvalidArgument(
+                f"{name} holds {data.numel()} bytes; {plan.n} blocks of {block_bytes} need {total}"
+            )
         return data, plan
 
-    def _pieces(self, plan: StripePlan, piece: Callable[["torch.Tensor", int, int], None]
-                ) -> list[tuple[int, Callable[[], None]]]:
+    def _pieces(
+        self, plan: StripePlan, piece: Callable[["torch.Tensor", int, int], None]
+    ) -> list[tuple[int, Callable[[], None]]]:
         """``(stripe, work)`` for every stripe with blocks in ``plan`` (inside use())."""
         work, start = [], 0
         for stripe, count in enumerate(plan.counts):
             if count:
                 src = self.stripes[stripe].as_bytes()
-                work.append((stripe, lambda src=src, start=start, count=count:
-                             piece(src, start, count)))
+                work.append(
+                    (stripe, lambda src=src, start=start, count=count: piece(src, start, count))
+                )
             start += count
         return work
 
@@ -431,4 +543,3 @@ class StripedLease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-

@@ -1,6 +1,7 @@
 """How a striped lease lays its bytes over its stripes, and how many stripes to take:
 the arithmetic of :mod:`client.striped`, with no lease in it (tested on simulated
 topologies in tests/test_placement.py)."""
+
 from __future__ import annotations
 
 import operator
@@ -8,12 +9,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 from harvestd.errors import InvalidArgument
-from lender.backends.base import round_up
+from harvestd.sizes import round_up
 
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_UNIT = 2 << 20   # the VMM granularity: whole allocation pages per stripe unit
+DEFAULT_UNIT = 2 << 20  # the VMM granularity: whole allocation pages per stripe unit
 MAX_STRIPES = 64
 
 
@@ -34,8 +35,10 @@ class StripeLayout:
         if self.stripes > MAX_STRIPES:
             raise InvalidArgument(f"at most {MAX_STRIPES} stripes, got {self.stripes}")
         if self.units < self.stripes:
-            raise InvalidArgument(f"{self.nbytes} bytes make {self.units} units of "
-                                  f"{self.unit}: too few for {self.stripes} stripes")
+            raise InvalidArgument(
+                f"{self.nbytes} bytes make {self.units} units of "
+                f"{self.unit}: too few for {self.stripes} stripes"
+            )
 
     @property
     def units(self) -> int:
@@ -76,12 +79,20 @@ class StripePlan:
 
 # ---------------------------------------------------------------- how many stripes
 
+
 def _free(lender: Any) -> int:
     return max(0, int(lender.capacity) - int(lender.reclaimed)) - int(lender.granted)
 
 
-def auto_stripes(lenders: Iterable[Any], nbytes: int, near_gpu: str, node: str,
-                 backend: int = 0, unit: int = DEFAULT_UNIT, max_stripes: int = 8) -> int:
+def auto_stripes(
+    lenders: Iterable[Any],
+    nbytes: int,
+    near_gpu: str,
+    node: str,
+    backend: int = 0,
+    unit: int = DEFAULT_UNIT,
+    max_stripes: int = 8,
+) -> int:
     """How many stripes read ``nbytes`` fastest into GPU ``near_gpu``, from ``lenders``
     (``pb.Lender`` as ``Client.lenders()`` gives them).
 
@@ -99,12 +110,18 @@ def auto_stripes(lenders: Iterable[Any], nbytes: int, near_gpu: str, node: str,
     for k in range(1, min(max_stripes, units, MAX_STRIPES) + 1):
         size = StripeLayout(nbytes, k, unit).stripe_bytes(0)
         links = sorted(
-            (next((l.nvlinks for l in lender.links if l.peer_uuid == near_gpu), 0)
-             for lender in lenders
-             if lender.state == pb.LENDER_UP and lender.node == node and lender.gpu_uuid
-             and lender.gpu_uuid != near_gpu and (not backend or lender.backend == backend)
-             and _free(lender) >= round_up(size, max(1, int(lender.granularity)))),
-            reverse=True)
+            (
+                next((l.nvlinks for l in lender.links if l.peer_uuid == near_gpu), 0)
+                for lender in lenders
+                if lender.state == pb.LENDER_UP
+                and lender.node == node
+                and lender.gpu_uuid
+                and lender.gpu_uuid != near_gpu
+                and (not backend or lender.backend == backend)
+                and _free(lender) >= round_up(size, max(1, int(lender.granularity)))
+            ),
+            reverse=True,
+        )
         if len(links) < k or links[k - 1] <= 0:
             continue
         if k * links[k - 1] > best_rate:

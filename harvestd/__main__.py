@@ -1,4 +1,5 @@
 """``python -m harvestd`` is the ``harvestd`` CLI."""
+
 from harvestd.cli import main
 
 main()

@@ -3,6 +3,7 @@
 It runs as a named, detached Ray actor (:func:`broker_actor_class`), or as a plain
 process (``python -m harvestd.broker --state-dir D``) where Ray is not wanted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,11 @@ class BrokerConfig:
     """How a broker runs."""
 
     state_dir: str
-    listen: str = ""            # extra TCP address (loopback only); the Unix socket is always on
+    listen: str = ""  # extra TCP address (loopback only); the Unix socket is always on
     timing: Timing = Timing()
     sweep_interval_s: float = 0.05
-    max_workers: int = 256      # each open watch stream holds one
-    metrics_port: int = 0       # 0: no metrics endpoint
+    max_workers: int = 256  # each open watch stream holds one
+    metrics_port: int = 0  # 0: no metrics endpoint
     log_format: str = "text"
     log_level: str = "info"
 
@@ -56,8 +57,7 @@ def check_listen(listen: str) -> str:
     except ValueError:
         loopback = False
     if not loopback:
-        raise InvalidArgument(f"refusing to listen on {host}: only loopback is allowed "
-                              "without TLS")
+        raise InvalidArgument(f"refusing to listen on {host}: only loopback is allowed without TLS")
     return listen
 
 
@@ -71,21 +71,22 @@ class BrokerServer:
         self.store = SqliteStore(str(self.state.store_path))
         self.hub = EventHub(lambda: self.table)
         self.metrics = BrokerMetrics(lambda: self.table)
-        self.table = LeaseTable(self.store, notifier=self.hub, timing=config.timing,
-                                observer=self.metrics)
+        self.table = LeaseTable(
+            self.store, notifier=self.hub, timing=config.timing, observer=self.metrics
+        )
         self.address = self.state.broker_address
-        self.service = BrokerService(self.table, self.hub, self.address,
-                                     str(self.state.store_path))
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
-                                  maximum_concurrent_rpcs=config.max_workers * 4)
+        self.service = BrokerService(self.table, self.hub, self.address, str(self.state.store_path))
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers),
+            maximum_concurrent_rpcs=config.max_workers * 4,
+        )
         pb_grpc.add_BrokerServicer_to_server(self.service, self.server)
         if self.state.broker_socket.exists():
             self.state.broker_socket.unlink()
         self.server.add_insecure_port(self.address)
         self.tcp_port = self.server.add_insecure_port(listen) if listen else 0
         self._stop = threading.Event()
-        self._sweeper = threading.Thread(target=self._sweep, name="harvest-sweeper",
-                                         daemon=True)
+        self._sweeper = threading.Thread(target=self._sweep, name="harvest-sweeper", daemon=True)
 
     def start(self) -> "BrokerServer":
         """Serve until :meth:`stop`."""
@@ -135,8 +136,11 @@ def watch_ray_nodes(table: LeaseTable, stop: threading.Event, interval_s: float 
         if not dead:
             continue
         with table.lock:
-            lost = [l.id for l in table.lenders.values()
-                    if l.ray_node_id in dead and l.state.label != "down"]
+            lost = [
+                l.id
+                for l in table.lenders.values()
+                if l.ray_node_id in dead and l.state.label != "down"
+            ]
         if lost:
             table.lenders_lost(lost, "node lost")
 
@@ -153,12 +157,19 @@ def broker_actor_class():
         def __init__(self, config: BrokerConfig) -> None:
             from harvestd.logs import setup_logging
 
-            setup_logging(StateDir.resolve(config.state_dir).logs_dir / "broker.log",
-                          config.log_level, config.log_format)
+            setup_logging(
+                StateDir.resolve(config.state_dir).logs_dir / "broker.log",
+                config.log_level,
+                config.log_format,
+            )
             self.server = BrokerServer(config).start()
             self._stop = threading.Event()
-            threading.Thread(target=watch_ray_nodes, args=(self.server.table, self._stop),
-                             name="harvest-node-watch", daemon=True).start()
+            threading.Thread(
+                target=watch_ray_nodes,
+                args=(self.server.table, self._stop),
+                name="harvest-node-watch",
+                daemon=True,
+            ).start()
 
         def address(self) -> str:
             """The broker's gRPC target."""
@@ -192,10 +203,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     state = StateDir.resolve(args.state_dir).create()
     setup_logging(state.logs_dir / "broker.log", args.log_level, args.log_format)
-    server = BrokerServer(BrokerConfig(
-        state_dir=str(state.root), listen=args.listen,
-        timing=Timing(default_ttl=args.ttl, grace=args.grace),
-        metrics_port=args.metrics_port)).start()
+    server = BrokerServer(
+        BrokerConfig(
+            state_dir=str(state.root),
+            listen=args.listen,
+            timing=Timing(default_ttl=args.ttl, grace=args.grace),
+            metrics_port=args.metrics_port,
+        )
+    ).start()
     wait_for_stop()
     server.stop()
 

@@ -16,6 +16,7 @@ came from, and every mistake is reported at once, one line per key.
     [gpu.1]                   # per GPU (index or UUID): reserve and cap
     reserve = "20GiB"
 """
+
 from __future__ import annotations
 
 import os
@@ -97,6 +98,7 @@ def _choice(*options: str) -> Callable[[Any], str]:
         if text not in options:
             raise InvalidArgument(f"must be one of {', '.join(options)}; got {value!r}")
         return text
+
     return parse
 
 
@@ -139,27 +141,45 @@ class Setting:
         return ENV_PREFIX + self.name.upper()
 
 
-SETTINGS: dict[str, Setting] = {s.name: s for s in [
-    Setting("state_dir", _string, "", "state directory (default: $XDG_RUNTIME_DIR/harvest, "
-            "else ~/.cache/harvest)"),
-    Setting("ray_address", _string, "", "Ray cluster to join (default: start a local one)"),
-    Setting("backend", _choice("auto", "host", "cuda-vmm", "cuda-ipc"), "auto",
-            "what to lend"),
-    Setting("host_bytes", _lendable_size, None, "host memory to lend (default 1GiB without "
-            "GPUs, none beside them)"),
-    Setting("gpus", _gpus, [], "GPUs that lend (default: all)"),
-    Setting("reserve", _reserve, "10%", "GPU memory kept for its tenant: bytes or percent"),
-    Setting("cap", _size, 0, "lend at most this much per GPU (0: no cap)"),
-    Setting("ttl", _seconds, 30.0, "default lease TTL in seconds"),
-    Setting("grace", _seconds, 5.0, "seconds a holder has to acknowledge a revocation"),
-    Setting("listen", _string, "", "also serve gRPC on this loopback HOST:PORT"),
-    Setting("metrics_port", _port, 0, "Prometheus port of the broker; lenders use the "
-            "next ones (0: off)"),
-    Setting("log_format", _choice("text", "json"), "text", "log line format"),
-    Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "log level"),
-    Setting("ray_broker", lambda v: v if isinstance(v, bool) else str(v).lower() in
-            ("1", "true", "yes"), True, "run the broker as a Ray actor (else a process)"),
-]}
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in [
+        Setting(
+            "state_dir",
+            _string,
+            "",
+            "state directory (default: $XDG_RUNTIME_DIR/harvest, else ~/.cache/harvest)",
+        ),
+        Setting("ray_address", _string, "", "Ray cluster to join (default: start a local one)"),
+        Setting("backend", _choice("auto", "host", "cuda-vmm", "cuda-ipc"), "auto", "what to lend"),
+        Setting(
+            "host_bytes",
+            _lendable_size,
+            None,
+            "host memory to lend (default 1GiB without GPUs, none beside them)",
+        ),
+        Setting("gpus", _gpus, [], "GPUs that lend (default: all)"),
+        Setting("reserve", _reserve, "10%", "GPU memory kept for its tenant: bytes or percent"),
+        Setting("cap", _size, 0, "lend at most this much per GPU (0: no cap)"),
+        Setting("ttl", _seconds, 30.0, "default lease TTL in seconds"),
+        Setting("grace", _seconds, 5.0, "seconds a holder has to acknowledge a revocation"),
+        Setting("listen", _string, "", "also serve gRPC on this loopback HOST:PORT"),
+        Setting(
+            "metrics_port",
+            _port,
+            0,
+            "Prometheus port of the broker; lenders use the next ones (0: off)",
+        ),
+        Setting("log_format", _choice("text", "json"), "text", "log line format"),
+        Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "log level"),
+        Setting(
+            "ray_broker",
+            lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes"),
+            True,
+            "run the broker as a Ray actor (else a process)",
+        ),
+    ]
+}
 GPU_KEYS = {"reserve": _reserve, "cap": _size}
 
 
@@ -178,8 +198,11 @@ class Config:
             raise AttributeError(name) from None
 
 
-def load_config(path: str | os.PathLike | None = None, flags: dict[str, Any] | None = None,
-                env: dict[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None,
+    flags: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Config:
     """Defaults, then the TOML file (``path`` or ``$HARVEST_CONFIG``), then ``HARVEST_*``
     variables, then ``flags`` (None values are not set). Raises InvalidArgument listing
     every mistake, one per line, each naming its key."""
@@ -228,8 +251,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from None
 
 
-def _gpu_table(gpu: str, table: Any, path: str | os.PathLike, errors: list[str]
-               ) -> dict[str, Any]:
+def _gpu_table(gpu: str, table: Any, path: str | os.PathLike, errors: list[str]) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
     if not isinstance(table, dict):
         errors.append(f"gpu.{gpu} (file {path}): expected a table of reserve and cap")

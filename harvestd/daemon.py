@@ -1,5 +1,6 @@
 """The detached daemon: ``harvestd start --detach`` runs this module in a new session,
 with its output in the state dir's ``logs/daemon.log``."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m harvestd.daemon OPTIONS_JSON``."""
     argv = sys.argv[1:] if argv is None else argv
     opts = NodeOptions(**json.loads(argv[0]))
-    setup_logging(StateDir.resolve(opts.state_dir).logs_dir / "daemon.log", opts.log_level,
-                  opts.log_format)
+    setup_logging(
+        StateDir.resolve(opts.state_dir).logs_dir / "daemon.log", opts.log_level, opts.log_format
+    )
     run_node(opts)
 
 

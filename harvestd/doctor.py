@@ -1,5 +1,6 @@
 """``harvestd doctor``: what Harvest needs on this machine, checked one by one, each
 missing piece with its fix."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -33,19 +34,32 @@ def _version(package: str) -> str | None:
 def check_python_packages() -> list[Check]:
     """Ray, torch, grpc and the GPU extra's cuda-bindings."""
     checks = []
-    for package, need, fix in (
-            ("ray", "2.40", "pip install 'ray>=2.40'"),
-            ("torch", "2.4", "pip install 'torch>=2.4'"),
-            ("grpcio", "1.66", "pip install 'grpcio>=1.75'"),
-            ("protobuf", "5.28", "pip install 'protobuf>=6.31'")):
+    for package, _need, fix in (
+        ("ray", "2.40", "pip install 'ray>=2.40'"),
+        ("torch", "2.4", "pip install 'torch>=2.4'"),
+        ("grpcio", "1.66", "pip install 'grpcio>=1.75'"),
+        ("protobuf", "5.28", "pip install 'protobuf>=6.31'"),
+    ):
         have = _version(package)
-        checks.append(Check(f"{package} installed", have is not None,
-                            f"{package} {have}" if have else f"{package} is missing", fix))
+        checks.append(
+            Check(
+                f"{package} installed",
+                have is not None,
+                f"{package} {have}" if have else f"{package} is missing",
+                fix,
+            )
+        )
     have = _version("cuda-bindings") or _version("cuda-python")
-    checks.append(Check("cuda-bindings (GPU lending)", have is not None,
-                        f"cuda-bindings {have}" if have else "cuda-bindings is missing: "
-                        "GPU memory cannot be lent or mapped",
-                        "pip install 'harvest[gpu]'  (cuda-bindings matching your driver)"))
+    checks.append(
+        Check(
+            "cuda-bindings (GPU lending)",
+            have is not None,
+            f"cuda-bindings {have}"
+            if have
+            else "cuda-bindings is missing: GPU memory cannot be lent or mapped",
+            "pip install 'harvest[gpu]'  (cuda-bindings matching your driver)",
+        )
+    )
     return checks
 
 
@@ -57,35 +71,66 @@ def check_gpus() -> list[Check]:
 
         pynvml.nvmlInit()
     except Exception as exc:  # noqa: BLE001 - no driver is a finding, not a crash
-        return [Check("NVIDIA driver (NVML)", False, f"NVML unavailable: {exc}",
-                      "install the NVIDIA driver; without a GPU Harvest lends host memory "
-                      "(harvestd start --backend host)")]
+        return [
+            Check(
+                "NVIDIA driver (NVML)",
+                False,
+                f"NVML unavailable: {exc}",
+                "install the NVIDIA driver; without a GPU Harvest lends host memory "
+                "(harvestd start --backend host)",
+            )
+        ]
     driver = pynvml.nvmlSystemGetDriverVersion()
     cuda = pynvml.nvmlSystemGetCudaDriverVersion()
-    checks.append(Check("NVIDIA driver", True, f"driver {_text(driver)}, CUDA "
-                        f"{cuda // 1000}.{cuda % 1000 // 10}"))
+    checks.append(
+        Check(
+            "NVIDIA driver",
+            True,
+            f"driver {_text(driver)}, CUDA {cuda // 1000}.{cuda % 1000 // 10}",
+        )
+    )
     from lender.gpus import discover_gpus
 
     gpus = discover_gpus()
     if not gpus:
-        checks.append(Check("GPUs", False, "NVML answers but reports no GPU",
-                            "check nvidia-smi; lend host memory meanwhile"))
+        checks.append(
+            Check(
+                "GPUs",
+                False,
+                "NVML answers but reports no GPU",
+                "check nvidia-smi; lend host memory meanwhile",
+            )
+        )
     for gpu in gpus:
-        checks.append(Check(f"GPU {gpu.index} VMM", gpu.vmm_supported,
-                            f"{gpu.name} {gpu.uuid}: virtual memory management "
-                            + ("supported" if gpu.vmm_supported else "NOT supported"),
-                            "use --backend cuda-ipc (weaker revocation guarantees)"))
-        checks.append(Check(f"GPU {gpu.index} fd handles", gpu.fd_handles_supported,
-                            "POSIX file-descriptor handles "
-                            + ("supported" if gpu.fd_handles_supported else "NOT supported"),
-                            "use --backend cuda-ipc, or a driver that exports fd handles"))
+        checks.append(
+            Check(
+                f"GPU {gpu.index} VMM",
+                gpu.vmm_supported,
+                f"{gpu.name} {gpu.uuid}: virtual memory management "
+                + ("supported" if gpu.vmm_supported else "NOT supported"),
+                "use --backend cuda-ipc (weaker revocation guarantees)",
+            )
+        )
+        checks.append(
+            Check(
+                f"GPU {gpu.index} fd handles",
+                gpu.fd_handles_supported,
+                "POSIX file-descriptor handles "
+                + ("supported" if gpu.fd_handles_supported else "NOT supported"),
+                "use --backend cuda-ipc, or a driver that exports fd handles",
+            )
+        )
     for a in gpus:
         for b in gpus:
             if a.index < b.index:
                 links = a.nvlinks.get(b.uuid, 0)
-                checks.append(Check(f"GPU {a.index} <-> GPU {b.index}", True,
-                                    f"{links} NVLink links" if links else
-                                    "no NVLink: peer reads go over PCIe"))
+                checks.append(
+                    Check(
+                        f"GPU {a.index} <-> GPU {b.index}",
+                        True,
+                        f"{links} NVLink links" if links else "no NVLink: peer reads go over PCIe",
+                    )
+                )
     return checks
 
 
@@ -98,17 +143,41 @@ def check_state_dir(root: Path) -> list[Check]:
     if not root.exists():
         parent = next((p for p in root.parents if p.exists()), Path("/"))
         ok = os.access(parent, os.W_OK)
-        return [Check("state dir", ok, f"{root} does not exist yet; "
-                      + ("it will be created" if ok else f"{parent} is not writable"),
-                      "" if ok else "choose another --state-dir")]
+        return [
+            Check(
+                "state dir",
+                ok,
+                f"{root} does not exist yet; "
+                + ("it will be created" if ok else f"{parent} is not writable"),
+                "" if ok else "choose another --state-dir",
+            )
+        ]
     info = root.stat()
-    checks = [Check("state dir owner", info.st_uid == os.getuid(),
-                    f"{root} belongs to uid {info.st_uid}", f"chown {os.getuid()} {root}")]
+    checks = [
+        Check(
+            "state dir owner",
+            info.st_uid == os.getuid(),
+            f"{root} belongs to uid {info.st_uid}",
+            f"chown {os.getuid()} {root}",
+        )
+    ]
     private = not info.st_mode & (stat.S_IRWXG | stat.S_IRWXO)
-    checks.append(Check("state dir private", private, f"{root} mode {oct(info.st_mode & 0o777)}",
-                        f"chmod 700 {root}"))
-    checks.append(Check("state dir writable", os.access(root, os.W_OK), str(root),
-                        f"make {root} writable, or choose another --state-dir"))
+    checks.append(
+        Check(
+            "state dir private",
+            private,
+            f"{root} mode {oct(info.st_mode & 0o777)}",
+            f"chmod 700 {root}",
+        )
+    )
+    checks.append(
+        Check(
+            "state dir writable",
+            os.access(root, os.W_OK),
+            str(root),
+            f"make {root} writable, or choose another --state-dir",
+        )
+    )
     return checks
 
 

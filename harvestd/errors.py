@@ -4,6 +4,7 @@ Every layer raises these; the broker's servicer turns them into statuses with
 :func:`abort_with`, and every caller turns an ``RpcError`` back with :func:`from_rpc_error`,
 so an error keeps its type across the wire.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -104,7 +105,7 @@ def from_code(code: grpc.StatusCode | str, message: str) -> HarvestError:
     if isinstance(code, str):
         code = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
     if code == grpc.StatusCode.FAILED_PRECONDITION and message.startswith(LEASE_ENDED_PREFIX):
-        return LeaseRevoked(message[len(LEASE_ENDED_PREFIX):])
+        return LeaseRevoked(message[len(LEASE_ENDED_PREFIX) :])
     return _BY_CODE.get(code, HarvestError)(message)
 
 

@@ -9,6 +9,7 @@ Each check names the rule of :mod:`harvestd.table` that makes it hold, so that a
 failure points at the rule that broke (or at a change in the rules that forgot this
 module).
 """
+
 from __future__ import annotations
 
 import json
@@ -140,8 +141,9 @@ def check_store(path: str, *, capacity_bound: bool = True) -> list[str]:
                 problems.append(f"lender row {row_id!r} holds the record of {rec['id']!r}")
             if rec["state"] not in {int(s) for s in LenderState}:
                 problems.append(f"lender {row_id}: state {rec['state']!r} is not a LenderState")
-            lenders[row_id] = _Lender(row_id, _int(rec, "generation"), _int(rec, "capacity"),
-                                      _int(rec, "granularity"))
+            lenders[row_id] = _Lender(
+                row_id, _int(rec, "generation"), _int(rec, "capacity"), _int(rec, "granularity")
+            )
         except (ValueError, KeyError, TypeError) as exc:
             problems.append(f"lender row {row_id!r} does not parse: {exc!r}")
 
@@ -152,17 +154,26 @@ def check_store(path: str, *, capacity_bound: bool = True) -> list[str]:
             if rec["id"] != row_id:
                 problems.append(f"lease row {row_id!r} holds the record of {rec['id']!r}")
             if bool(freed_col) != bool(rec["freed"]):
-                problems.append(f"lease {row_id}: freed column {freed_col} but record "
-                                f"freed={rec['freed']}")
+                problems.append(
+                    f"lease {row_id}: freed column {freed_col} but record freed={rec['freed']}"
+                )
             if rec["state"] not in {int(s) for s in LeaseState}:
                 problems.append(f"lease {row_id}: state {rec['state']!r} is not a LeaseState")
             token = bytes.fromhex(rec["token"])
             if len(token) != TOKEN_BYTES:
-                problems.append(f"lease {row_id}: token of {len(token)} bytes, not "
-                                f"{TOKEN_BYTES}")
-            leases.append(_Lease(row_id, rec["lender_id"], rec["state"], bool(rec["freed"]),
-                                 _int(rec, "charged"), _int(rec, "nbytes"),
-                                 _int(rec, "generation"), _int(rec, "lender_generation")))
+                problems.append(f"lease {row_id}: token of {len(token)} bytes, not {TOKEN_BYTES}")
+            leases.append(
+                _Lease(
+                    row_id,
+                    rec["lender_id"],
+                    rec["state"],
+                    bool(rec["freed"]),
+                    _int(rec, "charged"),
+                    _int(rec, "nbytes"),
+                    _int(rec, "generation"),
+                    _int(rec, "lender_generation"),
+                )
+            )
         except (ValueError, KeyError, TypeError) as exc:
             problems.append(f"lease row {row_id!r} does not parse: {exc!r}")
 
@@ -172,25 +183,34 @@ def check_store(path: str, *, capacity_bound: bool = True) -> list[str]:
         by_generation[lease.generation].append(lease.id)
     for generation, ids in sorted(by_generation.items()):
         if len(ids) > 1:
-            problems.append(f"generation {generation} granted {len(ids)} times: "
-                            f"{', '.join(sorted(ids))}")
+            problems.append(
+                f"generation {generation} granted {len(ids)} times: {', '.join(sorted(ids))}"
+            )
     lender_generations = {l.generation: l.id for l in lenders.values()}
     for lease in leases:
         if lease.generation in lender_generations:
-            problems.append(f"lease {lease.id}: generation {lease.generation} is also lender "
-                            f"{lender_generations[lease.generation]}'s registration")
+            problems.append(
+                f"lease {lease.id}: generation {lease.generation} is also lender "
+                f"{lender_generations[lease.generation]}'s registration"
+            )
         if lease.generation > counter or lease.lender_generation > counter:
-            problems.append(f"lease {lease.id}: generation {lease.generation} (lender "
-                            f"generation {lease.lender_generation}) above the stored "
-                            f"counter {counter}")
+            problems.append(
+                f"lease {lease.id}: generation {lease.generation} (lender "
+                f"generation {lease.lender_generation}) above the stored "
+                f"counter {counter}"
+            )
         # 4
         if lease.lender_generation >= lease.generation:
-            problems.append(f"lease {lease.id}: lender generation {lease.lender_generation} "
-                            f"not older than the lease's {lease.generation}")
+            problems.append(
+                f"lease {lease.id}: lender generation {lease.lender_generation} "
+                f"not older than the lease's {lease.generation}"
+            )
     for lender in lenders.values():
         if lender.generation > counter:
-            problems.append(f"lender {lender.id}: generation {lender.generation} above the "
-                            f"stored counter {counter}")
+            problems.append(
+                f"lender {lender.id}: generation {lender.generation} above the "
+                f"stored counter {counter}"
+            )
 
     held: dict[str, int] = defaultdict(int)
     for lease in leases:
@@ -199,37 +219,48 @@ def check_store(path: str, *, capacity_bound: bool = True) -> list[str]:
         # 5
         if active:
             if lender is None:
-                problems.append(f"active lease {lease.id} belongs to unknown lender "
-                                f"{lease.lender_id!r}")
+                problems.append(
+                    f"active lease {lease.id} belongs to unknown lender {lease.lender_id!r}"
+                )
             elif lease.lender_generation != lender.generation:
-                problems.append(f"active lease {lease.id} is of lender {lender.id}'s "
-                                f"registration {lease.lender_generation}, not its current "
-                                f"{lender.generation}")
+                problems.append(
+                    f"active lease {lease.id} is of lender {lender.id}'s "
+                    f"registration {lease.lender_generation}, not its current "
+                    f"{lender.generation}"
+                )
             if lease.freed:
                 problems.append(f"active lease {lease.id} is marked freed")
         if lease.freed:
             continue
         # 6
         if lender is None:
-            problems.append(f"unfreed lease {lease.id} belongs to unknown lender "
-                            f"{lease.lender_id!r}")
+            problems.append(
+                f"unfreed lease {lease.id} belongs to unknown lender {lease.lender_id!r}"
+            )
             continue
         if lease.lender_generation != lender.generation:
-            problems.append(f"unfreed lease {lease.id} ({LeaseState(lease.state).label}) is "
-                            f"of lender {lender.id}'s old registration "
-                            f"{lease.lender_generation} (current {lender.generation}): its "
-                            f"memory will never be confirmed free")
+            problems.append(
+                f"unfreed lease {lease.id} ({LeaseState(lease.state).label}) is "
+                f"of lender {lender.id}'s old registration "
+                f"{lease.lender_generation} (current {lender.generation}): its "
+                f"memory will never be confirmed free"
+            )
             continue
         # 7
-        if lease.charged < lease.nbytes or (lender.granularity > 0
-                                            and lease.charged % lender.granularity):
-            problems.append(f"lease {lease.id}: charged {lease.charged} for {lease.nbytes} "
-                            f"bytes at granularity {lender.granularity}")
+        if lease.charged < lease.nbytes or (
+            lender.granularity > 0 and lease.charged % lender.granularity
+        ):
+            problems.append(
+                f"lease {lease.id}: charged {lease.charged} for {lease.nbytes} "
+                f"bytes at granularity {lender.granularity}"
+            )
         held[lender.id] += lease.charged
     # 8
     if capacity_bound:
         for lender_id, nbytes in sorted(held.items()):
             if nbytes > lenders[lender_id].capacity:
-                problems.append(f"lender {lender_id}: {nbytes} bytes held by unfreed leases "
-                                f"exceed its capacity {lenders[lender_id].capacity}")
+                problems.append(
+                    f"lender {lender_id}: {nbytes} bytes held by unfreed leases "
+                    f"exceed its capacity {lenders[lender_id].capacity}"
+                )
     return problems

@@ -4,6 +4,7 @@ Two formats: ``text`` for people, ``json`` (one object a line) for log shippers.
 about a lease or a lender carry its id; pass it as ``extra={"lease": id}`` or
 ``extra={"lender": id}`` to get it as its own JSON field too.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,17 +23,25 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as a JSON line."""
-        data = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                + f".{int(record.msecs):03d}Z", "level": record.levelname.lower(),
-                "logger": record.name, "pid": record.process, "msg": record.getMessage()}
+        data = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "msg": record.getMessage(),
+        }
         for key in _FIELDS:
             if hasattr(record, key):
                 data[key] = getattr(record, key)
         if "lease" not in data:
             # Lease ids have one fixed form, so a line about a lease names it as a field
             # even where the call passed it only as a format argument.
-            ids = [a for a in (record.args if isinstance(record.args, tuple) else ())
-                   if isinstance(a, str) and a.startswith(LEASE_PREFIX)]
+            ids = [
+                a
+                for a in (record.args if isinstance(record.args, tuple) else ())
+                if isinstance(a, str) and a.startswith(LEASE_PREFIX)
+            ]
             if ids:
                 data["lease"] = ids[0] if len(ids) == 1 else ids
         if record.exc_info:
@@ -40,8 +49,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
-def setup_logging(path: str | os.PathLike | None = None, level: str | None = None,
-                  fmt: str | None = None) -> None:
+def setup_logging(
+    path: str | os.PathLike | None = None, level: str | None = None, fmt: str | None = None
+) -> None:
     """Send Harvest's loggers to ``path`` (or stderr), at ``level`` (else
     ``$HARVEST_LOG_LEVEL``, else INFO), as ``fmt`` (``text`` or ``json``; else
     ``$HARVEST_LOG_FORMAT``, else text)."""

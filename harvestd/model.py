@@ -1,4 +1,5 @@
 """The broker's records: leases and lenders, their states, and their wire form."""
+
 from __future__ import annotations
 
 import enum
@@ -93,14 +94,25 @@ class LenderRecord:
     def to_pb(self) -> pb.Lender:
         """Wire form."""
         return pb.Lender(
-            id=self.id, node=self.node, backend=self.backend, gpu_uuid=self.gpu_uuid,
+            id=self.id,
+            node=self.node,
+            backend=self.backend,
+            gpu_uuid=self.gpu_uuid,
             gpu_index=self.gpu_index,
             links=[pb.GpuLink(peer_uuid=k, nvlinks=v) for k, v in sorted(self.links.items())],
-            pickup_address=self.pickup_address, capacity=self.capacity,
-            reclaimed=self.reclaimed, granted=self.held, generation=self.generation,
-            state=int(self.state), last_report=self.last_report, pid=self.pid,
-            granularity=self.granularity, device_total=self.device_total,
-            device_free=self.device_free, ray_node_id=self.ray_node_id)
+            pickup_address=self.pickup_address,
+            capacity=self.capacity,
+            reclaimed=self.reclaimed,
+            granted=self.held,
+            generation=self.generation,
+            state=int(self.state),
+            last_report=self.last_report,
+            pid=self.pid,
+            granularity=self.granularity,
+            device_total=self.device_total,
+            device_free=self.device_free,
+            ray_node_id=self.ray_node_id,
+        )
 
 
 @dataclass
@@ -110,8 +122,8 @@ class LeaseRecord:
     id: str
     lender_id: str
     client_id: str
-    nbytes: int          # what the client asked for
-    charged: int         # what it holds on the lender (rounded to the granularity)
+    nbytes: int  # what the client asked for
+    charged: int  # what it holds on the lender (rounded to the granularity)
     token: bytes
     generation: int
     lender_generation: int
@@ -125,8 +137,8 @@ class LeaseRecord:
     reason: str = ""
     revoke_deadline: float = 0.0
     picked_up: bool = False
-    clean: bool = False   # ended with the holder known to have unmapped
-    freed: bool = False   # the lender confirmed its memory is free
+    clean: bool = False  # ended with the holder known to have unmapped
+    freed: bool = False  # the lender confirmed its memory is free
     ended_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -147,11 +159,22 @@ class LeaseRecord:
     def to_pb(self, lender: LenderRecord | None = None, with_token: bool = False) -> pb.Lease:
         """Wire form; the token travels only in Grant's reply."""
         msg = pb.Lease(
-            id=self.id, lender_id=self.lender_id, nbytes=self.nbytes, state=int(self.state),
-            ttl_s=self.ttl_s, expires_at=self.expires_at, generation=self.generation,
-            client_id=self.client_id, holder_pid=self.holder_pid, node=self.node,
-            priority=self.priority, created_at=self.created_at, reason=self.reason,
-            revoke_deadline=self.revoke_deadline, lender_generation=self.lender_generation)
+            id=self.id,
+            lender_id=self.lender_id,
+            nbytes=self.nbytes,
+            state=int(self.state),
+            ttl_s=self.ttl_s,
+            expires_at=self.expires_at,
+            generation=self.generation,
+            client_id=self.client_id,
+            holder_pid=self.holder_pid,
+            node=self.node,
+            priority=self.priority,
+            created_at=self.created_at,
+            reason=self.reason,
+            revoke_deadline=self.revoke_deadline,
+            lender_generation=self.lender_generation,
+        )
         if with_token:
             msg.token = self.token
         if lender is not None:

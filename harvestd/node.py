@@ -6,6 +6,7 @@ The daemon process (:func:`run_node`) is the Ray driver: it starts a local Ray i
 detached actor (or a plain process with ``--no-ray-broker``) and the lenders as actors
 pinned to this node, writes ``node.json``, and tears everything down on SIGTERM.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -21,12 +22,13 @@ from pathlib import Path
 
 import grpc
 
-from harvestd.config import reserve_parts
 from harvestd.broker import BROKER_ACTOR_NAME, RAY_NAMESPACE, BrokerConfig, broker_actor_class
+from harvestd.config import reserve_parts
 from harvestd.errors import FailedPrecondition, HarvestError, InvalidArgument, Unavailable
 from harvestd.paths import NodeInfo, StateDir, local_node_name
 from harvestd.table import Timing
-from lender.lender import LENDER_ACTOR_PREFIX, LenderConfig, lender_actor_class
+from lender.config import LenderConfig
+from lender.lender import LENDER_ACTOR_PREFIX, lender_actor_class
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
 
@@ -41,8 +43,8 @@ class NodeOptions:
     """Everything ``harvestd start`` takes."""
 
     state_dir: str
-    ray_address: str = ""          # empty: RAY_ADDRESS, else a new local Ray instance
-    backend: str = "auto"          # auto | host | cuda-vmm | cuda-ipc
+    ray_address: str = ""  # empty: RAY_ADDRESS, else a new local Ray instance
+    backend: str = "auto"  # auto | host | cuda-vmm | cuda-ipc
     host_bytes: int | None = None  # None: DEFAULT_HOST_BYTES without GPUs, none beside them
     gpus: list[str] = field(default_factory=list)  # UUIDs or NVML indexes; empty: all
     reserve_bytes: int = 0
@@ -51,13 +53,13 @@ class NodeOptions:
     ttl_s: float = Timing.default_ttl
     grace_s: float = Timing.grace
     listen: str = ""
-    ray_broker: bool = True        # False: the broker runs as a plain process
+    ray_broker: bool = True  # False: the broker runs as a plain process
     node: str = ""
     per_gpu: dict[str, dict] = field(default_factory=dict)  # index or UUID -> reserve, cap
-    metrics_port: int = 0          # broker's; lenders take the next ones; 0: off
+    metrics_port: int = 0  # broker's; lenders take the next ones; 0: off
     log_format: str = "text"
     log_level: str = "info"
-    ray_node_id: str = ""          # pin the lenders to this Ray node (default: the driver's)
+    ray_node_id: str = ""  # pin the lenders to this Ray node (default: the driver's)
 
 
 def _is_loopback(address: str) -> bool:
@@ -121,23 +123,42 @@ def plan_lenders(opts: NodeOptions, node: str) -> list[LenderConfig]:
             backend = "cuda-vmm" if gpus else "host"
         elif not gpus:
             raise InvalidArgument(f"--backend {backend} needs a GPU; none was found")
-    common = dict(state_dir=opts.state_dir, broker_address="", node=node,
-                  cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                  log_format=opts.log_format, log_level=opts.log_level)
+    common = dict(
+        state_dir=opts.state_dir,
+        broker_address="",
+        node=node,
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        log_format=opts.log_format,
+        log_level=opts.log_level,
+    )
     plans: list[LenderConfig] = []
     for g in gpus if backend != "host" else []:
         own = opts.per_gpu.get(str(g.index)) or opts.per_gpu.get(g.uuid) or {}
-        reserve_bytes, reserve_fraction = (reserve_parts(own["reserve"]) if "reserve" in own
-                                           else (opts.reserve_bytes, opts.reserve_fraction))
-        plans.append(LenderConfig(
-            lender_id=f"{node}-gpu{g.index}", backend=backend, gpu_uuid=g.uuid,
-            reserve_bytes=reserve_bytes, reserve_fraction=reserve_fraction,
-            cap_bytes=own.get("cap", opts.cap_bytes), **common))
-    host_bytes = opts.host_bytes if opts.host_bytes is not None else (
-        DEFAULT_HOST_BYTES if backend == "host" else 0)
+        reserve_bytes, reserve_fraction = (
+            reserve_parts(own["reserve"])
+            if "reserve" in own
+            else (opts.reserve_bytes, opts.reserve_fraction)
+        )
+        plans.append(
+            LenderConfig(
+                lender_id=f"{node}-gpu{g.index}",
+                backend=backend,
+                gpu_uuid=g.uuid,
+                reserve_bytes=reserve_bytes,
+                reserve_fraction=reserve_fraction,
+                cap_bytes=own.get("cap", opts.cap_bytes),
+                **common,
+            )
+        )
+    host_bytes = (
+        opts.host_bytes
+        if opts.host_bytes is not None
+        else (DEFAULT_HOST_BYTES if backend == "host" else 0)
+    )
     if host_bytes:
-        plans.append(LenderConfig(lender_id=f"{node}-host0", backend="host",
-                                  host_bytes=host_bytes, **common))
+        plans.append(
+            LenderConfig(lender_id=f"{node}-host0", backend="host", host_bytes=host_bytes, **common)
+        )
     return plans
 
 
@@ -157,8 +178,10 @@ class Node:
     def start(self) -> NodeInfo:
         """Start Ray, the broker and the lenders; write ``node.json``."""
         if running_node(self.state) is not None:
-            raise FailedPrecondition(f"a Harvest node already runs with state dir "
-                                     f"{self.state.root} (stop it with `harvestd stop`)")
+            raise FailedPrecondition(
+                f"a Harvest node already runs with state dir "
+                f"{self.state.root} (stop it with `harvestd stop`)"
+            )
         ray_address = self.opts.ray_address or os.environ.get("RAY_ADDRESS", "")
         if ray_address and _is_loopback(ray_address):
             # Ray rewrites a loopback bootstrap address to this machine's outside address
@@ -166,10 +189,17 @@ class Node:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
-        env = {"PYTHONPATH": os.pathsep.join(
-            p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)}
-        init = dict(namespace=RAY_NAMESPACE, log_to_driver=False, configure_logging=False,
-                    runtime_env={"env_vars": env})
+        env = {
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p
+            )
+        }
+        init = dict(
+            namespace=RAY_NAMESPACE,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": env},
+        )
         if ray_address:
             if _is_loopback(ray_address):
                 # Otherwise Ray looks for the cluster at this machine's outside address.
@@ -178,8 +208,13 @@ class Node:
         else:
             # Our own Ray stays on loopback and small: it hosts a few actors, no data.
             # address="local": never attach to a cluster someone else left running here.
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                     object_store_memory=80 << 20, **init)
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                object_store_memory=80 << 20,
+                **init,
+            )
             self.ray_started_here = True
         ray_node = self.opts.ray_node_id or ray.get_runtime_context().get_node_id()
         here = self._pinned(ray_node)
@@ -191,24 +226,33 @@ class Node:
         deadline = time.monotonic() + 60
         while broker_ready(address) is None:
             if time.monotonic() > deadline:
-                raise Unavailable("the broker did not answer within 60 s; see "
-                                  f"{self.state.logs_dir / 'broker.log'}")
+                raise Unavailable(
+                    "the broker did not answer within 60 s; see "
+                    f"{self.state.logs_dir / 'broker.log'}"
+                )
             time.sleep(0.1)
         actor_cls = lender_actor_class()
         for i, config in enumerate(plan_lenders(self.opts, self.node)):
             port = self.opts.metrics_port + 1 + i if self.opts.metrics_port else 0
-            config = LenderConfig(**{**asdict(config), "broker_address": address,
-                                     "metrics_port": port})
-            actor = actor_cls.options(name=LENDER_ACTOR_PREFIX + config.lender_id,
-                                      lifetime="detached", scheduling_strategy=here
-                                      ).remote(config)
+            config = LenderConfig(
+                **{**asdict(config), "broker_address": address, "metrics_port": port}
+            )
+            actor = actor_cls.options(
+                name=LENDER_ACTOR_PREFIX + config.lender_id,
+                lifetime="detached",
+                scheduling_strategy=here,
+            ).remote(config)
             self.lender_actors[config.lender_id] = actor
         ray.get([a.info.remote() for a in self.lender_actors.values()], timeout=120)
-        info = NodeInfo(broker_address=address, daemon_pid=os.getpid(), node=self.node,
-                        ray_address=ray.get_runtime_context().gcs_address,
-                        started_at=time.time(), lenders=sorted(self.lender_actors),
-                        broker_mode=("joined" if self.joined else
-                                     "ray" if self.opts.ray_broker else "process"))
+        info = NodeInfo(
+            broker_address=address,
+            daemon_pid=os.getpid(),
+            node=self.node,
+            ray_address=ray.get_runtime_context().gcs_address,
+            started_at=time.time(),
+            lenders=sorted(self.lender_actors),
+            broker_mode=("joined" if self.joined else "ray" if self.opts.ray_broker else "process"),
+        )
         self.state.write_node(info)
         log.info("node %s up: broker %s, lenders %s", self.node, address, info.lenders)
         return info
@@ -234,28 +278,53 @@ class Node:
         return NodeAffinitySchedulingStrategy(node_id=ray_node, soft=False)
 
     def _start_broker(self, here) -> None:
-        config = BrokerConfig(state_dir=str(self.state.root), listen=self.opts.listen,
-                              timing=Timing(default_ttl=self.opts.ttl_s, grace=self.opts.grace_s),
-                              metrics_port=self.opts.metrics_port,
-                              log_format=self.opts.log_format, log_level=self.opts.log_level)
+        config = BrokerConfig(
+            state_dir=str(self.state.root),
+            listen=self.opts.listen,
+            timing=Timing(default_ttl=self.opts.ttl_s, grace=self.opts.grace_s),
+            metrics_port=self.opts.metrics_port,
+            log_format=self.opts.log_format,
+            log_level=self.opts.log_level,
+        )
         if self.opts.ray_broker:
             import ray
 
-            self.broker_actor = broker_actor_class().options(
-                name=BROKER_ACTOR_NAME, lifetime="detached", scheduling_strategy=here
-            ).remote(config)
+            self.broker_actor = (
+                broker_actor_class()
+                .options(name=BROKER_ACTOR_NAME, lifetime="detached", scheduling_strategy=here)
+                .remote(config)
+            )
             ray.get(self.broker_actor.address.remote(), timeout=60)
             return
         log_file = open(self.state.logs_dir / "broker.out", "ab")
         self.broker_process = subprocess.Popen(
-            [sys.executable, "-m", "harvestd.broker", "--state-dir", str(self.state.root),
-             "--ttl", str(self.opts.ttl_s), "--grace", str(self.opts.grace_s),
-             "--metrics-port", str(self.opts.metrics_port),
-             "--log-format", self.opts.log_format, "--log-level", self.opts.log_level]
+            [
+                sys.executable,
+                "-m",
+                "harvestd.broker",
+                "--state-dir",
+                str(self.state.root),
+                "--ttl",
+                str(self.opts.ttl_s),
+                "--grace",
+                str(self.opts.grace_s),
+                "--metrics-port",
+                str(self.opts.metrics_port),
+                "--log-format",
+                self.opts.log_format,
+                "--log-level",
+                self.opts.log_level,
+            ]
             + (["--listen", self.opts.listen] if self.opts.listen else []),
-            stdout=log_file, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)})
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p
+                ),
+            },
+        )
 
     def stop(self) -> None:
         """Stop the lenders, then the broker, then Ray (if this node started it)."""
@@ -325,7 +394,9 @@ def stop_node(state: StateDir, timeout_s: float = 60.0) -> NodeInfo:
     while pid_alive(info.daemon_pid):
         if time.monotonic() > deadline:
             os.kill(info.daemon_pid, signal.SIGKILL)
-            raise HarvestError(f"the daemon (pid {info.daemon_pid}) did not stop within "
-                               f"{timeout_s:.0f} s and was killed")
+            raise HarvestError(
+                f"the daemon (pid {info.daemon_pid}) did not stop within "
+                f"{timeout_s:.0f} s and was killed"
+            )
         time.sleep(0.1)
     return info

@@ -4,6 +4,7 @@ The state directory holds the broker's store (``broker.db``), its socket
 (``broker.sock``), the lenders' pick-up sockets (``lenders/``), the node's description
 (``node.json``) and logs (``logs/``). It is private to the user who runs the node.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,10 @@ class StateDir:
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
         if len(str(self.lenders_dir / ("x" * 24 + ".sock"))) > _MAX_SOCKET_PATH:
-            raise InvalidArgument(f"state dir {self.root} is too long for Unix socket paths; "
-                                  "choose a shorter --state-dir")
+            raise InvalidArgument(
+                f"state dir {self.root} is too long for Unix socket paths; "
+                "choose a shorter --state-dir"
+            )
         return self
 
     @property
@@ -145,6 +148,7 @@ def resolve_address(address: str | None = None, state_dir: str | os.PathLike | N
         # A node that joined a cluster uses the broker its head runs.
         return info.broker_address
     if not state.broker_socket.exists():
-        raise Unavailable(f"no Harvest node runs with state dir {state.root} "
-                          "(start one with `harvestd start`)")
+        raise Unavailable(
+            f"no Harvest node runs with state dir {state.root} (start one with `harvestd start`)"
+        )
     return state.broker_address

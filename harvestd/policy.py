@@ -1,10 +1,11 @@
 """Placement: which lender serves a grant. The ``Policy`` seam and the default policy."""
+
 from __future__ import annotations
 
 from typing import Collection, Protocol, Sequence
 
 from harvestd.model import LenderRecord, LenderState
-from lender.backends.base import round_up
+from harvestd.sizes import round_up
 
 # A placement key: smaller is better. See NearestBestFit.key.
 PlacementKey = tuple[int, int, float, int, str]
@@ -13,9 +14,15 @@ PlacementKey = tuple[int, int, float, int, str]
 class Policy(Protocol):
     """Chooses a lender for a request, or None when none fits."""
 
-    def place(self, lenders: Sequence[LenderRecord], nbytes: int, node: str,
-              near_gpu: str = "", backend: int = 0,
-              avoid: Collection[str] = ()) -> LenderRecord | None:
+    def place(
+        self,
+        lenders: Sequence[LenderRecord],
+        nbytes: int,
+        node: str,
+        near_gpu: str = "",
+        backend: int = 0,
+        avoid: Collection[str] = (),
+    ) -> LenderRecord | None:
         """The lender to grant ``nbytes`` from; never one whose id is in ``avoid``."""
 
 
@@ -36,8 +43,15 @@ class NearestBestFit:
     def __init__(self, spread: bool = True) -> None:
         self.spread = spread
 
-    def key(self, lender: LenderRecord, nbytes: int, node: str, near_gpu: str = "",
-            backend: int = 0, avoid: Collection[str] = ()) -> PlacementKey | None:
+    def key(
+        self,
+        lender: LenderRecord,
+        nbytes: int,
+        node: str,
+        near_gpu: str = "",
+        backend: int = 0,
+        avoid: Collection[str] = (),
+    ) -> PlacementKey | None:
         """``lender``'s rank for this request (smaller is better), or None if it may not
         serve it. Exposed so that tools can show the whole ranking (a dry run)."""
         if lender.state is not LenderState.UP or lender.node != node:
@@ -58,9 +72,15 @@ class NearestBestFit:
         load = lender.held / lender.lendable if self.spread else 0.0
         return (-links, -is_gpu, load, lender.free - need, lender.id)
 
-    def rank(self, lenders: Sequence[LenderRecord], nbytes: int, node: str,
-             near_gpu: str = "", backend: int = 0, avoid: Collection[str] = ()
-             ) -> list[tuple[PlacementKey, LenderRecord]]:
+    def rank(
+        self,
+        lenders: Sequence[LenderRecord],
+        nbytes: int,
+        node: str,
+        near_gpu: str = "",
+        backend: int = 0,
+        avoid: Collection[str] = (),
+    ) -> list[tuple[PlacementKey, LenderRecord]]:
         """Every lender that may serve the request, best first, with its key."""
         keyed = []
         for lender in lenders:
@@ -70,9 +90,15 @@ class NearestBestFit:
         keyed.sort(key=lambda pair: pair[0])
         return keyed
 
-    def place(self, lenders: Sequence[LenderRecord], nbytes: int, node: str,
-              near_gpu: str = "", backend: int = 0,
-              avoid: Collection[str] = ()) -> LenderRecord | None:
+    def place(
+        self,
+        lenders: Sequence[LenderRecord],
+        nbytes: int,
+        node: str,
+        near_gpu: str = "",
+        backend: int = 0,
+        avoid: Collection[str] = (),
+    ) -> LenderRecord | None:
         """See the class docstring."""
         best: PlacementKey | None = None
         choice: LenderRecord | None = None

@@ -1,5 +1,6 @@
 """The broker's gRPC service: turns requests into lease-table calls, and table events
 into the watch streams that holders and lenders keep open."""
+
 from __future__ import annotations
 
 import functools
@@ -60,13 +61,19 @@ class EventHub:
 
     def revoke(self, lease: LeaseRecord) -> None:
         """Queue a REVOKE for the holder's stream."""
-        self._push(self._holders, lease.client_id,
-                   pb.LeaseEvent(kind=pb.LeaseEvent.REVOKE, lease=self._lease_pb(lease)))
+        self._push(
+            self._holders,
+            lease.client_id,
+            pb.LeaseEvent(kind=pb.LeaseEvent.REVOKE, lease=self._lease_pb(lease)),
+        )
 
     def ended(self, lease: LeaseRecord) -> None:
         """Queue an ENDED for the holder's stream."""
-        self._push(self._holders, lease.client_id,
-                   pb.LeaseEvent(kind=pb.LeaseEvent.ENDED, lease=self._lease_pb(lease)))
+        self._push(
+            self._holders,
+            lease.client_id,
+            pb.LeaseEvent(kind=pb.LeaseEvent.ENDED, lease=self._lease_pb(lease)),
+        )
 
     def free(self, lease: LeaseRecord) -> None:
         """Queue a FREE for the lender's stream."""
@@ -125,8 +132,9 @@ class EventHub:
 
 
 def _free_event(lease: LeaseRecord) -> pb.LenderEvent:
-    return pb.LenderEvent(kind=pb.LenderEvent.FREE, lease_id=lease.id, nbytes=lease.charged,
-                          clean=lease.clean)
+    return pb.LenderEvent(
+        kind=pb.LenderEvent.FREE, lease_id=lease.id, nbytes=lease.charged, clean=lease.clean
+    )
 
 
 def _rpc(method):
@@ -179,12 +187,21 @@ class BrokerService(pb_grpc.BrokerServicer):
         if info.capacity > MAX_LEASE_BYTES:
             raise InvalidArgument(f"lender.capacity must be at most {MAX_LEASE_BYTES}")
         record = LenderRecord(
-            id=info.id, node=info.node, backend=info.backend, pickup_address=info.pickup_address,
-            capacity=info.capacity, generation=0, gpu_uuid=info.gpu_uuid,
-            gpu_index=info.gpu_index, links={l.peer_uuid: l.nvlinks for l in info.links},
-            pid=info.pid, granularity=info.granularity or 4096,
-            device_total=info.device_total, device_free=info.device_free,
-            ray_node_id=info.ray_node_id)
+            id=info.id,
+            node=info.node,
+            backend=info.backend,
+            pickup_address=info.pickup_address,
+            capacity=info.capacity,
+            generation=0,
+            gpu_uuid=info.gpu_uuid,
+            gpu_index=info.gpu_index,
+            links={l.peer_uuid: l.nvlinks for l in info.links},
+            pid=info.pid,
+            granularity=info.granularity or 4096,
+            device_total=info.device_total,
+            device_free=info.device_free,
+            ray_node_id=info.ray_node_id,
+        )
         return pb.RegisterLenderReply(generation=self.table.register_lender(record))
 
     @_rpc
@@ -192,16 +209,21 @@ class BrokerService(pb_grpc.BrokerServicer):
         """A lender's periodic capacity report."""
         if request.capacity > MAX_LEASE_BYTES:
             raise InvalidArgument(f"capacity must be at most {MAX_LEASE_BYTES}")
-        lender = self.table.report_lender(_require(request.lender_id, "lender_id"),
-                                          request.generation, request.capacity,
-                                          request.device_total, request.device_free)
+        lender = self.table.report_lender(
+            _require(request.lender_id, "lender_id"),
+            request.generation,
+            request.capacity,
+            request.device_total,
+            request.device_free,
+        )
         return pb.ReportLenderReply(reclaimed=lender.reclaimed)
 
     def WatchLender(self, request, context) -> Iterator[pb.LenderEvent]:
         """FREE events for one lender: first what is pending, then as leases end."""
         try:
-            lender = self.table._current_lender(_require(request.lender_id, "lender_id"),
-                                                request.generation)
+            lender = self.table._current_lender(
+                _require(request.lender_id, "lender_id"), request.generation
+            )
         except HarvestError as err:
             abort_with(context, err)
             return
@@ -216,17 +238,22 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def ConfirmFree(self, request, context):
         """The lender freed these leases' memory."""
-        self.table.confirm_free(_require(request.lender_id, "lender_id"), request.generation,
-                                request.lease_ids)
+        self.table.confirm_free(
+            _require(request.lender_id, "lender_id"), request.generation, request.lease_ids
+        )
         return pb.ConfirmFreeReply()
 
     @_rpc
     def CheckPickup(self, request, context):
         """May this token pick up this lease from this lender?"""
         lease = self.table.check_pickup(
-            _require(request.lender_id, "lender_id"), request.lender_generation,
-            _require(request.lease_id, "lease_id"), request.token, request.lease_generation,
-            request.holder_pid)
+            _require(request.lender_id, "lender_id"),
+            request.lender_generation,
+            _require(request.lease_id, "lease_id"),
+            request.token,
+            request.lease_generation,
+            request.holder_pid,
+        )
         return pb.CheckPickupReply(nbytes=lease.nbytes, expires_at=lease.expires_at)
 
     # ------------------------------------------------------------ clients
@@ -236,9 +263,16 @@ class BrokerService(pb_grpc.BrokerServicer):
         """A new lease, or RESOURCE_EXHAUSTED at once."""
         start = time.perf_counter()
         lease, lender = self.table.grant(
-            _require(request.client_id, "client_id"), request.nbytes, request.ttl_s,
-            request.node, request.near_gpu, request.priority, request.holder_pid,
-            request.backend, request.avoid_lenders)
+            _require(request.client_id, "client_id"),
+            request.nbytes,
+            request.ttl_s,
+            request.node,
+            request.near_gpu,
+            request.priority,
+            request.holder_pid,
+            request.backend,
+            request.avoid_lenders,
+        )
         reply = lease.to_pb(lender, with_token=True)
         self.table.observer.observe("grant", time.perf_counter() - start)
         return reply
@@ -246,23 +280,25 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def KeepAlive(self, request, context):
         """Extend the caller's leases; report the ones it lost."""
-        alive, lost = self.table.keepalive(_require(request.client_id, "client_id"),
-                                           request.lease_ids)
-        return pb.KeepAliveReply(alive=[l.to_pb() for l in alive],
-                                 lost=[l.to_pb() for l in lost])
+        alive, lost = self.table.keepalive(
+            _require(request.client_id, "client_id"), request.lease_ids
+        )
+        return pb.KeepAliveReply(alive=[l.to_pb() for l in alive], lost=[l.to_pb() for l in lost])
 
     @_rpc
     def Release(self, request, context):
         """The holder gives a lease back."""
-        lease = self.table.release(_require(request.client_id, "client_id"),
-                                   _require(request.lease_id, "lease_id"))
+        lease = self.table.release(
+            _require(request.client_id, "client_id"), _require(request.lease_id, "lease_id")
+        )
         return pb.ReleaseReply(lease=lease.to_pb())
 
     @_rpc
     def AckRevoke(self, request, context):
         """The holder has fenced a revoked lease."""
-        self.table.ack_revoke(_require(request.client_id, "client_id"),
-                              _require(request.lease_id, "lease_id"))
+        self.table.ack_revoke(
+            _require(request.client_id, "client_id"), _require(request.lease_id, "lease_id")
+        )
         return pb.AckRevokeReply()
 
     def Watch(self, request, context) -> Iterator[pb.LeaseEvent]:
@@ -274,8 +310,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         try:
             yield pb.LeaseEvent(kind=pb.LeaseEvent.HELLO)
             for lease in self.table.revoking_for(request.client_id):
-                yield pb.LeaseEvent(kind=pb.LeaseEvent.REVOKE,
-                                    lease=lease.to_pb(self.table.lenders.get(lease.lender_id)))
+                yield pb.LeaseEvent(
+                    kind=pb.LeaseEvent.REVOKE,
+                    lease=lease.to_pb(self.table.lenders.get(lease.lender_id)),
+                )
             yield from self._drain(q, context)
         finally:
             self.hub.close("holder", request.client_id, q)
@@ -295,8 +333,11 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def Revoke(self, request, context):
         """Revoke one lease (the holder is asked; ``force`` ends it now)."""
-        lease = self.table.revoke(_require(request.lease_id, "lease_id"),
-                                  request.reason or "revoked by operator", request.force)
+        lease = self.table.revoke(
+            _require(request.lease_id, "lease_id"),
+            request.reason or "revoked by operator",
+            request.force,
+        )
         return pb.RevokeReply(lease=lease.to_pb())
 
     def _wait_freed(self, lease_ids: list[str], timeout_s: float, context) -> bool:
@@ -322,8 +363,9 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     def _timeout(self, requested: float) -> float:
         if not math.isfinite(requested) or requested < 0 or requested > MAX_WAIT_S:
-            raise InvalidArgument(f"timeout must be between 0 and {MAX_WAIT_S:.0f} seconds, "
-                                  f"got {requested}")
+            raise InvalidArgument(
+                f"timeout must be between 0 and {MAX_WAIT_S:.0f} seconds, got {requested}"
+            )
         return requested or self.table.timing.grace + 2.0
 
     @_rpc
@@ -345,8 +387,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         if freed:
             self.table.observer.observe("reclaim", time.monotonic() - start)
         lender = self.table.lenders[request.lender_id]
-        return pb.ReclaimReply(revoked=ids, reclaimed=lender.reclaimed, freed=freed,
-                               elapsed_s=time.monotonic() - start)
+        return pb.ReclaimReply(
+            revoked=ids, reclaimed=lender.reclaimed, freed=freed, elapsed_s=time.monotonic() - start
+        )
 
     @_rpc
     def Restore(self, request, context):
@@ -360,10 +403,13 @@ class BrokerService(pb_grpc.BrokerServicer):
         leases = self.table.live_leases(request.lender_id, request.client_id)
         if request.include_ended:
             seen = {l.id for l in leases}
-            leases += [l for l in self.table.store.history()
-                       if l.id not in seen
-                       and (not request.lender_id or l.lender_id == request.lender_id)
-                       and (not request.client_id or l.client_id == request.client_id)]
+            leases += [
+                l
+                for l in self.table.store.history()
+                if l.id not in seen
+                and (not request.lender_id or l.lender_id == request.lender_id)
+                and (not request.client_id or l.client_id == request.client_id)
+            ]
         lenders = self.table.lenders
         leases.sort(key=lambda l: l.created_at)
         return pb.ListLeasesReply(leases=[l.to_pb(lenders.get(l.lender_id)) for l in leases])
@@ -382,8 +428,14 @@ class BrokerService(pb_grpc.BrokerServicer):
             up = [l for l in self.table.lenders.values() if l.state is LenderState.UP]
             active = [l for l in self.table.leases.values() if l.state.active]
             return pb.StatusReply(
-                version=__version__, address=self.address, store_path=self.store_path,
-                started_at=self.started_at, lenders_up=len(up), leases_active=len(active),
+                version=__version__,
+                address=self.address,
+                store_path=self.store_path,
+                started_at=self.started_at,
+                lenders_up=len(up),
+                leases_active=len(active),
                 bytes_lendable=min(UINT64_MAX, sum(l.lendable for l in up)),
                 bytes_granted=min(UINT64_MAX, sum(l.held for l in self.table.lenders.values())),
-                generation=self.table.generation, pid=os.getpid())
+                generation=self.table.generation,
+                pid=os.getpid(),
+            )

@@ -1,4 +1,5 @@
 """Waiting for the signals that stop a Harvest process."""
+
 from __future__ import annotations
 
 import signal

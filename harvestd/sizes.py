@@ -1,4 +1,5 @@
 """Byte sizes as people write them: ``1GiB``, ``512M``, ``4096``."""
+
 from __future__ import annotations
 
 import re
@@ -6,9 +7,26 @@ from decimal import Decimal
 
 from harvestd.errors import InvalidArgument
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
-          "mb": 1000 ** 2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30,
-          "t": 1 << 40, "tb": 1000 ** 4, "tib": 1 << 40}
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
 MAX_SIZE = (1 << 63) - 1  # what every size field on the wire can carry
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
@@ -38,3 +56,8 @@ def format_size(nbytes: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{nbytes} B"
+
+
+def round_up(nbytes: int, granularity: int) -> int:
+    """``nbytes`` rounded up to a whole multiple of ``granularity``."""
+    return -(-nbytes // granularity) * granularity

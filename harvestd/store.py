@@ -4,6 +4,7 @@ Every change the lease table makes is one :meth:`Store.commit`; the table acknow
 nothing to a caller before that commit returns, so a broker killed at any instant comes
 back with every acknowledged grant and never hands out a generation twice.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,12 @@ class Store(Protocol):
     def load(self) -> Snapshot:
         """Everything live: the generation counter, lenders, and leases not yet freed."""
 
-    def commit(self, leases: Iterable[LeaseRecord] = (), lenders: Iterable[LenderRecord] = (),
-               generation: int | None = None) -> None:
+    def commit(
+        self,
+        leases: Iterable[LeaseRecord] = (),
+        lenders: Iterable[LenderRecord] = (),
+        generation: int | None = None,
+    ) -> None:
         """Write these records (and the counter) atomically and durably, or raise StoreError."""
 
     def history(self, limit: int = 1000) -> list[LeaseRecord]:
@@ -58,11 +63,18 @@ class MemoryStore:
 
     def load(self) -> Snapshot:
         """The records committed so far."""
-        return Snapshot(self._snapshot.generation, list(self._lenders.values()),
-                        [r for r in self._leases.values() if not r.freed])
+        return Snapshot(
+            self._snapshot.generation,
+            list(self._lenders.values()),
+            [r for r in self._leases.values() if not r.freed],
+        )
 
-    def commit(self, leases: Iterable[LeaseRecord] = (), lenders: Iterable[LenderRecord] = (),
-               generation: int | None = None) -> None:
+    def commit(
+        self,
+        leases: Iterable[LeaseRecord] = (),
+        lenders: Iterable[LenderRecord] = (),
+        generation: int | None = None,
+    ) -> None:
         """Keep references to the records."""
         for lease in leases:
             self._leases[lease.id] = lease
@@ -106,29 +118,41 @@ class SqliteStore:
                     data TEXT NOT NULL);
                 CREATE INDEX IF NOT EXISTS leases_live ON leases (freed);
                 CREATE INDEX IF NOT EXISTS leases_created ON leases (created_at);
-                """)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
-                             (str(SCHEMA_VERSION),))
+                """
+            )
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+            )
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"store {path} cannot be opened: {exc}; move it aside to start "
-                             "afresh") from exc
+            raise StoreError(
+                f"store {path} cannot be opened: {exc}; move it aside to start afresh"
+            ) from exc
 
     def load(self) -> Snapshot:
         """Read the live state."""
         try:
             with self._lock:
                 row = self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
-                lenders = [LenderRecord.from_json(json.loads(d))
-                           for (d,) in self._db.execute("SELECT data FROM lenders")]
-                leases = [LeaseRecord.from_json(json.loads(d)) for (d,) in
-                          self._db.execute("SELECT data FROM leases WHERE freed=0")]
+                lenders = [
+                    LenderRecord.from_json(json.loads(d))
+                    for (d,) in self._db.execute("SELECT data FROM lenders")
+                ]
+                leases = [
+                    LeaseRecord.from_json(json.loads(d))
+                    for (d,) in self._db.execute("SELECT data FROM leases WHERE freed=0")
+                ]
         except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"store {self.path} is damaged ({exc}); move it aside to start "
-                             "afresh") from exc
+            raise StoreError(
+                f"store {self.path} is damaged ({exc}); move it aside to start afresh"
+            ) from exc
         return Snapshot(int(row[0]) if row else 0, lenders, leases)
 
-    def commit(self, leases: Iterable[LeaseRecord] = (), lenders: Iterable[LenderRecord] = (),
-               generation: int | None = None) -> None:
+    def commit(
+        self,
+        leases: Iterable[LeaseRecord] = (),
+        lenders: Iterable[LenderRecord] = (),
+        generation: int | None = None,
+    ) -> None:
         """One transaction for the whole change."""
         lease_rows = [(r.id, int(r.freed), r.created_at, json.dumps(r.to_json())) for r in leases]
         lender_rows = [(r.id, json.dumps(r.to_json())) for r in lenders]
@@ -137,14 +161,18 @@ class SqliteStore:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     if lease_rows:
-                        self._db.executemany("INSERT OR REPLACE INTO leases VALUES (?,?,?,?)",
-                                             lease_rows)
+                        self._db.executemany(
+                            "INSERT OR REPLACE INTO leases VALUES (?,?,?,?)", lease_rows
+                        )
                     if lender_rows:
-                        self._db.executemany("INSERT OR REPLACE INTO lenders VALUES (?,?)",
-                                             lender_rows)
+                        self._db.executemany(
+                            "INSERT OR REPLACE INTO lenders VALUES (?,?)", lender_rows
+                        )
                     if generation is not None:
-                        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)",
-                                         (str(generation),))
+                        self._db.execute(
+                            "INSERT OR REPLACE INTO meta VALUES ('generation', ?)",
+                            (str(generation),),
+                        )
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
@@ -156,7 +184,8 @@ class SqliteStore:
         """Newest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT data FROM leases ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+                "SELECT data FROM leases ORDER BY created_at DESC LIMIT ?", (limit,)
+            ).fetchall()
         return [LeaseRecord.from_json(json.loads(d)) for (d,) in rows]
 
     def close(self) -> None:

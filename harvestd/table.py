@@ -6,6 +6,7 @@ It is the broker's only source of truth in memory and writes every change throug
 (:mod:`harvestd.service`) and the simulator drive it through plain method calls, and
 it tells holders and lenders what happened through a :class:`Notifier`.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -16,13 +17,19 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
-from harvestd.errors import (FailedPrecondition, InvalidArgument, LeaseRevoked, NoCapacity,
-                             NotFound, PermissionDenied)
+from harvestd.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    LeaseRevoked,
+    NoCapacity,
+    NotFound,
+    PermissionDenied,
+)
+from harvestd.metrics import Observer, Silent
 from harvestd.model import LeaseRecord, LeaseState, LenderRecord, LenderState
 from harvestd.policy import NearestBestFit, Policy
-from harvestd.metrics import Observer, Silent
+from harvestd.sizes import round_up
 from harvestd.store import Store
-from lender.backends.base import round_up
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +69,22 @@ class Timing:
     default_ttl: float = 30.0
     min_ttl: float = 0.2
     max_ttl: float = 3600.0
-    grace: float = 5.0           # a holder's time to acknowledge a revocation
+    grace: float = 5.0  # a holder's time to acknowledge a revocation
     lender_timeout: float = 30.0  # a lender silent this long is down
 
 
 class LeaseTable:
     """Leases and lenders, guarded by one lock; see the module docstring."""
 
-    def __init__(self, store: Store, policy: Policy | None = None,
-                 notifier: Notifier | None = None, timing: Timing = Timing(),
-                 clock: Callable[[], float] = time.time,
-                 observer: Observer | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        policy: Policy | None = None,
+        notifier: Notifier | None = None,
+        timing: Timing = Timing(),
+        clock: Callable[[], float] = time.time,
+        observer: Observer | None = None,
+    ) -> None:
         self.store = store
         self.policy = policy or NearestBestFit()
         self.notifier: Notifier = notifier or _Silent()
@@ -100,8 +112,12 @@ class LeaseTable:
             lender = self.lenders.get(lease.lender_id)
             if lender is not None:
                 lender.held += lease.charged
-        log.info("lease table loaded: generation %d, %d lenders, %d live leases",
-                 self.generation, len(self.lenders), len(self.leases))
+        log.info(
+            "lease table loaded: generation %d, %d lenders, %d live leases",
+            self.generation,
+            len(self.lenders),
+            len(self.leases),
+        )
 
     # ------------------------------------------------------------------ helpers
 
@@ -124,12 +140,14 @@ class LeaseTable:
     def _current_lender(self, lender_id: str, generation: int) -> LenderRecord:
         lender = self._lender(lender_id)
         if generation != lender.generation:
-            raise PermissionDenied(f"lender {lender_id} generation {generation} is stale "
-                                   f"(current {lender.generation})")
+            raise PermissionDenied(
+                f"lender {lender_id} generation {generation} is stale (current {lender.generation})"
+            )
         return lender
 
-    def _end(self, lease: LeaseRecord, state: LeaseState, reason: str, clean: bool,
-             now: float) -> None:
+    def _end(
+        self, lease: LeaseRecord, state: LeaseState, reason: str, clean: bool, now: float
+    ) -> None:
         """Move a live lease to an ended state and queue its memory for freeing."""
         lease.state = state
         lease.reason = reason or lease.reason
@@ -202,13 +220,24 @@ class LeaseTable:
             for lease in revoked + dropped:
                 self._forget(lease)
             self.notifier.freed(lender.id)
-            log.info("lender %s registered: generation %d, node %s, %d bytes", lender.id,
-                     lender.generation, lender.node, lender.capacity,
-                     extra={"lender": lender.id})
+            log.info(
+                "lender %s registered: generation %d, node %s, %d bytes",
+                lender.id,
+                lender.generation,
+                lender.node,
+                lender.capacity,
+                extra={"lender": lender.id},
+            )
             return lender.generation
 
-    def report_lender(self, lender_id: str, generation: int, capacity: int,
-                      device_total: int = 0, device_free: int = 0) -> LenderRecord:
+    def report_lender(
+        self,
+        lender_id: str,
+        generation: int,
+        capacity: int,
+        device_total: int = 0,
+        device_free: int = 0,
+    ) -> LenderRecord:
         """A lender's periodic report of what it can lend (and of its GPU, if any)."""
         with self.lock:
             lender = self._current_lender(lender_id, generation)
@@ -242,23 +271,40 @@ class LeaseTable:
         """Ended leases of ``lender_id`` whose memory is not yet confirmed free."""
         with self.lock:
             lender = self.lenders.get(lender_id)
-            return [l for l in self.leases.values() if l.lender_id == lender_id
-                    and not l.state.active and not l.freed
-                    and lender is not None and l.lender_generation == lender.generation]
+            return [
+                l
+                for l in self.leases.values()
+                if l.lender_id == lender_id
+                and not l.state.active
+                and not l.freed
+                and lender is not None
+                and l.lender_generation == lender.generation
+            ]
 
-    def check_pickup(self, lender_id: str, lender_generation: int, lease_id: str, token: bytes,
-                     lease_generation: int, holder_pid: int) -> LeaseRecord:
+    def check_pickup(
+        self,
+        lender_id: str,
+        lender_generation: int,
+        lease_id: str,
+        token: bytes,
+        lease_generation: int,
+        holder_pid: int,
+    ) -> LeaseRecord:
         """Whether the holder of ``token`` may pick up ``lease_id`` from this lender, once."""
         with self.lock:
             lender = self._current_lender(lender_id, lender_generation)
             lease = self.leases.get(lease_id)
             # One answer for every refusal: a caller learns nothing by guessing ids.
-            if (lease is None or lease.lender_id != lender.id
-                    or not hmac.compare_digest(lease.token, token)
-                    or lease.generation != lease_generation
-                    or lease.lender_generation != lender.generation):
-                raise PermissionDenied("no live lease for that token (unknown id, wrong token, "
-                                       "or the lease ended)")
+            if (
+                lease is None
+                or lease.lender_id != lender.id
+                or not hmac.compare_digest(lease.token, token)
+                or lease.generation != lease_generation
+                or lease.lender_generation != lender.generation
+            ):
+                raise PermissionDenied(
+                    "no live lease for that token (unknown id, wrong token, or the lease ended)"
+                )
             if lease.state is not LeaseState.GRANTED or lease.expires_at <= self.clock():
                 raise LeaseRevoked(f"lease {lease_id} is {lease.state.label}")
             if lease.picked_up:
@@ -270,9 +316,18 @@ class LeaseTable:
 
     # ------------------------------------------------------------------ clients
 
-    def grant(self, client_id: str, nbytes: int, ttl_s: float = 0.0, node: str = "",
-              near_gpu: str = "", priority: int = 0, holder_pid: int = 0,
-              backend: int = 0, avoid: Iterable[str] = ()) -> tuple[LeaseRecord, LenderRecord]:
+    def grant(
+        self,
+        client_id: str,
+        nbytes: int,
+        ttl_s: float = 0.0,
+        node: str = "",
+        near_gpu: str = "",
+        priority: int = 0,
+        holder_pid: int = 0,
+        backend: int = 0,
+        avoid: Iterable[str] = (),
+    ) -> tuple[LeaseRecord, LenderRecord]:
         """A new lease of ``nbytes`` on the client's node, or NoCapacity at once; never
         from a lender in ``avoid`` (the other stripes of a striped lease)."""
         avoid = frozenset(avoid)
@@ -281,26 +336,42 @@ class LeaseTable:
         if not client_id:
             raise InvalidArgument("a grant needs a client id")
         if nbytes <= 0 or nbytes > MAX_LEASE_BYTES:
-            raise InvalidArgument(f"lease size must be between 1 byte and {MAX_LEASE_BYTES}, "
-                                  f"got {nbytes}")
+            raise InvalidArgument(
+                f"lease size must be between 1 byte and {MAX_LEASE_BYTES}, got {nbytes}"
+            )
         ttl = ttl_s or self.timing.default_ttl
         if not (self.timing.min_ttl <= ttl <= self.timing.max_ttl):
-            raise InvalidArgument(f"ttl must be between {self.timing.min_ttl} and "
-                                  f"{self.timing.max_ttl} seconds, got {ttl}")
+            raise InvalidArgument(
+                f"ttl must be between {self.timing.min_ttl} and "
+                f"{self.timing.max_ttl} seconds, got {ttl}"
+            )
         with self.lock:
-            lender = self.policy.place(list(self._by_node.get(node, {}).values()), nbytes,
-                                       node, near_gpu, backend, avoid)
+            lender = self.policy.place(
+                list(self._by_node.get(node, {}).values()), nbytes, node, near_gpu, backend, avoid
+            )
             if lender is None:
                 self.observer.count("grant_refused")
-                raise NoCapacity(self._no_capacity_reason(nbytes, node, backend) + (
-                    f" (avoiding {len(avoid)} lenders)" if avoid else ""))
+                raise NoCapacity(
+                    self._no_capacity_reason(nbytes, node, backend)
+                    + (f" (avoiding {len(avoid)} lenders)" if avoid else "")
+                )
             now = self.clock()
             lease = LeaseRecord(
-                id="lease-" + secrets.token_hex(6), lender_id=lender.id, client_id=client_id,
-                nbytes=nbytes, charged=round_up(nbytes, lender.granularity),
-                token=secrets.token_bytes(32), generation=self._next_generation(),
-                lender_generation=lender.generation, ttl_s=ttl, created_at=now,
-                expires_at=now + ttl, node=node, priority=priority, holder_pid=holder_pid)
+                id="lease-" + secrets.token_hex(6),
+                lender_id=lender.id,
+                client_id=client_id,
+                nbytes=nbytes,
+                charged=round_up(nbytes, lender.granularity),
+                token=secrets.token_bytes(32),
+                generation=self._next_generation(),
+                lender_generation=lender.generation,
+                ttl_s=ttl,
+                created_at=now,
+                expires_at=now + ttl,
+                node=node,
+                priority=priority,
+                holder_pid=holder_pid,
+            )
             lender.held += lease.charged
             try:
                 self.store.commit([lease], generation=self.generation)
@@ -309,13 +380,21 @@ class LeaseTable:
                 raise
             self.leases[lease.id] = lease
             self.observer.count("grant")
-            log.debug("granted %s: %d bytes on %s to %s", lease.id, nbytes, lender.id, client_id,
-                      extra={"lender": lender.id, "client": client_id})
+            log.debug(
+                "granted %s: %d bytes on %s to %s",
+                lease.id,
+                nbytes,
+                lender.id,
+                client_id,
+                extra={"lender": lender.id, "client": client_id},
+            )
             return lease, lender
 
     def _no_capacity_reason(self, nbytes: int, node: str, backend: int) -> str:
         here = list(self._by_node.get(node, {}).values())
-        up = [l for l in here if l.state is LenderState.UP and (not backend or l.backend == backend)]
+        up = [
+            l for l in here if l.state is LenderState.UP and (not backend or l.backend == backend)
+        ]
         if not here:
             return f"no lender on node {node!r}"
         if not up:
@@ -329,8 +408,9 @@ class LeaseTable:
             raise PermissionDenied(f"lease {lease_id} belongs to another client")
         return lease
 
-    def keepalive(self, client_id: str, lease_ids: Iterable[str]
-                  ) -> tuple[list[LeaseRecord], list[LeaseRecord]]:
+    def keepalive(
+        self, client_id: str, lease_ids: Iterable[str]
+    ) -> tuple[list[LeaseRecord], list[LeaseRecord]]:
         """Extend each GRANTED lease by its TTL; return (alive, lost)."""
         alive, lost = [], []
         with self.lock:
@@ -338,10 +418,24 @@ class LeaseTable:
             for lease_id in lease_ids:
                 lease = self.leases.get(lease_id)
                 if lease is None or lease.client_id != client_id:
-                    lost.append(lease or LeaseRecord(
-                        id=lease_id, lender_id="", client_id=client_id, nbytes=0, charged=0,
-                        token=b"", generation=0, lender_generation=0, ttl_s=0, created_at=0,
-                        expires_at=0, state=LeaseState.EXPIRED, reason="unknown lease"))
+                    lost.append(
+                        lease
+                        or LeaseRecord(
+                            id=lease_id,
+                            lender_id="",
+                            client_id=client_id,
+                            nbytes=0,
+                            charged=0,
+                            token=b"",
+                            generation=0,
+                            lender_generation=0,
+                            ttl_s=0,
+                            created_at=0,
+                            expires_at=0,
+                            state=LeaseState.EXPIRED,
+                            reason="unknown lease",
+                        )
+                    )
                 elif lease.state is LeaseState.GRANTED and lease.expires_at > now:
                     lease.expires_at = now + lease.ttl_s
                     alive.append(lease)
@@ -374,8 +468,9 @@ class LeaseTable:
                 now = self.clock()
                 self._end(lease, LeaseState.REVOKED, lease.reason, True, now)
                 self.observer.count("revoke_acked")
-                self.observer.observe("revocation",
-                                      now - (lease.revoke_deadline - self.timing.grace))
+                self.observer.observe(
+                    "revocation", now - (lease.revoke_deadline - self.timing.grace)
+                )
                 self.store.commit([lease])
                 self._announce([lease], told_holder=True)
                 self._forget(lease)
@@ -383,8 +478,9 @@ class LeaseTable:
 
     # ------------------------------------------------------------------ operators
 
-    def revoke(self, lease_id: str, reason: str = "revoked by operator",
-               force: bool = False) -> LeaseRecord:
+    def revoke(
+        self, lease_id: str, reason: str = "revoked by operator", force: bool = False
+    ) -> LeaseRecord:
         """Ask the holder to give the lease up (``force``: end it now, unclean)."""
         with self.lock:
             lease = self._lease(lease_id)
@@ -436,13 +532,18 @@ class LeaseTable:
             return self._make_room(lender, f"reclaimed by tenant of {lender_id}")
 
     def _make_room(self, lender: LenderRecord, reason: str) -> list[LeaseRecord]:
-        mine = [l for l in self.leases.values() if l.lender_id == lender.id
-                and l.lender_generation == lender.generation and not l.freed]
+        mine = [
+            l
+            for l in self.leases.values()
+            if l.lender_id == lender.id and l.lender_generation == lender.generation and not l.freed
+        ]
         going = [l for l in mine if l.state is not LeaseState.GRANTED]
         excess = lender.held - lender.lendable - sum(l.charged for l in going)
         victims = []
-        candidates = sorted((l for l in mine if l.state is LeaseState.GRANTED),
-                            key=lambda l: (l.priority, -l.created_at))
+        candidates = sorted(
+            (l for l in mine if l.state is LeaseState.GRANTED),
+            key=lambda l: (l.priority, -l.created_at),
+        )
         for lease in candidates:
             if excess <= 0:
                 break
@@ -469,8 +570,7 @@ class LeaseTable:
             lender = self._lender(lender_id)
             lender.state = LenderState.DRAINING
             self.store.commit(lenders=[lender])
-            live = [l for l in self.leases.values() if l.lender_id == lender_id
-                    and l.state.active]
+            live = [l for l in self.leases.values() if l.lender_id == lender_id and l.state.active]
             self._revoke(live, f"lender {lender_id} draining", force=False)
             return live
 
@@ -505,9 +605,13 @@ class LeaseTable:
             for lease in changed:
                 self._forget(lease)
             for lender in down:
-                log.warning("lender %s lost (%s): %d leases ended", lender.id, reason,
-                            sum(1 for l in ended if l.lender_id == lender.id),
-                            extra={"lender": lender.id})
+                log.warning(
+                    "lender %s lost (%s): %d leases ended",
+                    lender.id,
+                    reason,
+                    sum(1 for l in ended if l.lender_id == lender.id),
+                    extra={"lender": lender.id},
+                )
                 self.notifier.freed(lender.id)
             return ended
 
@@ -526,26 +630,33 @@ class LeaseTable:
             ended = []
             for lease in list(self.leases.values()):
                 if lease.state is LeaseState.GRANTED and lease.expires_at <= now:
-                    self._end(lease, LeaseState.EXPIRED, "no keepalive within the TTL", False,
-                              now)
+                    self._end(lease, LeaseState.EXPIRED, "no keepalive within the TTL", False, now)
                     self.observer.count("expiry")
                     ended.append(lease)
                 elif lease.state is LeaseState.REVOKING and lease.revoke_deadline <= now:
-                    self._end(lease, LeaseState.REVOKED,
-                              lease.reason + " (holder did not acknowledge in time)", False, now)
+                    self._end(
+                        lease,
+                        LeaseState.REVOKED,
+                        lease.reason + " (holder did not acknowledge in time)",
+                        False,
+                        now,
+                    )
                     self.observer.count("revoke_forced")
                     ended.append(lease)
             down = []
             for lender in self.lenders.values():
-                if (lender.state is not LenderState.DOWN
-                        and now - lender.last_report > self.timing.lender_timeout):
+                if (
+                    lender.state is not LenderState.DOWN
+                    and now - lender.last_report > self.timing.lender_timeout
+                ):
                     lender.state = LenderState.DOWN
                     down.append(lender)
                     self.observer.count("lender_down")
                     for lease in self.leases.values():
                         if lease.lender_id == lender.id and lease.state.active:
-                            self._end(lease, LeaseState.REVOKED, "lender stopped reporting",
-                                      False, now)
+                            self._end(
+                                lease, LeaseState.REVOKED, "lender stopped reporting", False, now
+                            )
                             self.observer.count("revoke_forced")
                             ended.append(lease)
             if ended or down:
@@ -554,8 +665,11 @@ class LeaseTable:
                 for lease in ended:
                     self._forget(lease)
                 for lender in down:
-                    log.warning("lender %s stopped reporting: marked down", lender.id,
-                                extra={"lender": lender.id})
+                    log.warning(
+                        "lender %s stopped reporting: marked down",
+                        lender.id,
+                        extra={"lender": lender.id},
+                    )
             return ended
 
     # ------------------------------------------------------------------ reading
@@ -563,28 +677,38 @@ class LeaseTable:
     def live_leases(self, lender_id: str = "", client_id: str = "") -> list[LeaseRecord]:
         """Leases whose holder may still use them, or whose memory is not yet free."""
         with self.lock:
-            return [l for l in self.leases.values()
-                    if (not lender_id or l.lender_id == lender_id)
-                    and (not client_id or l.client_id == client_id)]
+            return [
+                l
+                for l in self.leases.values()
+                if (not lender_id or l.lender_id == lender_id)
+                and (not client_id or l.client_id == client_id)
+            ]
 
     def revoking_for(self, client_id: str) -> list[LeaseRecord]:
         """Revocations this client has not acknowledged yet."""
         with self.lock:
-            return [l for l in self.leases.values()
-                    if l.client_id == client_id and l.state is LeaseState.REVOKING]
+            return [
+                l
+                for l in self.leases.values()
+                if l.client_id == client_id and l.state is LeaseState.REVOKING
+            ]
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the table breaks a promise (used by tests)."""
         with self.lock:
             for lender in self.lenders.values():
-                held = sum(l.charged for l in self.leases.values()
-                           if l.lender_id == lender.id and not l.freed
-                           and l.lender_generation == lender.generation)
+                held = sum(
+                    l.charged
+                    for l in self.leases.values()
+                    if l.lender_id == lender.id
+                    and not l.freed
+                    and l.lender_generation == lender.generation
+                )
                 assert held == lender.held, f"{lender.id}: held {lender.held} != {held}"
             indexed = {i: l for lenders in self._by_node.values() for i, l in lenders.items()}
             assert indexed.keys() == self.lenders.keys() and all(
-                indexed[i] is l and l.id in self._by_node[l.node]
-                for i, l in self.lenders.items()), "the node index is out of step"
+                indexed[i] is l and l.id in self._by_node[l.node] for i, l in self.lenders.items()
+            ), "the node index is out of step"
             gens = [l.generation for l in self.leases.values()]
             assert len(gens) == len(set(gens)), "a generation was granted twice"
             assert all(g <= self.generation for g in gens), "generation above the counter"

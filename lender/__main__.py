@@ -1,13 +1,15 @@
 """Run one lender as a plain process (no Ray): ``python -m lender --id ID --state-dir D``."""
+
 from __future__ import annotations
 
 import argparse
 
 from harvestd.logs import setup_logging
-from harvestd.signals import wait_for_stop
 from harvestd.paths import StateDir
+from harvestd.signals import wait_for_stop
 from harvestd.sizes import parse_size
-from lender.lender import Lender, LenderConfig
+from lender.config import LenderConfig
+from lender.lender import Lender
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,11 +27,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     state = StateDir.resolve(args.state_dir).create()
     setup_logging(state.logs_dir / f"lender-{args.id}.log")
-    lender = Lender(LenderConfig(
-        lender_id=args.id, state_dir=str(state.root),
-        broker_address=args.broker or state.broker_address, backend=args.backend,
-        host_bytes=parse_size(args.host_bytes), gpu_uuid=args.gpu_uuid, node=args.node,
-        report_interval_s=args.report_interval, metrics_port=args.metrics_port)).start()
+    lender = Lender(
+        LenderConfig(
+            lender_id=args.id,
+            state_dir=str(state.root),
+            broker_address=args.broker or state.broker_address,
+            backend=args.backend,
+            host_bytes=parse_size(args.host_bytes),
+            gpu_uuid=args.gpu_uuid,
+            node=args.node,
+            report_interval_s=args.report_interval,
+            metrics_port=args.metrics_port,
+        )
+    ).start()
     wait_for_stop()
     lender.stop()
 

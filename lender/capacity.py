@@ -1,12 +1,13 @@
 """How much a lender may lend now: a fixed host budget, or what NVML says its GPU's own
 tenant leaves free (less a reserve, under a cap)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from lender.lender import LenderConfig
+    from lender.config import LenderConfig
 
 
 @dataclass
@@ -66,12 +67,17 @@ class GpuCapacity:
 
     watches_tenant = True
 
-    def __init__(self, gpu_uuid: str, reserve_bytes: int, reserve_fraction: float,
-                 cap_bytes: int) -> None:
+    def __init__(
+        self, gpu_uuid: str, reserve_bytes: int, reserve_fraction: float, cap_bytes: int
+    ) -> None:
         from lender.gpus import GpuWatch, discover_gpus
 
-        self.watch = GpuWatch(gpu_uuid, reserve_bytes=reserve_bytes,
-                              reserve_fraction=reserve_fraction, cap_bytes=cap_bytes or None)
+        self.watch = GpuWatch(
+            gpu_uuid,
+            reserve_bytes=reserve_bytes,
+            reserve_fraction=reserve_fraction,
+            cap_bytes=cap_bytes or None,
+        )
         self.gpu = next((g for g in discover_gpus() if g.uuid == gpu_uuid), None)
 
     def describe(self) -> DeviceInfo:
@@ -98,5 +104,6 @@ def capacity_for(config: "LenderConfig") -> Capacity:
     """The budget for a lender's configuration."""
     if config.backend == "host":
         return HostCapacity(config.host_bytes)
-    return GpuCapacity(config.gpu_uuid, config.reserve_bytes, config.reserve_fraction,
-                       config.cap_bytes)
+    return GpuCapacity(
+        config.gpu_uuid, config.reserve_bytes, config.reserve_fraction, config.cap_bytes
+    )

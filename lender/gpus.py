@@ -9,6 +9,7 @@ degrades cleanly: ``discover_gpus()`` returns ``[]``.
 The arithmetic lives in plain functions (:func:`reserve_for`, :func:`lendable_bytes`) so
 that it is tested without a GPU.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,6 +28,7 @@ _nvml: Any = None
 
 
 # ---------------------------------------------------------------- arithmetic
+
 
 def reserve_for(total: int, reserve_bytes: int = 0, reserve_fraction: float = 0.0) -> int:
     """Bytes kept free for the GPU's own tenant: the larger of the absolute and the
@@ -53,6 +55,7 @@ def others_used(processes: Iterable[tuple[int, int | None]], own_pids: Iterable[
 
 
 # ---------------------------------------------------------------- NVML
+
 
 def nvml_lib() -> Any:
     """``pynvml``, initialised once; :class:`BackendUnavailable` without a driver."""
@@ -89,13 +92,13 @@ class GpuInfo:
     """One GPU as NVML (and, where this process sees it, CUDA) describes it."""
 
     uuid: str
-    index: int                 # NVML index (physical order, not CUDA's)
+    index: int  # NVML index (physical order, not CUDA's)
     name: str
     total: int
     free: int
     used: int
     nvlinks: dict[str, int] = field(default_factory=dict)  # peer UUID -> NVLink count
-    vmm_supported: bool | None = None          # None: CUDA does not see it, or no bindings
+    vmm_supported: bool | None = None  # None: CUDA does not see it, or no bindings
     fd_handles_supported: bool | None = None
 
 
@@ -133,7 +136,8 @@ def _cuda_support() -> dict[str, tuple[bool, bool]]:
         for ordinal in range(cu.device_count()):
             out[cu.device_uuid(ordinal)] = (
                 bool(cu.attribute(ordinal, "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED")),
-                bool(cu.attribute(ordinal, "HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED")))
+                bool(cu.attribute(ordinal, "HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED")),
+            )
         return out
     except Exception as exc:  # noqa: BLE001 - CUDA is optional for discovery
         log.debug("no CUDA attributes: %s", exc)
@@ -159,8 +163,16 @@ def discover_gpus(probe_cuda: bool = True) -> list[GpuInfo]:
             handle = lib.nvmlDeviceGetHandleByIndex(index)
             uuid = _text(lib.nvmlDeviceGetUUID(handle))
             mem = lib.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append(GpuInfo(uuid=uuid, index=index, name=_text(lib.nvmlDeviceGetName(handle)),
-                                total=int(mem.total), free=int(mem.free), used=int(mem.used)))
+            gpus.append(
+                GpuInfo(
+                    uuid=uuid,
+                    index=index,
+                    name=_text(lib.nvmlDeviceGetName(handle)),
+                    total=int(mem.total),
+                    free=int(mem.free),
+                    used=int(mem.used),
+                )
+            )
             by_bus[_bus_id(lib.nvmlDeviceGetPciInfo(handle).busId)] = uuid
             links[uuid] = _links(lib, handle)
         except lib.NVMLError as exc:
@@ -183,13 +195,14 @@ def discover_gpus(probe_cuda: bool = True) -> list[GpuInfo]:
 
 # ---------------------------------------------------------------- watching one GPU
 
+
 @dataclass
 class GpuSample:
     """One look at a GPU's memory, with the watch's reserve and cap applied."""
 
     total: int
     free: int
-    used_by_others: int   # bytes of processes other than the lender's (may lag, see GpuWatch)
+    used_by_others: int  # bytes of processes other than the lender's (may lag, see GpuWatch)
     reserve: int
     cap: int | None = None
 
@@ -205,9 +218,17 @@ class GpuWatch:
     milliseconds; the per-process breakdown (``used_by_others``) is slower and is
     refreshed at most every ``others_interval_s``. ``nvml`` replaces pynvml (tests)."""
 
-    def __init__(self, uuid: str, reserve_bytes: int = 0, reserve_fraction: float = 0.0,
-                 cap_bytes: int | None = None, *, own_pids: Iterable[int] | None = None,
-                 others_interval_s: float = 0.5, nvml: Any = None) -> None:
+    def __init__(
+        self,
+        uuid: str,
+        reserve_bytes: int = 0,
+        reserve_fraction: float = 0.0,
+        cap_bytes: int | None = None,
+        *,
+        own_pids: Iterable[int] | None = None,
+        others_interval_s: float = 0.5,
+        nvml: Any = None,
+    ) -> None:
         self.uuid = uuid
         self.reserve_bytes = reserve_bytes
         self.reserve_fraction = reserve_fraction
@@ -248,6 +269,10 @@ class GpuWatch:
                 log.debug("%s", exc)
             self._others_at = now
         total = int(mem.total)
-        return GpuSample(total=total, free=int(mem.free), used_by_others=self._others,
-                         reserve=reserve_for(total, self.reserve_bytes, self.reserve_fraction),
-                         cap=self.cap_bytes)
+        return GpuSample(
+            total=total,
+            free=int(mem.free),
+            used_by_others=self._others,
+            reserve=reserve_for(total, self.reserve_bytes, self.reserve_fraction),
+            cap=self.cap_bytes,
+        )

@@ -5,6 +5,7 @@ its pick-up socket once the broker vouches for the token, and frees (or zeroes a
 pools) an allocation when the broker says its lease ended. :func:`lender_actor_class`
 runs it as a Ray actor; it runs as well in any plain process.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,15 +15,14 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import grpc
 
-from harvestd.errors import (HarvestError, LeaseRevoked, NotFound, PermissionDenied,
-                             from_rpc_error)
+from harvestd.errors import HarvestError, LeaseRevoked, NotFound, PermissionDenied, from_rpc_error
 from harvestd.paths import StateDir, node_name
 from lender.backends import Allocation, BackendKind, get_backend
 from lender.capacity import Capacity, capacity_for
+from lender.config import LenderConfig
 from lender.metrics import LenderMetrics
 from lender.pickup import Peer, PickupServer
 from lender.pool import Pool
@@ -32,32 +32,6 @@ from protos import harvest_pb2_grpc as pb_grpc
 _log = logging.getLogger(__name__)
 
 LENDER_ACTOR_PREFIX = "harvest-lender-"
-
-
-@dataclass(frozen=True)
-class LenderConfig:
-    """What one lender lends and where it reports."""
-
-    lender_id: str
-    state_dir: str
-    broker_address: str
-    backend: str = BackendKind.HOST.value
-    host_bytes: int = 1 << 30
-    gpu_uuid: str = ""
-    reserve_bytes: int = 0
-    reserve_fraction: float = 0.0
-    cap_bytes: int = 0            # 0: no cap
-    node: str = ""
-    report_interval_s: float = 1.0
-    pressure_interval_s: float = 0.01  # how often a GPU lender looks at its tenant (NVML)
-    # CUDA_VISIBLE_DEVICES as the daemon saw it (None: unset). Ray rewrites the variable
-    # in actors that ask for no GPU; the lender restores the node's own view, then finds
-    # its GPU by UUID.
-    cuda_visible_devices: str | None = None
-    metrics_port: int = 0              # 0: no metrics endpoint
-    log_format: str = "text"
-    log_level: str = "info"
-    ray_node_id: str = ""              # set by the actor: the Ray node it runs on
 
 
 class Lender:
@@ -71,8 +45,9 @@ class Lender:
         self.node = config.node or node_name(config.state_dir)
         self.kind = BackendKind(config.backend)
         self.state = StateDir.resolve(config.state_dir).create()
-        self.backend = get_backend(self.kind, **({"gpu_uuid": config.gpu_uuid}
-                                                 if self.kind.is_gpu else {}))
+        self.backend = get_backend(
+            self.kind, **({"gpu_uuid": config.gpu_uuid} if self.kind.is_gpu else {})
+        )
         self.capacity: Capacity = capacity_for(config)
         self.pool = Pool(self.backend, keep_bytes=self.capacity.pool_bytes())
         self.generation = 0
@@ -84,19 +59,21 @@ class Lender:
         self._channel = grpc.insecure_channel(config.broker_address)
         self._broker = pb_grpc.BrokerStub(self._channel)
         self._pickup = PickupServer(str(self.state.pickup_socket(self.id)), self._hand_out)
-        self.metrics = LenderMetrics(self)
+        self.metrics = LenderMetrics(self.id, config.gpu_uuid, self.memory_bytes)
         # FREE events go from the watch stream to the thread that frees and confirms:
         # under load it confirms many in one RPC instead of one RPC per ended lease.
         self._frees: queue.SimpleQueue[pb.LenderEvent] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._watch, name="harvest-lender-watch",
-                                          daemon=True),
-                         threading.Thread(target=self._confirm, name="harvest-lender-free",
-                                          daemon=True),
-                         threading.Thread(target=self._report, name="harvest-lender-report",
-                                          daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._watch, name="harvest-lender-watch", daemon=True),
+            threading.Thread(target=self._confirm, name="harvest-lender-free", daemon=True),
+            threading.Thread(target=self._report, name="harvest-lender-report", daemon=True),
+        ]
         if self.capacity.watches_tenant:
-            self._threads.append(threading.Thread(target=self._watch_tenant,
-                                                  name="harvest-lender-tenant", daemon=True))
+            self._threads.append(
+                threading.Thread(
+                    target=self._watch_tenant, name="harvest-lender-tenant", daemon=True
+                )
+            )
 
     # ------------------------------------------------------------ life
 
@@ -126,17 +103,29 @@ class Lender:
     def _register(self) -> None:
         info = self.capacity.describe()
         lender = pb.Lender(
-            id=self.id, node=self.node, backend=self.kind.pb, gpu_uuid=info.gpu_uuid,
+            id=self.id,
+            node=self.node,
+            backend=self.kind.pb,
+            gpu_uuid=info.gpu_uuid,
             gpu_index=info.gpu_index,
             links=[pb.GpuLink(peer_uuid=k, nvlinks=v) for k, v in info.links.items()],
-            pickup_address=self._pickup.path, capacity=self.capacity.lendable(self.held()),
-            pid=os.getpid(), granularity=self.backend.granularity,
+            pickup_address=self._pickup.path,
+            capacity=self.capacity.lendable(self.held()),
+            pid=os.getpid(),
+            granularity=self.backend.granularity,
             device_total=self.capacity.device_memory()[0],
-            device_free=self.capacity.device_memory()[1], ray_node_id=self.config.ray_node_id)
+            device_free=self.capacity.device_memory()[1],
+            ray_node_id=self.config.ray_node_id,
+        )
         reply = self._call(self._broker.RegisterLender, pb.RegisterLenderRequest(lender=lender))
         self.generation = reply.generation
-        self.log.info("lender %s registered as generation %d (%s, %d bytes)", self.id,
-                 self.generation, self.kind.value, lender.capacity)
+        self.log.info(
+            "lender %s registered as generation %d (%s, %d bytes)",
+            self.id,
+            self.generation,
+            self.kind.value,
+            lender.capacity,
+        )
 
     def _call(self, method, request, timeout: float = 10.0):
         try:
@@ -148,15 +137,30 @@ class Lender:
         """Bytes this process holds for lending (handed out and pooled)."""
         return self.pool.out_bytes + self.pool.idle_bytes
 
+    def memory_bytes(self) -> dict[str, int]:
+        """This lender's memory by kind, as its metrics show it."""
+        return {
+            "handed_out": self.pool.out_bytes,
+            "pooled": self.pool.idle_bytes,
+            "lendable": self.capacity.lendable(self.held()),
+        }
+
     def info(self) -> dict:
         """A summary for the daemon and tests."""
         with self._lock:
             handed_out = len(self._allocations)
-        return {"id": self.id, "backend": self.kind.value, "node": self.node,
-                "generation": self.generation, "pid": os.getpid(),
-                "pickup_address": self._pickup.path, "handed_out": handed_out,
-                "out_bytes": self.pool.out_bytes, "idle_bytes": self.pool.idle_bytes,
-                "last_reclaim_s": self.last_reclaim_s}
+        return {
+            "id": self.id,
+            "backend": self.kind.value,
+            "node": self.node,
+            "generation": self.generation,
+            "pid": os.getpid(),
+            "pickup_address": self._pickup.path,
+            "handed_out": handed_out,
+            "out_bytes": self.pool.out_bytes,
+            "idle_bytes": self.pool.idle_bytes,
+            "last_reclaim_s": self.last_reclaim_s,
+        }
 
     # ------------------------------------------------------------ pick-up
 
@@ -172,10 +176,18 @@ class Lender:
         return reply
 
     def _hand_out_checked(self, request: pb.PickupRequest, peer: Peer):
-        checked = self._call(self._broker.CheckPickup, pb.CheckPickupRequest(
-            lender_id=self.id, lender_generation=self.generation, lease_id=request.lease_id,
-            token=request.token, lease_generation=request.generation, holder_pid=peer.pid,
-            holder_uid=peer.uid))
+        checked = self._call(
+            self._broker.CheckPickup,
+            pb.CheckPickupRequest(
+                lender_id=self.id,
+                lender_generation=self.generation,
+                lease_id=request.lease_id,
+                token=request.token,
+                lease_generation=request.generation,
+                holder_pid=peer.pid,
+                holder_uid=peer.uid,
+            ),
+        )
         alloc = self.pool.take(checked.nbytes)
         with self._lock:
             ended = request.lease_id in self._ended
@@ -186,9 +198,14 @@ class Lender:
             raise LeaseRevoked(f"lease {request.lease_id} ended during its pick-up")
         exported = self.backend.export(alloc)
         self.log.debug("lease %s picked up by pid %d", request.lease_id, peer.pid)
-        return pb.PickupReply(ok=True, nbytes=checked.nbytes, alloc_bytes=alloc.nbytes,
-                              backend=self.kind.pb, gpu_uuid=exported.gpu_uuid,
-                              ipc_handle=exported.ipc_handle), exported.fd
+        return pb.PickupReply(
+            ok=True,
+            nbytes=checked.nbytes,
+            alloc_bytes=alloc.nbytes,
+            backend=self.kind.pb,
+            gpu_uuid=exported.gpu_uuid,
+            ipc_handle=exported.ipc_handle,
+        ), exported.fd
 
     # ------------------------------------------------------------ following the broker
 
@@ -205,8 +222,10 @@ class Lender:
                 self.pool.give_back(alloc, clean=event.clean)
                 self.metrics.freed(event.clean)
             done.append(event.lease_id)
-        self._call(self._broker.ConfirmFree, pb.ConfirmFreeRequest(
-            lender_id=self.id, generation=self.generation, lease_ids=done))
+        self._call(
+            self._broker.ConfirmFree,
+            pb.ConfirmFreeRequest(lender_id=self.id, generation=self.generation, lease_ids=done),
+        )
         self.log.debug("freed %d leases", len(done))
 
     def _confirm(self) -> None:
@@ -232,8 +251,9 @@ class Lender:
         backoff = 0.1
         while not self._stop.is_set():
             try:
-                stream = self._broker.WatchLender(pb.WatchLenderRequest(
-                    lender_id=self.id, generation=self.generation))
+                stream = self._broker.WatchLender(
+                    pb.WatchLenderRequest(lender_id=self.id, generation=self.generation)
+                )
                 for event in stream:
                     backoff = 0.1
                     if event.kind == pb.LenderEvent.FREE:
@@ -267,10 +287,16 @@ class Lender:
         while not self._stop.wait(self.config.report_interval_s):
             try:
                 total, free = self.capacity.device_memory()
-                self._call(self._broker.ReportLender, pb.ReportLenderRequest(
-                    lender_id=self.id, generation=self.generation,
-                    capacity=self.capacity.lendable(self.held()), device_total=total,
-                    device_free=free))
+                self._call(
+                    self._broker.ReportLender,
+                    pb.ReportLenderRequest(
+                        lender_id=self.id,
+                        generation=self.generation,
+                        capacity=self.capacity.lendable(self.held()),
+                        device_total=total,
+                        device_free=free,
+                    ),
+                )
             except HarvestError as err:
                 if not self._stop.is_set():
                     self.log.info("report failed: %s", err)
@@ -282,8 +308,9 @@ class Lender:
             try:
                 lendable = self.capacity.lendable(self.held())
                 # Under pressure, memory coming back is freed at once (not zeroed and kept).
-                self.pool.keep_bytes = min(self.capacity.pool_bytes(),
-                                           max(0, lendable - self.pool.out_bytes))
+                self.pool.keep_bytes = min(
+                    self.capacity.pool_bytes(), max(0, lendable - self.pool.out_bytes)
+                )
                 if self.held() > lendable:
                     self._give_tenant_room(lendable)
             except HarvestError as err:
@@ -300,15 +327,25 @@ class Lender:
         self.pool.trim(max(0, lendable - self.pool.out_bytes))
         if self.pool.out_bytes <= lendable:
             return
-        self._call(self._broker.ReportLender, pb.ReportLenderRequest(
-            lender_id=self.id, generation=self.generation, capacity=lendable))
-        reply = self._call(self._broker.Reclaim, pb.ReclaimRequest(lender_id=self.id, nbytes=0),
-                           timeout=60.0)
+        self._call(
+            self._broker.ReportLender,
+            pb.ReportLenderRequest(
+                lender_id=self.id, generation=self.generation, capacity=lendable
+            ),
+        )
+        reply = self._call(
+            self._broker.Reclaim, pb.ReclaimRequest(lender_id=self.id, nbytes=0), timeout=60.0
+        )
         self.pool.trim(max(0, lendable - self.pool.out_bytes))
         self.last_reclaim_s = time.monotonic() - start
         self.metrics.tenant_latency.observe(self.last_reclaim_s)
-        self.log.info("tenant pressure on %s: %d leases revoked, memory free=%s in %.1f ms",
-                 self.id, len(reply.revoked), reply.freed, self.last_reclaim_s * 1e3)
+        self.log.info(
+            "tenant pressure on %s: %d leases revoked, memory free=%s in %.1f ms",
+            self.id,
+            len(reply.revoked),
+            reply.freed,
+            self.last_reclaim_s * 1e3,
+        )
 
 
 def lender_actor_class():
@@ -332,11 +369,14 @@ def lender_actor_class():
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
 
-            setup_logging(StateDir.resolve(config.state_dir).logs_dir
-                          / f"lender-{config.lender_id}.log", config.log_level,
-                          config.log_format)
+            setup_logging(
+                StateDir.resolve(config.state_dir).logs_dir / f"lender-{config.lender_id}.log",
+                config.log_level,
+                config.log_format,
+            )
             config = dataclasses.replace(
-                config, ray_node_id=ray.get_runtime_context().get_node_id())
+                config, ray_node_id=ray.get_runtime_context().get_node_id()
+            )
             self.lender = Lender(config).start()
 
         def info(self) -> dict:

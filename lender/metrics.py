@@ -1,8 +1,9 @@
 """A lender's Prometheus metrics: what it hands out, frees and gives back to its tenant."""
+
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -10,35 +11,48 @@ from prometheus_client.registry import Collector
 
 from harvestd.metrics import LATENCY_BUCKETS
 
-if TYPE_CHECKING:
-    from lender.lender import Lender
-
 log = logging.getLogger(__name__)
 
 
 class LenderMetrics:
     """One registry per lender process, labelled by lender and GPU."""
 
-    def __init__(self, lender: "Lender") -> None:
+    def __init__(self, lender_id: str, gpu_uuid: str, memory: Callable[[], dict[str, int]]) -> None:
+        """``memory``: the lender's bytes by kind (``handed_out``, ``pooled``,
+        ``lendable``), read at each scrape."""
         self.registry = CollectorRegistry()
         labels = ["lender", "gpu"]
-        self._labels = {"lender": lender.id, "gpu": lender.config.gpu_uuid or "host"}
-        self.pickups = Counter("harvest_lender_pickups", "Allocations handed out.", labels,
-                               registry=self.registry).labels(**self._labels)
-        self.refused = Counter("harvest_lender_pickups_refused",
-                               "Pick-ups refused (token, uid, ended lease).", labels,
-                               registry=self.registry).labels(**self._labels)
-        self.frees = Counter("harvest_lender_frees", "Allocations taken back, by whether "
-                             "they could be pooled.", labels + ["clean"],
-                             registry=self.registry)
+        self._labels = {"lender": lender_id, "gpu": gpu_uuid or "host"}
+        self.pickups = Counter(
+            "harvest_lender_pickups", "Allocations handed out.", labels, registry=self.registry
+        ).labels(**self._labels)
+        self.refused = Counter(
+            "harvest_lender_pickups_refused",
+            "Pick-ups refused (token, uid, ended lease).",
+            labels,
+            registry=self.registry,
+        ).labels(**self._labels)
+        self.frees = Counter(
+            "harvest_lender_frees",
+            "Allocations taken back, by whether they could be pooled.",
+            labels + ["clean"],
+            registry=self.registry,
+        )
         self.pickup_latency = Histogram(
-            "harvest_lender_pickup_latency_seconds", "From a pick-up request to the fd sent.",
-            labels, buckets=LATENCY_BUCKETS, registry=self.registry).labels(**self._labels)
+            "harvest_lender_pickup_latency_seconds",
+            "From a pick-up request to the fd sent.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        ).labels(**self._labels)
         self.tenant_latency = Histogram(
             "harvest_lender_tenant_reclaim_seconds",
-            "From seeing the tenant's pressure to the memory being free.", labels,
-            buckets=LATENCY_BUCKETS, registry=self.registry).labels(**self._labels)
-        self.registry.register(_PoolCollector(lender, self._labels))
+            "From seeing the tenant's pressure to the memory being free.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        ).labels(**self._labels)
+        self.registry.register(_PoolCollector(memory, self._labels))
 
     def freed(self, clean: bool) -> None:
         """An allocation came back."""
@@ -51,19 +65,17 @@ class LenderMetrics:
 
 
 class _PoolCollector(Collector):
-    def __init__(self, lender: "Lender", labels: dict[str, str]) -> None:
-        self._lender = lender
+    def __init__(self, memory: Callable[[], dict[str, int]], labels: dict[str, str]) -> None:
+        self._memory = memory
         self._labels = labels
 
     def collect(self):
-        lender = self._lender
-        family = GaugeMetricFamily("harvest_lender_memory_bytes",
-                                   "The lender's memory, by kind.",
-                                   labels=["lender", "gpu", "kind"])
+        family = GaugeMetricFamily(
+            "harvest_lender_memory_bytes",
+            "The lender's memory, by kind.",
+            labels=["lender", "gpu", "kind"],
+        )
         values = [self._labels["lender"], self._labels["gpu"]]
-        held = lender.held()
-        for kind, value in (("handed_out", lender.pool.out_bytes),
-                            ("pooled", lender.pool.idle_bytes),
-                            ("lendable", lender.capacity.lendable(held))):
+        for kind, value in self._memory().items():
             family.add_metric(values + [kind], value)
         yield family

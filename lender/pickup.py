@@ -5,6 +5,7 @@ generation); the lender checks the caller's uid (SO_PEERCRED) and, with the brok
 token, then answers with a ``PickupReply`` and the allocation's file descriptor
 (SCM_RIGHTS). Each message is framed by a 4-byte big-endian length.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,14 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from harvestd.errors import (HarvestError, InvalidArgument, PermissionDenied, Unavailable,
-                             from_code, to_wire)
+from harvestd.errors import (
+    HarvestError,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+    from_code,
+    to_wire,
+)
 from protos import harvest_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -114,8 +121,11 @@ class PickupServer:
                 reply = pb.PickupReply(ok=False, error_code=code.name, error_message=message)
             except Exception as exc:  # noqa: BLE001 - a malformed request gets an answer
                 log.warning("pick-up failed: %s", exc)
-                reply = pb.PickupReply(ok=False, error_code="INVALID_ARGUMENT",
-                                       error_message=f"bad pick-up request: {exc}")
+                reply = pb.PickupReply(
+                    ok=False,
+                    error_code="INVALID_ARGUMENT",
+                    error_message=f"bad pick-up request: {exc}",
+                )
             try:
                 if fd is not None:
                     socket.send_fds(conn, [_frame(reply)], [fd])
@@ -141,8 +151,9 @@ class PickupServer:
             pass
 
 
-def pick_up(path: str, lease_id: str, token: bytes, generation: int,
-            timeout_s: float = 10.0) -> tuple[pb.PickupReply, int | None]:
+def pick_up(
+    path: str, lease_id: str, token: bytes, generation: int, timeout_s: float = 10.0
+) -> tuple[pb.PickupReply, int | None]:
     """Client side: fetch a lease's allocation; returns the reply and the received fd."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
@@ -151,8 +162,9 @@ def pick_up(path: str, lease_id: str, token: bytes, generation: int,
             sock.connect(path)
         except OSError as exc:
             raise Unavailable(f"lender socket {path} does not answer: {exc}") from exc
-        sock.sendall(_frame(pb.PickupRequest(lease_id=lease_id, token=token,
-                                             generation=generation)))
+        sock.sendall(
+            _frame(pb.PickupRequest(lease_id=lease_id, token=token, generation=generation))
+        )
         header, fds, _, _ = socket.recv_fds(sock, _HEADER.size, 1)
         if len(header) < _HEADER.size:
             header += _recv_exact(sock, _HEADER.size - len(header))

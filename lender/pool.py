@@ -5,13 +5,15 @@ it (``clean``); it is zeroed on the way in, so a hand-out is instant and never c
 the last holder's bytes. Memory that a holder may still map is freed instead: handing it
 to someone else would let the old holder read the new one's data.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 from collections import defaultdict
 
-from lender.backends.base import Allocation, Backend, round_up
+from harvestd.sizes import round_up
+from lender.backends.base import Allocation, Backend
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ fan-out runs k=1 with lender and borrower on the same GPU, and striping is skipp
     python scripts/bench_aggregate.py --out bench/results/aggregate.json
     python scripts/bench_aggregate.py --smoke      # CPU: host lenders, no ceilings
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmulti import (READER, Worker, cuda_uuids, lender_of, plain_host_node,  # noqa: E402
-                        write_json)
+from benchmulti import READER, Worker, cuda_uuids, lender_of, plain_host_node, write_json  # noqa: E402
 from benchnode import pyplot  # noqa: E402
+
 from harvestd.sizes import parse_size  # noqa: E402
 
 TARGET = 0.85
@@ -57,8 +58,9 @@ def _run_together(workers: list[Worker], seconds: float) -> list[dict[str, Any]]
     return [w.expect("ran", timeout=seconds + 120) for w in workers]
 
 
-def _counts_that_fit(counts: list[int], available: int, doc: dict[str, Any], part: str,
-                     what: str) -> list[int]:
+def _counts_that_fit(
+    counts: list[int], available: int, doc: dict[str, Any], part: str, what: str
+) -> list[int]:
     """The ``counts`` this machine has GPUs for; each other one is printed and recorded
     in ``doc["skipped"]``."""
     fit = [k for k in counts if k <= available]
@@ -80,20 +82,26 @@ def fan_out(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str
         target = lender_of(lenders, uuids[lender_gpu])
         others = [i for i in range(len(uuids)) if i != lender_gpu] or [lender_gpu]
         devices = [f"cuda:{i}" for i in others]
-    counts = _counts_that_fit(args.counts, len(devices), doc, "fan-out",
-                              "borrower GPUs besides the lender's")
+    counts = _counts_that_fit(
+        args.counts, len(devices), doc, "fan-out", "borrower GPUs besides the lender's"
+    )
     if not counts:
         return
-    workers = _readers(devices[:max(counts)], node.env)
+    workers = _readers(devices[: max(counts)], node.env)
     try:
         for w in workers:
             w.ask(f"lease single {target} {args.lease_bytes}", "leased")
         for k in counts:
             runs = _run_together(workers[:k], args.seconds)
             total = sum(r["gbps"] for r in runs)
-            row: dict[str, Any] = {"k": k, "lender": target, "borrowers": devices[:k],
-                                   "gbps": total, "per_borrower": [r["gbps"] for r in runs],
-                                   "wrong": sum(r["wrong"] for r in runs)}
+            row: dict[str, Any] = {
+                "k": k,
+                "lender": target,
+                "borrowers": devices[:k],
+                "gbps": total,
+                "per_borrower": [r["gbps"] for r in runs],
+                "wrong": sum(r["wrong"] for r in runs),
+            }
             if not args.smoke:
                 lender_gpu = args.lender_gpu
                 pairs = [(lender_gpu, int(d.split(":")[1])) for d in devices[:k]]
@@ -101,10 +109,13 @@ def fan_out(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str
                 row["ratio"] = round(total / row["ceiling"]["GBps"], 3)
             doc["fan_out"].append(row)
             ceiling = row.get("ceiling", {}).get("GBps")
-            print(f"fan-out k={k}: {total:8.1f} GB/s in all "
-                  f"({', '.join(f'{r:.0f}' for r in row['per_borrower'])}); ceiling "
-                  f"{ceiling if ceiling is None else round(ceiling, 1)} GB/s; ratio "
-                  f"{row.get('ratio')}", flush=True)
+            print(
+                f"fan-out k={k}: {total:8.1f} GB/s in all "
+                f"({', '.join(f'{r:.0f}' for r in row['per_borrower'])}); ceiling "
+                f"{ceiling if ceiling is None else round(ceiling, 1)} GB/s; ratio "
+                f"{row.get('ratio')}",
+                flush=True,
+            )
     finally:
         for w in workers:
             w.close()
@@ -119,8 +130,9 @@ def striped(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str
     else:
         b = args.borrower_gpu
         device, peers = f"cuda:{b}", [i for i in range(len(uuids)) if i != b]
-    counts = _counts_that_fit(args.counts, len(peers), doc, "striped",
-                              "lender GPUs besides the borrower's")
+    counts = _counts_that_fit(
+        args.counts, len(peers), doc, "striped", "lender GPUs besides the borrower's"
+    )
     if not counts:
         return
     links: dict[int, float] = {}
@@ -129,9 +141,12 @@ def striped(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str
             links[i] = peer_ceiling(i, args.borrower_gpu)["GBps"]
         doc["link_ceilings"] = {str(i): v for i, v in links.items()}
         doc["ingress_limit"] = concurrent_copies([(i, args.borrower_gpu) for i in peers])
-        print(f"link ceilings into GPU {args.borrower_gpu}: "
-              f"{', '.join(f'{i}: {v:.0f}' for i, v in links.items())} GB/s; all at once "
-              f"{doc['ingress_limit']['GBps']:.0f} GB/s", flush=True)
+        print(
+            f"link ceilings into GPU {args.borrower_gpu}: "
+            f"{', '.join(f'{i}: {v:.0f}' for i, v in links.items())} GB/s; all at once "
+            f"{doc['ingress_limit']['GBps']:.0f} GB/s",
+            flush=True,
+        )
     grouped = Worker([READER, "--device", device, "--grouped", *BATCH], node.env, "grouped")
     shuffled = Worker([READER, "--device", device, *BATCH], node.env, "random order")
     try:
@@ -150,16 +165,19 @@ def striped(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str
                 gpus = [uuids.index(g) for g in row["gpus"]]
                 row["sum_link_ceilings"] = sum(links[i] for i in gpus)
                 row["concurrent_copies"] = concurrent_copies(
-                    [(i, args.borrower_gpu) for i in gpus])["GBps"]
+                    [(i, args.borrower_gpu) for i in gpus]
+                )["GBps"]
                 row["ceiling"] = min(row["sum_link_ceilings"], doc["ingress_limit"]["GBps"])
                 row["ratio"] = round(row["grouped"] / row["ceiling"], 3)
                 row["ratio_random"] = round(row["random"] / row["ceiling"], 3)
                 row["met"] = row["ratio"] >= TARGET
             doc["striped"].append(row)
-            print(f"striped k={k} on {' '.join(row['lenders'])}: grouped "
-                  f"{row['grouped']:.1f} GB/s, random {row['random']:.1f} GB/s; ceiling "
-                  f"{row.get('ceiling')}; ratio {row.get('ratio')} (target {TARGET})",
-                  flush=True)
+            print(
+                f"striped k={k} on {' '.join(row['lenders'])}: grouped "
+                f"{row['grouped']:.1f} GB/s, random {row['random']:.1f} GB/s; ceiling "
+                f"{row.get('ceiling')}; ratio {row.get('ratio')} (target {TARGET})",
+                flush=True,
+            )
     finally:
         grouped.close()
         shuffled.close()
@@ -174,15 +192,18 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     rows = doc["fan_out"]
     axes[0].plot([r["k"] for r in rows], [r["gbps"] for r in rows], "o-", label="borrowers")
     if rows and "ceiling" in rows[0]:
-        axes[0].plot([r["k"] for r in rows], [r["ceiling"]["GBps"] for r in rows], "k--",
-                     label="concurrent copies")
+        axes[0].plot(
+            [r["k"] for r in rows],
+            [r["ceiling"]["GBps"] for r in rows],
+            "k--",
+            label="concurrent copies",
+        )
     axes[0].set_title("one lender, k borrowers")
     rows = doc["striped"]
     for key in ("grouped", "random"):
         axes[1].plot([r["k"] for r in rows], [r[key] for r in rows], "o-", label=key)
     if rows and "ceiling" in rows[0]:
-        axes[1].plot([r["k"] for r in rows], [r["ceiling"] for r in rows], "k--",
-                     label="ceiling")
+        axes[1].plot([r["k"] for r in rows], [r["ceiling"] for r in rows], "k--", label="ceiling")
     axes[1].set_title("one borrower, k stripes")
     for ax in axes:
         ax.set_xlabel("k")
@@ -217,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         args.counts = [k for k in args.counts if k <= 3] or [1]
         if args.out == parser.get_default("out"):
             args.out = "/tmp/aggregate_smoke.json"
-    args.lease_bytes, args.striped_bytes = parse_size(args.lease_bytes), \
-        parse_size(args.striped_bytes)
+    args.lease_bytes, args.striped_bytes = (
+        parse_size(args.lease_bytes),
+        parse_size(args.striped_bytes),
+    )
     uuids = [] if args.smoke else cuda_uuids()
     if not args.smoke and not uuids:
         print("no CUDA GPU here: nothing to measure (try --smoke)")
@@ -226,10 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     doc: dict[str, Any] = {
-        "benchmark": "aggregate", "command": " ".join(["python"] + sys.argv),
-        "device": torch.cuda.get_device_name(0) if uuids else "cpu", "gpus": len(uuids),
-        "host": platform.node(), "target": TARGET, "fan_out": [], "striped": [],
-        "skipped": [], "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        "benchmark": "aggregate",
+        "command": " ".join(["python"] + sys.argv),
+        "device": torch.cuda.get_device_name(0) if uuids else "cpu",
+        "gpus": len(uuids),
+        "host": platform.node(),
+        "target": TARGET,
+        "fan_out": [],
+        "striped": [],
+        "skipped": [],
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     if len(uuids) == 1:
         print("one GPU: fan-out k=1 on the same GPU only; striping needs 2 GPUs or more")
     if args.smoke:

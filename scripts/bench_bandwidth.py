@@ -21,6 +21,7 @@ pinned host).
     python3 scripts/bench_bandwidth.py --src-gpu 1 --dst-gpu 0 \
         --out bench/results/bandwidth_nvlink.json   # lender on GPU 1, reads into GPU 0
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,11 @@ def serve_lender(fd: int, src_gpu: str, nbytes: int) -> None:
     from lender.backends.cuda_vmm import CudaVmmBackend
 
     sock = socket.socket(fileno=fd)
-    backend = (CudaVmmBackend(gpu_uuid=src_gpu) if src_gpu.upper().startswith("GPU-")
-               else CudaVmmBackend(device_index=int(src_gpu)))
+    backend = (
+        CudaVmmBackend(gpu_uuid=src_gpu)
+        if src_gpu.upper().startswith("GPU-")
+        else CudaVmmBackend(device_index=int(src_gpu))
+    )
     alloc = backend.allocate(nbytes)
     backend.tensor(alloc).random_(0, 256)
     torch.cuda.synchronize()
@@ -81,12 +85,26 @@ class Lender:
 
     def __init__(self, src_gpu: str, nbytes: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+            ),
+        }
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve-lender", str(theirs.fileno()),
-             "--src-gpu", src_gpu, "--source-bytes", str(nbytes)],
-            pass_fds=[theirs.fileno()], env=env)
+            [
+                sys.executable,
+                __file__,
+                "--serve-lender",
+                str(theirs.fileno()),
+                "--src-gpu",
+                src_gpu,
+                "--source-bytes",
+                str(nbytes),
+            ],
+            pass_fds=[theirs.fileno()],
+            env=env,
+        )
         theirs.close()
         self.sock = ours
         self.sock.settimeout(300)
@@ -97,16 +115,26 @@ class Lender:
         self.sock.send(b"fd")
         meta, fds, _, _ = socket.recv_fds(self.sock, 4096, 1)
         info = json.loads(meta)
-        return Exported(kind=BackendKind.CUDA_VMM, alloc_bytes=info["alloc_bytes"], fd=fds[0],
-                        gpu_uuid=info["uuid"])
+        return Exported(
+            kind=BackendKind.CUDA_VMM,
+            alloc_bytes=info["alloc_bytes"],
+            fd=fds[0],
+            gpu_uuid=info["uuid"],
+        )
 
     def close(self) -> None:
         self.sock.send(b"quit")
         self.proc.wait(60)
 
 
-def timed(fn: Callable[[int], Any], nbytes: int, warmup: int = 3, budget_bytes: float = 4e9,
-          reps: int | None = None, inner: int = 1) -> dict[str, float]:
+def timed(
+    fn: Callable[[int], Any],
+    nbytes: int,
+    warmup: int = 3,
+    budget_bytes: float = 4e9,
+    reps: int | None = None,
+    inner: int = 1,
+) -> dict[str, float]:
     """Median seconds of ``fn(i)`` over CUDA events, and GB/s for ``nbytes`` moved.
 
     ``inner`` calls run back to back between one pair of events (the time is divided by
@@ -128,12 +156,18 @@ def timed(fn: Callable[[int], Any], nbytes: int, warmup: int = 3, budget_bytes: 
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / inner)
     sec = statistics.median(times)
-    return {"bytes": nbytes, "us": sec * 1e6, "GBps": nbytes / sec / 1e9, "reps": reps,
-            "inner": inner}
+    return {
+        "bytes": nbytes,
+        "us": sec * 1e6,
+        "GBps": nbytes / sec / 1e9,
+        "reps": reps,
+        "inner": inner,
+    }
 
 
-def bench_words(src: Any, device: Any, block: int = 16 * KiB,
-                total: int = 256 * MiB) -> dict[str, float]:
+def bench_words(
+    src: Any, device: Any, block: int = 16 * KiB, total: int = 256 * MiB
+) -> dict[str, float]:
     """GB/s of one ``index_select`` gathering ``block``-byte rows, per word type: which
     element width torch's kernel moves bytes fastest in (client/blocks.py picks 16)."""
     import torch
@@ -149,6 +183,7 @@ def bench_words(src: Any, device: Any, block: int = 16 * KiB,
 
         def select(i: int, table: Any = table, dst: Any = dst) -> None:
             torch.index_select(table, 0, sets[i % 3], out=dst)
+
         out[str(dtype).replace("torch.", "")] = round(timed(select, total, inner=5)["GBps"], 1)
     return out
 
@@ -156,7 +191,7 @@ def bench_words(src: Any, device: Any, block: int = 16 * KiB,
 def bench_lifecycle(lender: "Lender", nbytes: int, device: Any) -> dict[str, Any]:
     """Import + map and fence of the whole lease (fresh fd each time), with fences made
     of granularity-sized chunks only and with large chunks first."""
-    from lender.backends import BackendKind, get_backend, fence_chunks
+    from lender.backends import BackendKind, fence_chunks, get_backend
 
     vmm = get_backend(BackendKind.CUDA_VMM)
     result: dict[str, Any] = {}
@@ -176,17 +211,20 @@ def bench_lifecycle(lender: "Lender", nbytes: int, device: Any) -> dict[str, Any
                 map_ms.append((t1 - t0) * 1e3)
                 fence_ms.append((t2 - t1) * 1e3)
                 steps = m.fence_ms
-            result[label] = {"import_map_ms": statistics.median(map_ms[1:]),
-                             "fence_ms": statistics.median(fence_ms[1:]),
-                             "last_fence_steps_ms": {k: round(v, 3) for k, v in steps.items()},
-                             "fence_chunk_bytes": chunk}
+            result[label] = {
+                "import_map_ms": statistics.median(map_ms[1:]),
+                "fence_ms": statistics.median(fence_ms[1:]),
+                "last_fence_steps_ms": {k: round(v, 3) for k, v in steps.items()},
+                "fence_chunk_bytes": chunk,
+            }
     finally:
         fence_chunks.FENCE_CHUNK_BYTES = saved
     return result
 
 
-def bench_source(name: str, src: Any, sizes: list[int], gather_blocks: list[int],
-                 gather_bytes: int, device: Any) -> dict[str, list[dict[str, float]]]:
+def bench_source(
+    name: str, src: Any, sizes: list[int], gather_blocks: list[int], gather_bytes: int, device: Any
+) -> dict[str, list[dict[str, float]]]:
     """Single copies and batched gathers from one source into ``device``."""
     import torch
 
@@ -199,9 +237,11 @@ def bench_source(name: str, src: Any, sizes: list[int], gather_blocks: list[int]
             continue
         dst = torch.empty(size, dtype=torch.uint8, device=device)
         slots = max(1, span // size)
+
         def copy(i: int, dst: Any = dst, size: int = size, slots: int = slots) -> None:
             start = (i % slots) * size  # walk the source: no block stays in L2
-            dst.copy_(src[start:start + size], non_blocking=True)
+            dst.copy_(src[start : start + size], non_blocking=True)
+
         row = timed(copy, size)
         result["single_copy"].append(row)
         print(f"  {name:18s} copy   {size:>11,d} B  {row['GBps']:8.1f} GB/s", flush=True)
@@ -209,11 +249,14 @@ def bench_source(name: str, src: Any, sizes: list[int], gather_blocks: list[int]
     for block in gather_blocks:
         n = max(1, min(gather_bytes, span // 2) // block)
         on = src.device if src.device.type == "cpu" and not _pinned(src) else device
-        sets = [(torch.randperm(span // block, generator=gen)[:n] * block).to(on)
-                for _ in range(3)]  # rotate: no set stays in L2
+        sets = [
+            (torch.randperm(span // block, generator=gen)[:n] * block).to(on) for _ in range(3)
+        ]  # rotate: no set stays in L2
         out = torch.empty(n * block, dtype=torch.uint8, device=device)
+
         def batch(i: int, sets: list = sets, block: int = block, out: Any = out) -> None:
             gather(src, sets[i % 3], block, out, check=False)
+
         row = timed(batch, n * block, inner=5)
         row.update(block_bytes=block, blocks=n)
         result["gather"].append(row)
@@ -237,19 +280,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lender.backends import cuda_driver as cu
     from lender.backends.host import HostBackend
 
-    dst = (cu.ordinal_of_uuid(args.dst_gpu) if args.dst_gpu.upper().startswith("GPU-")
-           else int(args.dst_gpu))
+    dst = (
+        cu.ordinal_of_uuid(args.dst_gpu)
+        if args.dst_gpu.upper().startswith("GPU-")
+        else int(args.dst_gpu)
+    )
     device = torch.device("cuda", dst)
     torch.cuda.set_device(device)
-    sizes, blocks, nbytes = parse_sizes(args.sizes), parse_sizes(args.gather_blocks), \
-        args.source_bytes
+    sizes, blocks, nbytes = (
+        parse_sizes(args.sizes),
+        parse_sizes(args.gather_blocks),
+        args.source_bytes,
+    )
     doc: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-        "dst_gpu": cu.device_uuid(dst), "source_bytes": nbytes, "gather_bytes": args.gather_bytes,
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "dst_gpu": cu.device_uuid(dst),
+        "source_bytes": nbytes,
+        "gather_bytes": args.gather_bytes,
         "timing": "CUDA events, median; single_copy: one .copy_ between events (launch "
-                  "latency included); gather: 5 launches back to back between events "
-                  "(sustained); lifecycle: wall clock", "sources": {}}
+        "latency included); gather: 5 launches back to back between events "
+        "(sustained); lifecycle: wall clock",
+        "sources": {},
+    }
     lender = Lender(args.src_gpu, nbytes)
     try:
         vmm = get_backend(BackendKind.CUDA_VMM)
@@ -269,10 +323,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pinned_lease.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
         pageable = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
         local = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
-        for name, src in (("vmm_lease", lease), ("pinned_host_lease", pinned_lease),
-                          ("pageable_host", pageable), ("local_gpu", local)):
-            doc["sources"][name] = bench_source(name, src, sizes, blocks, args.gather_bytes,
-                                                device)
+        for name, src in (
+            ("vmm_lease", lease),
+            ("pinned_host_lease", pinned_lease),
+            ("pageable_host", pageable),
+            ("local_gpu", local),
+        ):
+            doc["sources"][name] = bench_source(name, src, sizes, blocks, args.gather_bytes, device)
         # The anti-pattern: a .copy_ per 16 KiB block, from the lease.
         n = 2048
         idx = torch.randperm(nbytes // (16 * KiB))[:n].tolist()
@@ -280,19 +337,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def loop(_: int) -> None:
             for j, k in enumerate(idx):
-                out[j].copy_(lease[k * 16 * KiB:(k + 1) * 16 * KiB])
+                out[j].copy_(lease[k * 16 * KiB : (k + 1) * 16 * KiB])
+
         doc["loop_copy_16k_lease"] = timed(loop, n * 16 * KiB, warmup=1, reps=5)
         pinned = torch.empty(GiB, dtype=torch.uint8).pin_memory()
         h2d = torch.empty(GiB, dtype=torch.uint8, device=device)
         doc["pinned_h2d_1GiB"] = timed(lambda _: h2d.copy_(pinned, non_blocking=True), GiB)
         doc["pageable_h2d_1GiB_blocking"] = timed(lambda _: h2d.copy_(pageable), GiB)
-        doc["gather16k_by_word"] = {"local_gpu": bench_words(local, device),
-                                    "vmm_lease": bench_words(lease, device)}
+        doc["gather16k_by_word"] = {
+            "local_gpu": bench_words(local, device),
+            "vmm_lease": bench_words(lease, device),
+        }
         # Check the fast path moved the right bytes, not just many bytes.
         check = torch.randperm(nbytes // (16 * KiB))[:64].to(device) * (16 * KiB)
-        got = gather(lease, check, 16 * KiB, torch.empty(64 * 16 * KiB, dtype=torch.uint8,
-                                                        device=device))
-        ref = torch.cat([lease[o:o + 16 * KiB] for o in check.tolist()])
+        got = gather(
+            lease, check, 16 * KiB, torch.empty(64 * 16 * KiB, dtype=torch.uint8, device=device)
+        )
+        ref = torch.cat([lease[o : o + 16 * KiB] for o in check.tolist()])
         doc["gather_verified"] = bool(torch.equal(got, ref))
         if not doc["same_gpu"]:
             from benchpeer import peer_ceiling
@@ -304,16 +365,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         host.free(halloc)
     finally:
         lender.close()
-    g16 = {name: next((r["GBps"] for r in src["gather"] if r["block_bytes"] == 16 * KiB), None)
-           for name, src in doc["sources"].items()}
+    g16 = {
+        name: next((r["GBps"] for r in src["gather"] if r["block_bytes"] == 16 * KiB), None)
+        for name, src in doc["sources"].items()
+    }
     doc["ratios"] = {
         "gather16k_lease_over_local": _ratio(g16["vmm_lease"], g16["local_gpu"]),
-        "gather16k_pinned_host_lease_over_pinned_h2d_1GiB":
-            _ratio(g16["pinned_host_lease"], doc["pinned_h2d_1GiB"]["GBps"]),
-        "gather16k_lease_over_pinned_host_lease": _ratio(g16["vmm_lease"],
-                                                         g16["pinned_host_lease"]),
-        "gather16k_lease_over_loop_copy_16k": _ratio(g16["vmm_lease"],
-                                                     doc["loop_copy_16k_lease"]["GBps"]),
+        "gather16k_pinned_host_lease_over_pinned_h2d_1GiB": _ratio(
+            g16["pinned_host_lease"], doc["pinned_h2d_1GiB"]["GBps"]
+        ),
+        "gather16k_lease_over_pinned_host_lease": _ratio(
+            g16["vmm_lease"], g16["pinned_host_lease"]
+        ),
+        "gather16k_lease_over_loop_copy_16k": _ratio(
+            g16["vmm_lease"], doc["loop_copy_16k_lease"]["GBps"]
+        ),
     }
     if "peer_ceiling_1GiB" in doc:
         doc["issue9"] = peer_targets(doc, g16)
@@ -325,8 +391,11 @@ def peer_targets(doc: dict[str, Any], g16: dict[str, float | None]) -> dict[str,
     copy ceiling, 16 KiB gathers at 0.85 of it, both 6 times the pinned host figure."""
     ceiling = doc["peer_ceiling_1GiB"]["GBps"]
     pinned = doc["pinned_h2d_1GiB"]["GBps"]
-    large = {str(r["bytes"]): r["GBps"] for r in doc["sources"]["vmm_lease"]["single_copy"]
-             if r["bytes"] >= 64 * MiB}
+    large = {
+        str(r["bytes"]): r["GBps"]
+        for r in doc["sources"]["vmm_lease"]["single_copy"]
+        if r["bytes"] >= 64 * MiB
+    }
     worst = min(large.values()) if large else None
     ratios = {
         "large_reads_over_peer_ceiling": {k: _ratio(v, ceiling) for k, v in large.items()},
@@ -334,16 +403,23 @@ def peer_targets(doc: dict[str, Any], g16: dict[str, float | None]) -> dict[str,
         "gather16k_lease_over_peer_ceiling": _ratio(g16["vmm_lease"], ceiling),
         "large_read_min_over_pinned_h2d_1GiB": _ratio(worst, pinned),
         "gather16k_lease_over_pinned_h2d_1GiB": _ratio(g16["vmm_lease"], pinned),
-        "gather16k_lease_over_pinned_host_lease": _ratio(g16["vmm_lease"],
-                                                         g16["pinned_host_lease"]),
+        "gather16k_lease_over_pinned_host_lease": _ratio(
+            g16["vmm_lease"], g16["pinned_host_lease"]
+        ),
     }
-    targets = {"large_read_min_over_peer_ceiling": 0.9,
-               "gather16k_lease_over_peer_ceiling": 0.85,
-               "large_read_min_over_pinned_h2d_1GiB": 6.0,
-               "gather16k_lease_over_pinned_h2d_1GiB": 6.0}
-    return {"peer_ceiling_GBps": ceiling, "pinned_h2d_GBps": pinned, "ratios": ratios,
-            "targets": targets,
-            "met": {k: ratios[k] is not None and ratios[k] >= v for k, v in targets.items()}}
+    targets = {
+        "large_read_min_over_peer_ceiling": 0.9,
+        "gather16k_lease_over_peer_ceiling": 0.85,
+        "large_read_min_over_pinned_h2d_1GiB": 6.0,
+        "gather16k_lease_over_pinned_h2d_1GiB": 6.0,
+    }
+    return {
+        "peer_ceiling_GBps": ceiling,
+        "pinned_h2d_GBps": pinned,
+        "ratios": ratios,
+        "targets": targets,
+        "met": {k: ratios[k] is not None and ratios[k] >= v for k, v in targets.items()},
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -352,32 +428,42 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def report(doc: dict[str, Any]) -> None:
     """The table the reply shows last."""
-    print(f"\n{doc['device']}  src {doc.get('src_gpu')}  dst {doc['dst_gpu']}  "
-          f"same GPU: {doc.get('same_gpu')}")
+    print(
+        f"\n{doc['device']}  src {doc.get('src_gpu')}  dst {doc['dst_gpu']}  "
+        f"same GPU: {doc.get('same_gpu')}"
+    )
     print(f"{'source':18s} {'gather 16KiB GB/s':>18s} {'copy 16KiB':>11s} {'copy 1GiB':>10s}")
     for name, src in doc["sources"].items():
         g = next((r["GBps"] for r in src["gather"] if r["block_bytes"] == 16 * KiB), 0.0)
         c = {r["bytes"]: r["GBps"] for r in src["single_copy"]}
         print(f"{name:18s} {g:18.1f} {c.get(16 * KiB, 0.0):11.2f} {c.get(GiB, 0.0):10.1f}")
-    print(f"pinned H2D 1 GiB: {doc['pinned_h2d_1GiB']['GBps']:.1f} GB/s; "
-          f"copy-per-block 16 KiB from the lease: {doc['loop_copy_16k_lease']['GBps']:.2f} GB/s")
+    print(
+        f"pinned H2D 1 GiB: {doc['pinned_h2d_1GiB']['GBps']:.1f} GB/s; "
+        f"copy-per-block 16 KiB from the lease: {doc['loop_copy_16k_lease']['GBps']:.2f} GB/s"
+    )
     print(f"pageable H2D 1 GiB (blocking): {doc['pageable_h2d_1GiB_blocking']['GBps']:.1f} GB/s")
     for label, row in doc["vmm_lifecycle"].items():
-        print(f"VMM {doc['source_bytes'] >> 20} MiB, fence with {label}: import+map "
-              f"{row['import_map_ms']:.2f} ms, fence {row['fence_ms']:.2f} ms, steps "
-              f"{row['last_fence_steps_ms']}")
+        print(
+            f"VMM {doc['source_bytes'] >> 20} MiB, fence with {label}: import+map "
+            f"{row['import_map_ms']:.2f} ms, fence {row['fence_ms']:.2f} ms, steps "
+            f"{row['last_fence_steps_ms']}"
+        )
     print(f"gather 16 KiB by word type: {doc['gather16k_by_word']}")
     print(f"gather verified: {doc['gather_verified']}")
     for key, value in doc["ratios"].items():
         print(f"ratio {key}: {value}")
     if "issue9" in doc:
         peer = doc["peer_ceiling_1GiB"]
-        print(f"peer copy ceiling {peer['src']} -> {peer['dst']}, 1 GiB: {peer['GBps']:.1f} GB/s "
-              f"(peer access {peer['peer_access']})")
+        print(
+            f"peer copy ceiling {peer['src']} -> {peer['dst']}, 1 GiB: {peer['GBps']:.1f} GB/s "
+            f"(peer access {peer['peer_access']})"
+        )
         issue = doc["issue9"]
         for key, target in issue["targets"].items():
-            print(f"target {key}: {issue['ratios'][key]} (>= {target}: "
-                  f"{'met' if issue['met'][key] else 'NOT MET'})")
+            print(
+                f"target {key}: {issue['ratios'][key]} (>= {target}: "
+                f"{'met' if issue['met'][key] else 'NOT MET'})"
+            )
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
@@ -390,12 +476,12 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         rows = src["single_copy"]
         axes[0].plot([r["bytes"] for r in rows], [r["GBps"] for r in rows], "o-", label=name)
         rows = src["gather"]
-        axes[1].plot([r["block_bytes"] for r in rows], [r["GBps"] for r in rows], "o-",
-                     label=name)
+        axes[1].plot([r["block_bytes"] for r in rows], [r["GBps"] for r in rows], "o-", label=name)
     axes[1].axhline(doc["pinned_h2d_1GiB"]["GBps"], ls="--", c="gray", label="pinned H2D 1 GiB")
-    for ax, title, xlabel in ((axes[0], "one .copy_ of one block", "block bytes"),
-                              (axes[1], f"gather of {doc['gather_bytes'] >> 20} MiB in one launch",
-                               "block bytes")):
+    for ax, title, xlabel in (
+        (axes[0], "one .copy_ of one block", "block bytes"),
+        (axes[1], f"gather of {doc['gather_bytes'] >> 20} MiB in one launch", "block bytes"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)

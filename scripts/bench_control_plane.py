@@ -10,6 +10,7 @@ and times it until the broker answers freed=True. Unix sockets only.
 
     python scripts/bench_control_plane.py [--quick] [--out bench/results/control_plane.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,14 @@ def _worker(address: str, node: str, args: argparse.Namespace, start: Any, out: 
     lat: dict[str, list[float]] = {op: [] for op in OPS}
     errors: collections.Counter[str] = collections.Counter()
     held: collections.deque[str] = collections.deque()
-    grant = pb.GrantRequest(client_id=cid, nbytes=args.lease_bytes, ttl_s=args.ttl, node=node,
-                            holder_pid=os.getpid(), backend=pb.BACKEND_HOST)
+    grant = pb.GrantRequest(
+        client_id=cid,
+        nbytes=args.lease_bytes,
+        ttl_s=args.ttl,
+        node=node,
+        holder_pid=os.getpid(),
+        backend=pb.BACKEND_HOST,
+    )
 
     def call(op: str, method: Any, request: Any, timed: bool = True) -> Any:
         began = time.perf_counter()
@@ -99,14 +106,18 @@ def _worker(address: str, node: str, args: argparse.Namespace, start: Any, out: 
                 held.append(reply.id)
             ids = list(itertools.islice(held, args.batch))
             held.rotate(-len(ids))  # round robin: each lease is renewed every live/batch loops
-            reply = call("keepalive", stub.KeepAlive, pb.KeepAliveRequest(client_id=cid,
-                                                                          lease_ids=ids))
+            reply = call(
+                "keepalive", stub.KeepAlive, pb.KeepAliveRequest(client_id=cid, lease_ids=ids)
+            )
             if reply is not None:
                 renewed += len(reply.alive)
                 errors["keepalive:lost"] += len(reply.lost)
             if held:
-                call("release", stub.Release, pb.ReleaseRequest(client_id=cid,
-                                                                 lease_id=held.popleft()))
+                call(
+                    "release",
+                    stub.Release,
+                    pb.ReleaseRequest(client_id=cid, lease_id=held.popleft()),
+                )
         elapsed = time.monotonic() - began
     else:
         errors["start:timeout"] += 1
@@ -120,15 +131,21 @@ def bench_throughput(address: str, node: str, args: argparse.Namespace) -> dict[
     """Run the workers against the broker at ``address``; figures in ops/s and ms."""
     start, results = SPAWN.Event(), SPAWN.Queue()
     done: list[dict[str, Any]] = []
-    procs = [SPAWN.Process(target=_worker, args=(address, node, args, start, results),
-                           daemon=True) for _ in range(args.workers)]
+    procs = [
+        SPAWN.Process(target=_worker, args=(address, node, args, start, results), daemon=True)
+        for _ in range(args.workers)
+    ]
     try:
         for p in procs:
             p.start()
         for _ in procs:
             results.get(timeout=WAIT_S)
-        log.info("%d workers hold %d leases; running %.1f s", args.workers,
-                 args.workers * args.live, args.seconds)
+        log.info(
+            "%d workers hold %d leases; running %.1f s",
+            args.workers,
+            args.workers * args.live,
+            args.seconds,
+        )
         start.set()
         done = [results.get(timeout=args.seconds + WAIT_S)[1] for _ in procs]
     finally:
@@ -139,12 +156,21 @@ def bench_throughput(address: str, node: str, args: argparse.Namespace) -> dict[
     per_op = {}
     for op in OPS:
         ms = [x * 1e3 for d in done for x in d["lat"][op]]
-        per_op[op] = {"count": len(ms), "ops_per_s": len(ms) / window, "p50_ms": pct(ms, .5),
-                      "p99_ms": pct(ms, .99), "max_ms": max(ms, default=math.nan)}
-    return {"window_s": window, "ops": per_op,
-            "ops_per_s": sum(v["count"] for v in per_op.values()) / window,
-            "leases_renewed_per_s": sum(d["renewed"] for d in done) / window,
-            "errors": sum(errors.values()), "errors_by_kind": dict(errors)}
+        per_op[op] = {
+            "count": len(ms),
+            "ops_per_s": len(ms) / window,
+            "p50_ms": pct(ms, 0.5),
+            "p99_ms": pct(ms, 0.99),
+            "max_ms": max(ms, default=math.nan),
+        }
+    return {
+        "window_s": window,
+        "ops": per_op,
+        "ops_per_s": sum(v["count"] for v in per_op.values()) / window,
+        "leases_renewed_per_s": sum(d["renewed"] for d in done) / window,
+        "errors": sum(errors.values()),
+        "errors_by_kind": dict(errors),
+    }
 
 
 def _floor_worker(address: str, seconds: float, start: Any, out: Any) -> None:
@@ -175,8 +201,12 @@ def bench_rpc_floor(address: str, args: argparse.Namespace) -> dict[str, Any]:
     """The same number of workers doing nothing but empty keepalives: RPCs per second
     that this machine's gRPC stacks and broker can carry at all."""
     start, results = SPAWN.Event(), SPAWN.Queue()
-    procs = [SPAWN.Process(target=_floor_worker, args=(address, args.seconds, start, results),
-                           daemon=True) for _ in range(args.workers)]
+    procs = [
+        SPAWN.Process(
+            target=_floor_worker, args=(address, args.seconds, start, results), daemon=True
+        )
+        for _ in range(args.workers)
+    ]
     done: list[dict[str, Any]] = []
     try:
         for p in procs:
@@ -204,8 +234,12 @@ def _holder(state_dir: str, nbytes: int, ttl: float, settle: float, conn: Any) -
             except Exception as exc:  # noqa: BLE001 - the parent must hear, not hang
                 conn.send(("error", repr(exc)))
                 continue
-            lease.on_revoke(lambda _lease, _why, when=when, seen=seen: (
-                when.append(time.monotonic()), seen.set()))
+            lease.on_revoke(
+                lambda _lease, _why, when=when, seen=seen: (
+                    when.append(time.monotonic()),
+                    seen.set(),
+                )
+            )
             time.sleep(settle)
             conn.send(("ready", lease.id))
             conn.send(("revoked", lease.id, when[0] if seen.wait(WAIT_S) else None))
@@ -233,35 +267,54 @@ def _reclaim_once(tenant: Any, lender: Any, conns: list[Any], charged: int) -> d
     elapsed = time.monotonic() - began
     called = [m[2] - began for m in (_expect(c, "revoked") for c in conns) if m[2] is not None]
     tenant.restore(lender.id)
-    return {"elapsed_ms": elapsed * 1e3, "broker_ms": res.elapsed_s * 1e3, "freed": res.freed,
-            "revoked": len(res.revoked), "holders_revoked": len(ids & set(res.revoked)),
-            "callbacks": len(called), "callback_max_ms": max(called, default=math.nan) * 1e3}
+    return {
+        "elapsed_ms": elapsed * 1e3,
+        "broker_ms": res.elapsed_s * 1e3,
+        "freed": res.freed,
+        "revoked": len(res.revoked),
+        "holders_revoked": len(ids & set(res.revoked)),
+        "callbacks": len(called),
+        "callback_max_ms": max(called, default=math.nan) * 1e3,
+    }
 
 
 def bench_reclaim(state_dir: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Reclaim latency with 1..N mapped holders, timed from this (tenant) process."""
     from client import connect
-    from lender.backends.base import round_up
+    from harvestd.sizes import round_up
     from protos import harvest_pb2 as pb
 
     rows = []
     with contextlib.closing(connect(state_dir=state_dir)) as tenant:
-        lender = next(l for l in tenant.lenders()
-                      if l.backend == pb.BACKEND_HOST and l.state == pb.LENDER_UP)
+        lender = next(
+            l for l in tenant.lenders() if l.backend == pb.BACKEND_HOST and l.state == pb.LENDER_UP
+        )
         charged = round_up(args.holder_bytes, lender.granularity)
         for n in args.holders:
             pipes = [SPAWN.Pipe() for _ in range(n)]
-            procs = [SPAWN.Process(target=_holder, daemon=True, args=(
-                state_dir, args.holder_bytes, args.ttl, args.settle, child)) for _, child in pipes]
+            procs = [
+                SPAWN.Process(
+                    target=_holder,
+                    daemon=True,
+                    args=(state_dir, args.holder_bytes, args.ttl, args.settle, child),
+                )
+                for _, child in pipes
+            ]
             runs: list[dict[str, Any]] = []
             try:
                 for p in procs:
                     p.start()
                 for r in range(args.repeats):
                     runs.append(_reclaim_once(tenant, lender, [c for c, _ in pipes], charged))
-                    log.info("reclaim, %d holders, run %d: %.1f ms, freed=%s, callbacks %d/%d",
-                             n, r + 1, runs[-1]["elapsed_ms"], runs[-1]["freed"],
-                             runs[-1]["callbacks"], n)
+                    log.info(
+                        "reclaim, %d holders, run %d: %.1f ms, freed=%s, callbacks %d/%d",
+                        n,
+                        r + 1,
+                        runs[-1]["elapsed_ms"],
+                        runs[-1]["freed"],
+                        runs[-1]["callbacks"],
+                        n,
+                    )
             finally:
                 for conn, _ in pipes:
                     with contextlib.suppress(OSError):
@@ -269,12 +322,19 @@ def bench_reclaim(state_dir: str, args: argparse.Namespace) -> list[dict[str, An
                 # After an error, holders may wait for a revocation that never comes.
                 _reap(procs, 15.0 if len(runs) == args.repeats else 0.0)
             ms = [r["elapsed_ms"] for r in runs]
-            rows.append({"holders": n, "p50_ms": pct(ms, .5), "max_ms": max(ms),
-                         "broker_p50_ms": pct([r["broker_ms"] for r in runs], .5),
-                         "all_freed": all(r["freed"] for r in runs),
-                         "callbacks": sum(r["callbacks"] for r in runs),
-                         "expected_callbacks": n * len(runs),
-                         "stalled": sum(r["elapsed_ms"] > STALLED_MS for r in runs), "runs": runs})
+            rows.append(
+                {
+                    "holders": n,
+                    "p50_ms": pct(ms, 0.5),
+                    "max_ms": max(ms),
+                    "broker_p50_ms": pct([r["broker_ms"] for r in runs], 0.5),
+                    "all_freed": all(r["freed"] for r in runs),
+                    "callbacks": sum(r["callbacks"] for r in runs),
+                    "expected_callbacks": n * len(runs),
+                    "stalled": sum(r["elapsed_ms"] > STALLED_MS for r in runs),
+                    "runs": runs,
+                }
+            )
     return rows
 
 
@@ -302,10 +362,24 @@ def node(state_dir: str | None, host_bytes: str) -> Iterator[str]:
         log.info("starting a node in %s", root)
         # A private Ray temp dir: without it, ray.init() joins any cluster that `ray start`
         # left on this machine (it reads /tmp/ray/ray_current_cluster) and the start fails.
-        started = subprocess.run(harvestd + ["start", "--detach", "--backend", "host",
-                                             "--host-bytes", host_bytes, "--state-dir", root],
-                                 check=False, timeout=300, capture_output=True, text=True,
-                                 env={**os.environ, "RAY_TMPDIR": root})
+        started = subprocess.run(
+            harvestd
+            + [
+                "start",
+                "--detach",
+                "--backend",
+                "host",
+                "--host-bytes",
+                host_bytes,
+                "--state-dir",
+                root,
+            ],
+            check=False,
+            timeout=300,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "RAY_TMPDIR": root},
+        )
         cut_short = False
         if started.returncode:
             raise RuntimeError(f"harvestd start failed: {started.stderr.strip()}")
@@ -320,8 +394,13 @@ def node(state_dir: str | None, host_bytes: str) -> Iterator[str]:
             deadline = time.monotonic() + 90
             while _daemons(root) and time.monotonic() < deadline:
                 time.sleep(0.5)
-        stop = subprocess.run(harvestd + ["stop", "--state-dir", root], check=False,
-                              timeout=120, capture_output=True, text=True)
+        stop = subprocess.run(
+            harvestd + ["stop", "--state-dir", root],
+            check=False,
+            timeout=120,
+            capture_output=True,
+            text=True,
+        )
         if stop.returncode and not cut_short:
             log.warning("harvestd stop: %s (logs kept in %s)", stop.stderr.strip(), root)
         else:
@@ -333,27 +412,42 @@ def print_table(res: dict[str, Any]) -> None:
     """The human summary of ``res`` (the JSON's figures)."""
     p, tp = res["parameters"], res["throughput"]
     m = res["machine"]
-    print(f"\nthroughput: {p['workers']} workers x {p['live']} live leases, {tp['window_s']:.1f}"
-          f" s, keepalive batch {p['batch']}; {m['cpus']} CPUs, load average "
-          f"{m['loadavg_before'][0]:.1f} before the run")
+    print(
+        f"\nthroughput: {p['workers']} workers x {p['live']} live leases, {tp['window_s']:.1f}"
+        f" s, keepalive batch {p['batch']}; {m['cpus']} CPUs, load average "
+        f"{m['loadavg_before'][0]:.1f} before the run"
+    )
     print(f"{'op':<10}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
     for op, v in tp["ops"].items():
-        print(f"{op:<10}{v['ops_per_s']:>10.0f}{v['p50_ms']:>10.2f}{v['p99_ms']:>10.2f}"
-              f"{v['max_ms']:>10.2f}")
-    print(f"{'all':<10}{tp['ops_per_s']:>10.0f}   leases renewed/s "
-          f"{tp['leases_renewed_per_s']:.0f}   errors {tp['errors']} {tp['errors_by_kind'] or ''}")
-    print(f"lease operations/s (each lease granted, renewed or released): "
-          f"{tp['lease_ops_per_s']:.0f}")
-    print(f"RPC floor (empty keepalives, same workers): {res['rpc_floor']['rpcs_per_s']:.0f} "
-          f"RPCs/s; the mixed run reaches {tp['of_rpc_floor']:.2f} of it")
-    print(f"\nreclaim: holders of {p['holder_bytes'] >> 20} MiB each, {p['repeats']} repeats, "
-          f"settle {p['settle']} s")
-    print(f"{'holders':<9}{'p50 ms':>9}{'max ms':>9}{'broker p50':>12}{'freed':>7}"
-          f"{'callbacks':>11}{'stalled':>9}")
+        print(
+            f"{op:<10}{v['ops_per_s']:>10.0f}{v['p50_ms']:>10.2f}{v['p99_ms']:>10.2f}"
+            f"{v['max_ms']:>10.2f}"
+        )
+    print(
+        f"{'all':<10}{tp['ops_per_s']:>10.0f}   leases renewed/s "
+        f"{tp['leases_renewed_per_s']:.0f}   errors {tp['errors']} {tp['errors_by_kind'] or ''}"
+    )
+    print(
+        f"lease operations/s (each lease granted, renewed or released): {tp['lease_ops_per_s']:.0f}"
+    )
+    print(
+        f"RPC floor (empty keepalives, same workers): {res['rpc_floor']['rpcs_per_s']:.0f} "
+        f"RPCs/s; the mixed run reaches {tp['of_rpc_floor']:.2f} of it"
+    )
+    print(
+        f"\nreclaim: holders of {p['holder_bytes'] >> 20} MiB each, {p['repeats']} repeats, "
+        f"settle {p['settle']} s"
+    )
+    print(
+        f"{'holders':<9}{'p50 ms':>9}{'max ms':>9}{'broker p50':>12}{'freed':>7}"
+        f"{'callbacks':>11}{'stalled':>9}"
+    )
     for r in res["reclaim"]:
-        print(f"{r['holders']:<9}{r['p50_ms']:>9.1f}{r['max_ms']:>9.1f}{r['broker_p50_ms']:>12.1f}"
-              f"{r['all_freed']!s:>7}{r['callbacks']:>6}/{r['expected_callbacks']:<4}"
-              f"{r['stalled']:>9}")
+        print(
+            f"{r['holders']:<9}{r['p50_ms']:>9.1f}{r['max_ms']:>9.1f}{r['broker_p50_ms']:>12.1f}"
+            f"{r['all_freed']!s:>7}{r['callbacks']:>6}/{r['expected_callbacks']:<4}"
+            f"{r['stalled']:>9}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,8 +465,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--holders", help=f"holder counts ({DEFAULTS['holders']})")
     ap.add_argument("--holder-bytes", type=parse_size, default="64MiB")
     ap.add_argument("--repeats", type=int, help=f"reclaims per count ({DEFAULTS['repeats']})")
-    ap.add_argument("--settle", type=float, default=0.25, help="seconds a holder holds its "
-                    "lease before the reclaim (0 lands it on the lease's first keepalive)")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=0.25,
+        help="seconds a holder holds its "
+        "lease before the reclaim (0 lands it on the lease's first keepalive)",
+    )
     ap.add_argument("--host-bytes", default="4GiB", help="the started node's host lender")
     ap.add_argument("--state-dir", help="use this running node instead of starting one")
     ap.add_argument("--out", default=str(REPO / "bench/results/control_plane.json"))
@@ -392,23 +491,33 @@ def main(argv: list[str] | None = None) -> int:
         reclaim = bench_reclaim(state_dir, args)
     ops = throughput["ops"]
     # A keepalive renews a whole batch of leases in one RPC, as the client library does.
-    throughput["lease_ops_per_s"] = (ops["grant"]["ops_per_s"] + ops["release"]["ops_per_s"]
-                                     + throughput["leases_renewed_per_s"])
+    throughput["lease_ops_per_s"] = (
+        ops["grant"]["ops_per_s"] + ops["release"]["ops_per_s"] + throughput["leases_renewed_per_s"]
+    )
     throughput["of_rpc_floor"] = throughput["ops_per_s"] / floor["rpcs_per_s"]
-    res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "python": platform.python_version(), "host": platform.node(),
-                       "loadavg_before": load_before},
-           "command": [sys.executable, *sys.argv],
-           "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-           "parameters": {k: v for k, v in vars(args).items() if k != "out"},
-           "node_started_here": args.state_dir is None,
-           "rpc_floor": floor, "throughput": throughput, "reclaim": reclaim}
+    res = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "host": platform.node(),
+            "loadavg_before": load_before,
+        },
+        "command": [sys.executable, *sys.argv],
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "parameters": {k: v for k, v in vars(args).items() if k != "out"},
+        "node_started_here": args.state_dir is None,
+        "rpc_floor": floor,
+        "throughput": throughput,
+        "reclaim": reclaim,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print_table(res)
     print(f"\nwritten: {args.out}")
     ok = throughput["errors"] == 0 and all(
-        r["all_freed"] and r["callbacks"] == r["expected_callbacks"] for r in reclaim)
+        r["all_freed"] and r["callbacks"] == r["expected_callbacks"] for r in reclaim
+    )
     return 0 if ok else 1
 
 

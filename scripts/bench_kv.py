@@ -22,6 +22,7 @@ the leases (the path decoding uses), against a pinned host-to-device copy of 1 G
     python scripts/bench_kv.py --lender-gpu 0 --out bench/results/kv.json  # + kv.png
     python scripts/bench_kv.py --smoke       # tiny sizes, on the CPU, host-backend node
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,28 @@ def build_model(args: argparse.Namespace, device: Any) -> Any:
     import torch
     import transformers
 
-    shape = (dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32) if args.smoke else
-             dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                  num_attention_heads=32, num_key_value_heads=8, head_dim=128))
-    cfg = transformers.LlamaConfig(num_hidden_layers=args.layers,
-                                   max_position_embeddings=max(args.contexts) + 1024, **shape)
+    shape = (
+        dict(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+        )
+        if args.smoke
+        else dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+        )
+    )
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=args.layers, max_position_embeddings=max(args.contexts) + 1024, **shape
+    )
     torch.manual_seed(0)
     with torch.device(device):  # made where it runs: random init on the GPU is quick
         model = transformers.LlamaForCausalLM(cfg).eval()
@@ -77,21 +94,18 @@ def prefill(model: Any, ids: Any) -> tuple[list[tuple[Any, Any]], Any]:
     with torch.no_grad():
         for row in range(ids.shape[0]):
             cache = DynamicCache()
-            out = model(ids[row: row + 1], past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
+            out = model(ids[row : row + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
             first.append(out.logits[:, -1:].argmax(-1))
             for i, layer in enumerate(cache.layers):
                 if len(layers) <= i:
                     layers.append([])
                 layers[i].append((layer.keys, layer.values))
             del cache, out
-    kv = [(torch.cat([k for k, _ in pairs]), torch.cat([v for _, v in pairs]))
-          for pairs in layers]
+    kv = [(torch.cat([k for k, _ in pairs]), torch.cat([v for _, v in pairs])) for pairs in layers]
     return kv, torch.cat(first)
 
 
-def make_cache(mode: str, model: Any, client: Any, args: argparse.Namespace, kv_bytes: int
-               ) -> Any:
+def make_cache(mode: str, model: Any, client: Any, args: argparse.Namespace, kv_bytes: int) -> Any:
     """An empty cache of ``mode``."""
     from transformers import DynamicCache
 
@@ -102,14 +116,20 @@ def make_cache(mode: str, model: Any, client: Any, args: argparse.Namespace, kv_
     if mode == "offloaded":
         return DynamicCache(config=model.config, offloading=True)
     slab = args.slab_bytes
-    return HarvestCache(client, block_tokens=args.block_tokens, config=model.config,
-                        backends=("host",) if mode == "harvest-host" else ("cuda-vmm",),
-                        slab_bytes=slab, borrow_bytes=kv_bytes + 2 * slab + GiB,
-                        refill_every=None)
+    return HarvestCache(
+        client,
+        block_tokens=args.block_tokens,
+        config=model.config,
+        backends=("host",) if mode == "harvest-host" else ("cuda-vmm",),
+        slab_bytes=slab,
+        borrow_bytes=kv_bytes + 2 * slab + GiB,
+        refill_every=None,
+    )
 
 
-def decode(model: Any, cache: Any, first: Any, args: argparse.Namespace, device: Any
-           ) -> tuple[Any, float, dict[str, Any]]:
+def decode(
+    model: Any, cache: Any, first: Any, args: argparse.Namespace, device: Any
+) -> tuple[Any, float, dict[str, Any]]:
     """Greedy steps from ``first``: the tokens, the seconds of the timed steps, and what
     a HarvestCache fetched during them."""
     import torch
@@ -131,11 +151,15 @@ def decode(model: Any, cache: Any, first: Any, args: argparse.Namespace, device:
     extra: dict[str, Any] = {}
     if hasattr(cache, "stats"):
         stats = cache.stats
-        extra = {"fetched_GBps": (stats.bytes_fetched - fetched0) / elapsed / 1e9,
-                 "fetch_wait_s_per_step": (stats.fetch_wait_s - wait0) / args.decode,
-                 "tier_bytes": stats.tier_bytes, "leased_bytes": stats.leased_bytes,
-                 "device_bytes": stats.device_bytes, "revocations": stats.revocations,
-                 "redone_rows": stats.redone_rows}
+        extra = {
+            "fetched_GBps": (stats.bytes_fetched - fetched0) / elapsed / 1e9,
+            "fetch_wait_s_per_step": (stats.fetch_wait_s - wait0) / args.decode,
+            "tier_bytes": stats.tier_bytes,
+            "leased_bytes": stats.leased_bytes,
+            "device_bytes": stats.device_bytes,
+            "revocations": stats.revocations,
+            "redone_rows": stats.redone_rows,
+        }
     return torch.cat(tokens, 1).cpu(), elapsed, extra
 
 
@@ -145,14 +169,18 @@ def reload(cache: Any, kv: list[tuple[Any, Any]], device: Any, reps: int = 3) ->
     import torch
 
     layers = [layer for layer in cache.layers if layer.blocks]
-    bufs = [torch.empty((layer.blocks, layer.row_bytes), dtype=torch.uint8, device=device)
-            for layer in layers]
+    bufs = [
+        torch.empty((layer.blocks, layer.row_bytes), dtype=torch.uint8, device=device)
+        for layer in layers
+    ]
     times = []
     for _ in range(reps):
         sync(device)
         began = time.perf_counter()
-        fetches = [cache.cache.fetch(cache.block_keys(layer.index), buf)
-                   for layer, buf in zip(layers, bufs, strict=True)]
+        fetches = [
+            cache.cache.fetch(cache.block_keys(layer.index), buf)
+            for layer, buf in zip(layers, bufs, strict=True)
+        ]
         for fetch in fetches:
             fetch.wait()
         sync(device)
@@ -162,10 +190,15 @@ def reload(cache: Any, kv: list[tuple[Any, Any]], device: Any, reps: int = 3) ->
     first = bufs[0][0].view(k.dtype).view(2, *k.shape[:2], size, k.shape[3])
     nbytes = sum(buf.numel() for buf in bufs)
     seconds = statistics.median(times)
-    return {"bytes": nbytes, "s": seconds, "GBps": nbytes / seconds / 1e9,
-            "verified": bool(torch.equal(first[0], k[:, :, :size])
-                             and torch.equal(first[1], v[:, :, :size])),
-            "tier_bytes": cache.stats.tier_bytes}
+    return {
+        "bytes": nbytes,
+        "s": seconds,
+        "GBps": nbytes / seconds / 1e9,
+        "verified": bool(
+            torch.equal(first[0], k[:, :, :size]) and torch.equal(first[1], v[:, :, :size])
+        ),
+        "tier_bytes": cache.stats.tier_bytes,
+    }
 
 
 def pinned_h2d(device: Any) -> dict[str, float] | None:
@@ -205,23 +238,36 @@ def run(args: argparse.Namespace, client: Any, device: Any) -> dict[str, Any]:
     model = build_model(args, device)
     free_memory(device)  # the float32 weights it was cast from
     # In this order: plain first, the others are checked against its tokens.
-    modes = [m for m in MODES if m in args.modes
-             and (device.type == "cuda" or m in ("plain", "harvest-host"))]
+    modes = [
+        m
+        for m in MODES
+        if m in args.modes and (device.type == "cuda" or m in ("plain", "harvest-host"))
+    ]
     doc: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "model": {"shape": "tiny (--smoke)" if args.smoke else "Llama-3-8B",
-                  "layers": args.layers, "hidden": model.config.hidden_size,
-                  "heads": model.config.num_attention_heads,
-                  "kv_heads": model.config.num_key_value_heads,
-                  "head_dim": model.config.head_dim, "dtype": str(model.dtype)},
-        "block_tokens": args.block_tokens, "decode_steps": args.decode, "warmup": args.warmup,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": {
+            "shape": "tiny (--smoke)" if args.smoke else "Llama-3-8B",
+            "layers": args.layers,
+            "hidden": model.config.hidden_size,
+            "heads": model.config.num_attention_heads,
+            "kv_heads": model.config.num_key_value_heads,
+            "head_dim": model.config.head_dim,
+            "dtype": str(model.dtype),
+        },
+        "block_tokens": args.block_tokens,
+        "decode_steps": args.decode,
+        "warmup": args.warmup,
         "timing": "CUDA-synchronized wall clock over the decode steps after the warm-up",
         "skipped_modes": sorted(set(args.modes) - set(modes)),
         "harvest_gpu_note": "GPU leases lent by the GPU that decodes (one-GPU machine): "
-                            "the blocks stay in its own memory",
-        "runs": [], "reload": [], "errors": []}
+        "the blocks stay in its own memory",
+        "runs": [],
+        "reload": [],
+        "errors": [],
+    }
     doc["pinned_h2d_1GiB"] = pinned_h2d(device)
     for context in args.contexts:
         for batch in args.batches:
@@ -231,15 +277,19 @@ def run(args: argparse.Namespace, client: Any, device: Any) -> dict[str, Any]:
             kv, first = prefill(model, ids)
             sync(device)
             kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in kv)
-            print(f"context {context} batch {batch}: prefill {time.perf_counter() - began:.1f} s, "
-                  f"K/V {kv_bytes / GiB:.2f} GiB", flush=True)
+            print(
+                f"context {context} batch {batch}: prefill {time.perf_counter() - began:.1f} s, "
+                f"K/V {kv_bytes / GiB:.2f} GiB",
+                flush=True,
+            )
             want: list[Any] = []
             for mode in modes:
                 try:
                     run_mode(doc, mode, model, client, args, device, kv, first, want)
                 except Exception as exc:  # noqa: BLE001 - one mode failing must not lose the rest
-                    doc["errors"].append({"context": context, "batch": batch, "mode": mode,
-                                          "error": repr(exc)})
+                    doc["errors"].append(
+                        {"context": context, "batch": batch, "mode": mode, "error": repr(exc)}
+                    )
                     print(f"  {mode:13s} FAILED: {exc!r}", flush=True)
                 free_memory(device)
             del kv, first
@@ -248,9 +298,17 @@ def run(args: argparse.Namespace, client: Any, device: Any) -> dict[str, Any]:
     return doc
 
 
-def run_mode(doc: dict[str, Any], mode: str, model: Any, client: Any,
-             args: argparse.Namespace, device: Any, kv: list[tuple[Any, Any]], first: Any,
-             want: list[Any]) -> None:
+def run_mode(
+    doc: dict[str, Any],
+    mode: str,
+    model: Any,
+    client: Any,
+    args: argparse.Namespace,
+    device: Any,
+    kv: list[tuple[Any, Any]],
+    first: Any,
+    want: list[Any],
+) -> None:
     """Load the prefilled K/V into a cache of ``mode``, decode, and (for Harvest)
     reload; append the rows to ``doc``. ``want`` holds plain's tokens once it ran."""
     import torch
@@ -268,21 +326,32 @@ def run_mode(doc: dict[str, Any], mode: str, model: Any, client: Any,
         tokens, seconds, extra = decode(model, cache, first, args, device)
         if mode == "plain":
             want.append(tokens)
-        row = {"context": context, "batch": batch, "mode": mode,
-               "tokens_per_s": batch * args.decode / seconds,
-               "ms_per_step": seconds / args.decode * 1e3, "kv_bytes": kv_bytes,
-               "load_s": load_s,
-               "tokens_equal_plain": bool(torch.equal(tokens, want[0])) if want else None,
-               **extra}
+        row = {
+            "context": context,
+            "batch": batch,
+            "mode": mode,
+            "tokens_per_s": batch * args.decode / seconds,
+            "ms_per_step": seconds / args.decode * 1e3,
+            "kv_bytes": kv_bytes,
+            "load_s": load_s,
+            "tokens_equal_plain": bool(torch.equal(tokens, want[0])) if want else None,
+            **extra,
+        }
         doc["runs"].append(row)
-        print(f"  {mode:13s} {row['tokens_per_s']:9.1f} tok/s  {row['ms_per_step']:8.2f} "
-              f"ms/step  same tokens: {row['tokens_equal_plain']}", flush=True)
+        print(
+            f"  {mode:13s} {row['tokens_per_s']:9.1f} tok/s  {row['ms_per_step']:8.2f} "
+            f"ms/step  same tokens: {row['tokens_equal_plain']}",
+            flush=True,
+        )
         if mode.startswith("harvest") and args.reload:
             got = reload(cache, kv, device)
             got.update(context=context, batch=batch, mode=mode)
             doc["reload"].append(got)
-            print(f"  {mode:13s} reload {got['bytes'] / GiB:.2f} GiB: {got['GBps']:.1f} GB/s "
-                  f"(verified: {got['verified']})", flush=True)
+            print(
+                f"  {mode:13s} reload {got['bytes'] / GiB:.2f} GiB: {got['GBps']:.1f} GB/s "
+                f"(verified: {got['verified']})",
+                flush=True,
+            )
     finally:
         if hasattr(cache, "close"):
             cache.close()
@@ -290,13 +359,15 @@ def run_mode(doc: dict[str, Any], mode: str, model: Any, client: Any,
 
 def summarize(doc: dict[str, Any]) -> None:
     """Ratios against plain, and the host reload against the pinned copy."""
-    plain = {(r["context"], r["batch"]): r["tokens_per_s"] for r in doc["runs"]
-             if r["mode"] == "plain"}
+    plain = {
+        (r["context"], r["batch"]): r["tokens_per_s"] for r in doc["runs"] if r["mode"] == "plain"
+    }
     for row in doc["runs"]:
         base = plain.get((row["context"], row["batch"]))
         row["vs_plain"] = round(row["tokens_per_s"] / base, 3) if base else None
-    doc["all_tokens_equal_plain"] = all(r["tokens_equal_plain"] in (True, None)
-                                        for r in doc["runs"])
+    doc["all_tokens_equal_plain"] = all(
+        r["tokens_equal_plain"] in (True, None) for r in doc["runs"]
+    )
     h2d = (doc.get("pinned_h2d_1GiB") or {}).get("GBps")
     host = [r for r in doc["reload"] if r["mode"] == "harvest-host"]
     if h2d and host:
@@ -307,33 +378,46 @@ def summarize(doc: dict[str, Any]) -> None:
 
 def report(doc: dict[str, Any]) -> None:
     """The table the run ends with."""
-    print(f"\n{doc['device']}: {doc['model']['layers']} {doc['model']['shape']} layers, "
-          f"{doc['block_tokens']}-token blocks, {doc['decode_steps']} timed steps")
+    print(
+        f"\n{doc['device']}: {doc['model']['layers']} {doc['model']['shape']} layers, "
+        f"{doc['block_tokens']}-token blocks, {doc['decode_steps']} timed steps"
+    )
     modes = [m for m in MODES if any(r["mode"] == m for r in doc["runs"])]
-    print(f"{'context':>8s} {'batch':>5s} " + " ".join(f"{m + ' tok/s':>19s}" for m in modes)
-          + "  same tokens")
+    print(
+        f"{'context':>8s} {'batch':>5s} "
+        + " ".join(f"{m + ' tok/s':>19s}" for m in modes)
+        + "  same tokens"
+    )
     keys = sorted({(r["context"], r["batch"]) for r in doc["runs"]})
     for key in keys:
         rows = {r["mode"]: r for r in doc["runs"] if (r["context"], r["batch"]) == key}
-        cells = [f"{rows[m]['tokens_per_s']:10.1f} ({rows[m]['vs_plain'] or 0:.2f}x)"
-                 if m in rows else "-" for m in modes]
+        cells = [
+            f"{rows[m]['tokens_per_s']:10.1f} ({rows[m]['vs_plain'] or 0:.2f}x)"
+            if m in rows
+            else "-"
+            for m in modes
+        ]
         same = all(r["tokens_equal_plain"] in (True, None) for r in rows.values())
         print(f"{key[0]:8d} {key[1]:5d} " + " ".join(f"{c:>19s}" for c in cells) + f"  {same}")
     for row in doc["reload"]:
-        print(f"reload {row['mode']:13s} context {row['context']} batch {row['batch']}: "
-              f"{row['GBps']:.1f} GB/s ({row['bytes'] / GiB:.2f} GiB)")
+        print(
+            f"reload {row['mode']:13s} context {row['context']} batch {row['batch']}: "
+            f"{row['GBps']:.1f} GB/s ({row['bytes'] / GiB:.2f} GiB)"
+        )
     if doc.get("pinned_h2d_1GiB"):
         print(f"pinned host-to-device copy of 1 GiB: {doc['pinned_h2d_1GiB']['GBps']:.1f} GB/s")
     if "host_reload_over_pinned_h2d" in doc:
-        print(f"host-lease reload / pinned H2D: {doc['host_reload_over_pinned_h2d']} "
-              f"(target >= 0.9)")
-    print(f"every mode's tokens equal plain's: {doc['all_tokens_equal_plain']}; "
-          f"reloads verified: {doc['all_reloads_verified']}")
+        print(
+            f"host-lease reload / pinned H2D: {doc['host_reload_over_pinned_h2d']} (target >= 0.9)"
+        )
+    print(
+        f"every mode's tokens equal plain's: {doc['all_tokens_equal_plain']}; "
+        f"reloads verified: {doc['all_reloads_verified']}"
+    )
     if doc["skipped_modes"]:
         print(f"skipped (need CUDA): {', '.join(doc['skipped_modes'])}")
     for err in doc["errors"]:
-        print(f"FAILED {err['mode']} context {err['context']} batch {err['batch']}: "
-              f"{err['error']}")
+        print(f"FAILED {err['mode']} context {err['context']} batch {err['batch']}: {err['error']}")
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
@@ -346,19 +430,29 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(modes)
     for j, mode in enumerate(modes):
-        values = [next((r["tokens_per_s"] for r in doc["runs"] if r["mode"] == mode
-                        and (r["context"], r["batch"]) == key), 0.0) for key in keys]
+        values = [
+            next(
+                (
+                    r["tokens_per_s"]
+                    for r in doc["runs"]
+                    if r["mode"] == mode and (r["context"], r["batch"]) == key
+                ),
+                0.0,
+            )
+            for key in keys
+        ]
         ax.bar([i + j * width for i in range(len(keys))], values, width, label=mode)
     ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(keys))])
-    ax.set_xticklabels([f"{c // 1024}k x {b}" if c >= 1024 else f"{c} x {b}"
-                        for c, b in keys])
+    ax.set_xticklabels([f"{c // 1024}k x {b}" if c >= 1024 else f"{c} x {b}" for c, b in keys])
     ax.set_xlabel("context tokens x batch")
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{doc['device']}: decode with the KV cache in borrowed memory "
-                 f"({doc['model']['layers']} layers)")
+    ax.set_title(
+        f"{doc['device']}: decode with the KV cache in borrowed memory "
+        f"({doc['model']['layers']} layers)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -404,9 +498,17 @@ def main() -> int:
     print(attention)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    node_args = (dict(backend="host", host_bytes="256MiB") if args.smoke else
-                 dict(backend="cuda-vmm", gpus=str(args.lender_gpu), cap=args.cap,
-                      reserve=args.reserve, host_bytes=args.host_bytes))
+    node_args = (
+        dict(backend="host", host_bytes="256MiB")
+        if args.smoke
+        else dict(
+            backend="cuda-vmm",
+            gpus=str(args.lender_gpu),
+            cap=args.cap,
+            reserve=args.reserve,
+            host_bytes=args.host_bytes,
+        )
+    )
     began = time.perf_counter()
     with bench_node(**node_args) as node:
         client = node.connect()

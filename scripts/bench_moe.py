@@ -19,9 +19,11 @@ A revocation run reclaims the GPU lender's memory every --revoke-every seconds (
 gives it back half a period later) while Harvest decodes from GPU leases.
 
     python scripts/bench_moe.py --lender-gpu 0 --out bench/results/moe.json
-    python scripts/bench_moe.py --lender-gpu 0 --compute grouped --out bench/results/moe_grouped.json
+    python scripts/bench_moe.py --lender-gpu 0 --compute grouped \
+        --out bench/results/moe_grouped.json
     python scripts/bench_moe.py --smoke          # tiny, on the CPU, with a host node
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +45,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-
 from benchnode import bench_node, pyplot, steady_attention  # noqa: E402
 
 log = logging.getLogger("bench_moe")
@@ -55,25 +56,58 @@ def model_config(name: str, layers: int, smoke: bool) -> Any:
     import transformers
 
     if name == "mixtral":
-        dims = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                    num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-                    num_experts_per_tok=2)
+        dims = dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+        )
         if smoke:
-            dims.update(vocab_size=256, hidden_size=64, intermediate_size=128,
-                        num_attention_heads=4, num_key_value_heads=2)
-        return transformers.MixtralConfig(num_hidden_layers=layers, max_position_embeddings=4096,
-                                          experts_implementation="eager", **dims)
+            dims.update(
+                vocab_size=256,
+                hidden_size=64,
+                intermediate_size=128,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        return transformers.MixtralConfig(
+            num_hidden_layers=layers,
+            max_position_embeddings=4096,
+            experts_implementation="eager",
+            **dims,
+        )
     if name == "qwen2-moe":
-        dims = dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632,
-                    moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
-                    num_attention_heads=16, num_key_value_heads=16, num_experts=60,
-                    num_experts_per_tok=4)
+        dims = dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=5632,
+            moe_intermediate_size=1408,
+            shared_expert_intermediate_size=5632,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            num_experts=60,
+            num_experts_per_tok=4,
+        )
         if smoke:
-            dims.update(vocab_size=256, hidden_size=64, intermediate_size=128,
-                        moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                        num_attention_heads=4, num_key_value_heads=4, num_experts=16)
-        return transformers.Qwen2MoeConfig(num_hidden_layers=layers, max_position_embeddings=4096,
-                                           experts_implementation="eager", **dims)
+            dims.update(
+                vocab_size=256,
+                hidden_size=64,
+                intermediate_size=128,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                num_experts=16,
+            )
+        return transformers.Qwen2MoeConfig(
+            num_hidden_layers=layers,
+            max_position_embeddings=4096,
+            experts_implementation="eager",
+            **dims,
+        )
     raise SystemExit(f"unknown model {name!r} (mixtral, qwen2-moe)")
 
 
@@ -82,8 +116,10 @@ def build(name: str, layers: int, device: torch.device, dtype: torch.dtype, smok
     import transformers
 
     config = model_config(name, layers, smoke)
-    cls = {"mixtral": transformers.MixtralForCausalLM,
-           "qwen2-moe": transformers.Qwen2MoeForCausalLM}[name]
+    cls = {
+        "mixtral": transformers.MixtralForCausalLM,
+        "qwen2-moe": transformers.Qwen2MoeForCausalLM,
+    }[name]
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -100,9 +136,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode(model: Any, batch: int, prompt: int, tokens: int, warmup: int,
-           device: torch.device, between: Callable[[], None] | None = None,
-           seconds: float = 0.0) -> dict[str, Any]:
+def decode(
+    model: Any,
+    batch: int,
+    prompt: int,
+    tokens: int,
+    warmup: int,
+    device: torch.device,
+    between: Callable[[], None] | None = None,
+    seconds: float = 0.0,
+) -> dict[str, Any]:
     """Greedy decode: prefill ``prompt`` tokens, ``warmup`` untimed steps, then ``tokens``
     timed steps (each timed alone; with ``seconds``, as many as run in that time, at
     least ``tokens``). Returns tokens/s and the tokens themselves."""
@@ -129,25 +172,30 @@ def decode(model: Any, batch: int, prompt: int, tokens: int, warmup: int,
             if between is not None:
                 between()
     total = sum(steps)
-    return {"tokens_per_s": batch * len(steps) / total, "step_ms_median":
-            statistics.median(steps) * 1e3, "step_ms_mean": total / len(steps) * 1e3,
-            "step_ms": [s * 1e3 for s in steps],
-            "tokens": torch.cat(out, dim=1)[:, warmup:].cpu()}
+    return {
+        "tokens_per_s": batch * len(steps) / total,
+        "step_ms_median": statistics.median(steps) * 1e3,
+        "step_ms_mean": total / len(steps) * 1e3,
+        "step_ms": [s * 1e3 for s in steps],
+        "tokens": torch.cat(out, dim=1)[:, warmup:].cpu(),
+    }
 
 
 def profile_steps(model: Any, batch: int, prompt: int, device: torch.device, label: str) -> None:
     """Print where three decode steps spend their time (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
-                                           else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         decode(model, batch, prompt, 3, 0, device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"--- profile: {label}")
     print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=40))
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10,
-                                    max_name_column_width=40))
+    print(
+        prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40
+        )
+    )
 
 
 def spy_dump() -> None:
@@ -156,14 +204,16 @@ def spy_dump() -> None:
     import shutil
     import subprocess
 
-    spy = shutil.which("py-spy") or next((str(p) for p in (Path(d) / "bin" / "py-spy" for d in
-                                                          sys.path) if p.exists()), None)
+    spy = shutil.which("py-spy") or next(
+        (str(p) for p in (Path(d) / "bin" / "py-spy" for d in sys.path) if p.exists()), None
+    )
     if spy is None:
         print("py-spy is not installed: no stack dump")
         return
     for _ in range(3):
-        out = subprocess.run([spy, "dump", "--pid", str(os.getpid())], capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            [spy, "dump", "--pid", str(os.getpid())], capture_output=True, text=True, timeout=60
+        )
         print("--- py-spy dump\n" + out.stdout + out.stderr, flush=True)
         time.sleep(0.1)
 
@@ -206,8 +256,9 @@ def accelerate_offload(model: Any, fraction: float, device: torch.device) -> int
 
 
 @contextlib.contextmanager
-def revoking(client: Any, lender: dict[str, Any], every: float, nbytes: int
-             ) -> Iterator[dict[str, Any]]:
+def revoking(
+    client: Any, lender: dict[str, Any], every: float, nbytes: int
+) -> Iterator[dict[str, Any]]:
     """Act as the lender's tenant: reclaim ``nbytes`` every ``every`` seconds, give them
     back half a period later; yields counts."""
     stop = threading.Event()
@@ -236,8 +287,9 @@ def revoking(client: Any, lender: dict[str, Any], every: float, nbytes: int
             client.restore(lender["id"])
 
 
-def reference(base: Any, client: Any, args: argparse.Namespace, batch: int, tokens: int,
-              device: torch.device) -> dict[str, Any]:
+def reference(
+    base: Any, client: Any, args: argparse.Namespace, batch: int, tokens: int, device: torch.device
+) -> dict[str, Any]:
     """The tokens Harvest's runs must reproduce: every expert resident, computed as they
     compute (``--compute eager``: transformers' own eager experts; ``grouped``: Harvest's
     module with nothing offloaded, whose grouped GEMMs give other numerics than eager)."""
@@ -246,8 +298,7 @@ def reference(base: Any, client: Any, args: argparse.Namespace, batch: int, toke
     if args.compute == "eager":
         return decode(base, batch, args.prompt, tokens, args.warmup, device)
     model = copy.deepcopy(base)
-    offload = offload_experts(model, client, fraction=0.0, backends=("host",),
-                              compute=args.compute)
+    offload = offload_experts(model, client, fraction=0.0, backends=("host",), compute=args.compute)
     try:
         return decode(model, batch, args.prompt, tokens, args.warmup, device)
     finally:
@@ -256,9 +307,16 @@ def reference(base: Any, client: Any, args: argparse.Namespace, batch: int, toke
         gc.collect()
 
 
-def run_model(name: str, args: argparse.Namespace, node: Any, client: Any,
-              device: torch.device, dtype: torch.dtype, pinned: float,
-              record: Callable[[dict[str, Any]], None]) -> None:
+def run_model(
+    name: str,
+    args: argparse.Namespace,
+    node: Any,
+    client: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    pinned: float,
+    record: Callable[[dict[str, Any]], None],
+) -> None:
     """Every mode, fraction and batch for one model shape (each offloaded model is set up
     once and decoded at every batch size)."""
     from client.moe import offload_experts
@@ -269,30 +327,61 @@ def run_model(name: str, args: argparse.Namespace, node: Any, client: Any,
     refs = {}
     for batch in args.batches:
         refs[batch] = decode(base, batch, args.prompt, args.tokens, args.warmup, device)
-        record({"model": name, "mode": "resident-hf", "batch": batch, "fraction": 0.0,
-                **_public(refs[batch])})
+        record(
+            {
+                "model": name,
+                "mode": "resident-hf",
+                "batch": batch,
+                "fraction": 0.0,
+                **_public(refs[batch]),
+            }
+        )
     hf_grouped: dict[int, dict[str, Any]] = {}
     if device.type == "cuda" and args.grouped:
         base.config._experts_implementation = "grouped_mm"
         try:
             for batch in args.batches:
-                res = hf_grouped[batch] = decode(base, batch, args.prompt, args.tokens,
-                                                 args.warmup, device)
-                record({"model": name, "mode": "resident-grouped-mm", "batch": batch,
-                        "fraction": 0.0, **_public(res), "tokens_identical":
-                        bool(torch.equal(res["tokens"], refs[batch]["tokens"]))})
+                res = hf_grouped[batch] = decode(
+                    base, batch, args.prompt, args.tokens, args.warmup, device
+                )
+                record(
+                    {
+                        "model": name,
+                        "mode": "resident-grouped-mm",
+                        "batch": batch,
+                        "fraction": 0.0,
+                        **_public(res),
+                        "tokens_identical": bool(torch.equal(res["tokens"], refs[batch]["tokens"])),
+                    }
+                )
         except Exception as exc:  # noqa: BLE001 - informative only
-            record({"model": name, "mode": "resident-grouped-mm", "batch": 0,
-                    "fraction": 0.0, "error": f"{type(exc).__name__}: {exc}"})
+            record(
+                {
+                    "model": name,
+                    "mode": "resident-grouped-mm",
+                    "batch": 0,
+                    "fraction": 0.0,
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            )
         finally:
             base.config._experts_implementation = "eager"
     # accelerate runs transformers' eager experts: its tokens are checked against those.
-    harvest_refs = refs if args.compute == "eager" else {
-        batch: reference(base, client, args, batch, args.tokens, device)
-        for batch in args.batches}
+    harvest_refs = (
+        refs
+        if args.compute == "eager"
+        else {
+            batch: reference(base, client, args, batch, args.tokens, device)
+            for batch in args.batches
+        }
+    )
     # The ceiling: every expert resident, through the same code as Harvest's runs.
-    runs = [("resident", 0.0)] + [(mode, f) for f in args.fractions for mode in args.modes
-                                  if mode != "harvest-gpu" or "cuda-vmm" in lenders]
+    runs = [("resident", 0.0)] + [
+        (mode, f)
+        for f in args.fractions
+        for mode in args.modes
+        if mode != "harvest-gpu" or "cuda-vmm" in lenders
+    ]
     for mode, fraction in runs:
         model = copy.deepcopy(base)
         offload = None
@@ -302,26 +391,41 @@ def run_model(name: str, args: argparse.Namespace, node: Any, client: Any,
                 setup["offloaded_bytes"] = accelerate_offload(model, fraction, device)
             else:
                 backends = ("cuda-vmm",) if mode == "harvest-gpu" else ("host",)
-                offload = offload_experts(model, client, fraction=fraction, backends=backends,
-                                          slab_bytes=args.slab_bytes, compute=args.compute)
-                setup.update(offloaded_bytes=offload.stats.bytes_offloaded,
-                             borrowed_bytes=offload.cache.borrowed_bytes)
+                offload = offload_experts(
+                    model,
+                    client,
+                    fraction=fraction,
+                    backends=backends,
+                    slab_bytes=args.slab_bytes,
+                    compute=args.compute,
+                )
+                setup.update(
+                    offloaded_bytes=offload.stats.bytes_offloaded,
+                    borrowed_bytes=offload.cache.borrowed_bytes,
+                )
         except Exception as exc:  # noqa: BLE001 - one failed mode must not lose the rest
             log.exception("%s %s fraction %s: setup failed", name, mode, fraction)
             setup["error"] = f"{type(exc).__name__}: {exc}"
         for batch in args.batches:
-            row: dict[str, Any] = {"model": name, "mode": mode, "batch": batch,
-                                   "fraction": fraction, **setup}
+            row: dict[str, Any] = {
+                "model": name,
+                "mode": mode,
+                "batch": batch,
+                "fraction": fraction,
+                **setup,
+            }
             if "error" not in setup:
                 try:
                     ref = refs[batch] if mode == "accelerate" else harvest_refs[batch]
                     if mode == "resident" and args.compute == "grouped" and batch in hf_grouped:
                         ref = hf_grouped[batch]  # is Harvest's grouped module transformers'?
-                    row.update(measure(model, offload, mode, batch, ref, args, device,
-                                       pinned, f"{name} {mode}"))
+                    row.update(
+                        measure(
+                            model, offload, mode, batch, ref, args, device, pinned, f"{name} {mode}"
+                        )
+                    )
                 except Exception as exc:  # noqa: BLE001 - as above
-                    log.exception("%s %s batch %d fraction %s failed", name, mode, batch,
-                                  fraction)
+                    log.exception("%s %s batch %d fraction %s failed", name, mode, batch, fraction)
                     row["error"] = f"{type(exc).__name__}: {exc}"
             record(row)
         if offload is not None:
@@ -336,9 +440,17 @@ def run_model(name: str, args: argparse.Namespace, node: Any, client: Any,
     gc.collect()
 
 
-def measure(model: Any, offload: Any, mode: str, batch: int, ref: dict[str, Any],
-            args: argparse.Namespace, device: torch.device, pinned: float, label: str
-            ) -> dict[str, Any]:
+def measure(
+    model: Any,
+    offload: Any,
+    mode: str,
+    batch: int,
+    ref: dict[str, Any],
+    args: argparse.Namespace,
+    device: torch.device,
+    pinned: float,
+    label: str,
+) -> dict[str, Any]:
     """One decode of a set-up model: tokens/s, tokens checked against ``ref``, and for a
     Harvest run what it fetched per step against the PCIe bound."""
     row: dict[str, Any] = {}
@@ -348,8 +460,15 @@ def measure(model: Any, offload: Any, mode: str, batch: int, ref: dict[str, Any]
     else:
         before = offload.stats.bytes_fetched
         fetched_at: list[int] = []
-        res = decode(model, batch, args.prompt, args.tokens, args.warmup, device,
-                     between=lambda: fetched_at.append(offload.stats.bytes_fetched))
+        res = decode(
+            model,
+            batch,
+            args.prompt,
+            args.tokens,
+            args.warmup,
+            device,
+            between=lambda: fetched_at.append(offload.stats.bytes_fetched),
+        )
         if args.profile and mode != "resident":
             profile_steps(model, batch, args.prompt, device, label)
         timed = fetched_at[-1] - (fetched_at[args.warmup - 1] if args.warmup else before)
@@ -359,16 +478,24 @@ def measure(model: Any, offload: Any, mode: str, batch: int, ref: dict[str, Any]
             # Mean bytes over mean time: steps that route more offloaded experts move
             # more, so a median step would not match.
             bound_s = per_step / (pinned * 1e9)
-            row.update(pcie_bound_step_ms=bound_s * 1e3,
-                       of_pcie_bound=bound_s / (res["step_ms_mean"] / 1e3))
+            row.update(
+                pcie_bound_step_ms=bound_s * 1e3,
+                of_pcie_bound=bound_s / (res["step_ms_mean"] / 1e3),
+            )
         want = ref["tokens"]
     row.update(_public(res), tokens_identical=bool(torch.equal(res["tokens"], want)))
     return row
 
 
-def run_revocations(name: str, base: Any, args: argparse.Namespace, client: Any,
-                    lenders: dict[str, Any], device: torch.device,
-                    record: Callable[[dict[str, Any]], None]) -> None:
+def run_revocations(
+    name: str,
+    base: Any,
+    args: argparse.Namespace,
+    client: Any,
+    lenders: dict[str, Any],
+    device: torch.device,
+    record: Callable[[dict[str, Any]], None],
+) -> None:
     """Harvest on GPU leases while the lender's tenant keeps taking memory back; against
     Harvest on host leases and the resident tokens, at half the experts, batch 1."""
     from client.moe import offload_experts
@@ -380,18 +507,30 @@ def run_revocations(name: str, base: Any, args: argparse.Namespace, client: Any,
     for mode in ("harvest-gpu-revoked", "harvest-gpu", "harvest-host"):
         model = copy.deepcopy(base)
         backends = ("host",) if mode == "harvest-host" else (fast,)
-        offload = offload_experts(model, client, fraction=fraction, backends=backends,
-                                  slab_bytes=args.slab_bytes, refill_every=0.05,
-                                  compute=args.compute)
-        row: dict[str, Any] = {"model": name, "mode": mode, "batch": batch,
-                               "fraction": fraction, "experiment": "revocations"}
+        offload = offload_experts(
+            model,
+            client,
+            fraction=fraction,
+            backends=backends,
+            slab_bytes=args.slab_bytes,
+            refill_every=0.05,
+            compute=args.compute,
+        )
+        row: dict[str, Any] = {
+            "model": name,
+            "mode": mode,
+            "batch": batch,
+            "fraction": fraction,
+            "experiment": "revocations",
+        }
         if mode == "harvest-gpu-revoked":
             slab = max(s.lease.nbytes for s in offload.cache._slabs.slabs)
             if args.spy:
                 threading.Timer(args.revoke_seconds / 2, spy_dump).start()
             with revoking(client, lenders[fast], args.revoke_every, slab) as counts:
-                res = decode(model, batch, args.prompt, 8, args.warmup, device,
-                             seconds=args.revoke_seconds)
+                res = decode(
+                    model, batch, args.prompt, 8, args.warmup, device, seconds=args.revoke_seconds
+                )
                 if args.profile:
                     profile_steps(model, batch, args.prompt, device, f"{name} {mode}")
             row.update(counts, revoke_every_s=args.revoke_every)
@@ -400,10 +539,15 @@ def run_revocations(name: str, base: Any, args: argparse.Namespace, client: Any,
         else:
             res = decode(model, batch, args.prompt, tokens, args.warmup, device)
         cstats = offload.cache.stats
-        row.update(_public(res), reads_by_tier=dict(cstats.hits),
-                   revocations_seen=cstats.revocations, refills=cstats.refills,
-                   swaps=cstats.swaps, fallbacks=cstats.fallbacks,
-                   tokens_identical=bool(torch.equal(res["tokens"], ref["tokens"])))
+        row.update(
+            _public(res),
+            reads_by_tier=dict(cstats.hits),
+            revocations_seen=cstats.revocations,
+            refills=cstats.refills,
+            swaps=cstats.swaps,
+            fallbacks=cstats.fallbacks,
+            tokens_identical=bool(torch.equal(res["tokens"], ref["tokens"])),
+        )
         offload.close()
         record(row)
         del model
@@ -425,8 +569,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         acc = by.get(("accelerate", model, batch, fraction))
         res = by.get(("resident", model, batch, 0.0))
-        entry = {"harvest_host_tokens_per_s": row["tokens_per_s"],
-                 "of_pcie_bound": row.get("of_pcie_bound")}
+        entry = {
+            "harvest_host_tokens_per_s": row["tokens_per_s"],
+            "of_pcie_bound": row.get("of_pcie_bound"),
+        }
         if acc:
             entry["vs_accelerate"] = row["tokens_per_s"] / acc["tokens_per_s"]
         if res:
@@ -441,8 +587,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             entry["gpu_lease_vs_host_lease"] = gpu["tokens_per_s"] / row["tokens_per_s"]
         out[f"{model} batch {batch} fraction {fraction}"] = entry
     for model in sorted({r["model"] for r in rows if r.get("experiment") == "revocations"}):
-        rev = {r["mode"]: r for r in rows
-               if r.get("experiment") == "revocations" and r["model"] == model}
+        rev = {
+            r["mode"]: r
+            for r in rows
+            if r.get("experiment") == "revocations" and r["model"] == model
+        }
         if {"harvest-gpu-revoked", "harvest-host", "harvest-gpu"} <= set(rev):
             out[f"{model} revocations"] = {
                 "revoked_vs_host": rev["harvest-gpu-revoked"]["tokens_per_s"]
@@ -450,7 +599,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "revoked_vs_gpu": rev["harvest-gpu-revoked"]["tokens_per_s"]
                 / rev["harvest-gpu"]["tokens_per_s"],
                 "revocations": rev["harvest-gpu-revoked"].get("revoked"),
-                "tokens_identical": all(r["tokens_identical"] for r in rev.values())}
+                "tokens_identical": all(r["tokens_identical"] for r in rev.values()),
+            }
     return out
 
 
@@ -464,14 +614,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-    for ax, (model, batch) in zip(axes[0], panels):
+    for ax, (model, batch) in zip(axes[0], panels, strict=True):
         for mode in ("harvest-gpu", "harvest-host", "accelerate"):
-            pts = sorted((r["fraction"], r["tokens_per_s"]) for r in rows
-                         if r["model"] == model and r["batch"] == batch and r["mode"] == mode)
+            pts = sorted(
+                (r["fraction"], r["tokens_per_s"])
+                for r in rows
+                if r["model"] == model and r["batch"] == batch and r["mode"] == mode
+            )
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=mode)
-        res = [r["tokens_per_s"] for r in rows if r["model"] == model and r["batch"] == batch
-               and r["mode"] == "resident"]
+                ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
+        res = [
+            r["tokens_per_s"]
+            for r in rows
+            if r["model"] == model and r["batch"] == batch and r["mode"] == "resident"
+        ]
         if res:
             ax.axhline(res[0], color="grey", linestyle="--", label="resident")
         ax.set_yscale("log")
@@ -502,24 +658,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--slab-bytes", default="1GiB")
     parser.add_argument("--revoke-every", type=float, default=0.3)
-    parser.add_argument("--revoke-seconds", type=float, default=4.0,
-                        help="how long the revocation run decodes")
+    parser.add_argument(
+        "--revoke-seconds", type=float, default=4.0, help="how long the revocation run decodes"
+    )
     parser.add_argument("--revoke-models", default="mixtral,qwen2-moe")
     parser.add_argument("--host-bytes", default="40GiB")
     parser.add_argument("--cap", default="30GiB")
     parser.add_argument("--out", default=str(REPO / "bench/results/moe.json"))
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
-    parser.add_argument("--compute", choices=("eager", "grouped"), default="eager",
-                        help="how Harvest's experts module computes (offload_experts' "
-                             "compute=); grouped runs are checked against the same module "
-                             "with nothing offloaded")
-    parser.add_argument("--no-grouped", dest="grouped", action="store_false",
-                        help="skip the resident run with transformers' grouped_mm experts")
-    parser.add_argument("--spy", action="store_true",
-                        help="dump every thread's stack (py-spy) mid-way through the "
-                        "revocation run")
-    parser.add_argument("--profile", action="store_true",
-                        help="print torch.profiler's top ops for each Harvest mode's decode")
+    parser.add_argument(
+        "--compute",
+        choices=("eager", "grouped"),
+        default="eager",
+        help="how Harvest's experts module computes (offload_experts' "
+        "compute=); grouped runs are checked against the same module "
+        "with nothing offloaded",
+    )
+    parser.add_argument(
+        "--no-grouped",
+        dest="grouped",
+        action="store_false",
+        help="skip the resident run with transformers' grouped_mm experts",
+    )
+    parser.add_argument(
+        "--spy",
+        action="store_true",
+        help="dump every thread's stack (py-spy) mid-way through the revocation run",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print torch.profiler's top ops for each Harvest mode's decode",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from harvestd.sizes import parse_size
@@ -539,16 +709,24 @@ def main(argv: list[str] | None = None) -> int:
     attention = steady_attention()
     print(attention)
     result: dict[str, Any] = {
-        "benchmark": "moe_decode", "command": " ".join(["python"] + sys.argv),
+        "benchmark": "moe_decode",
+        "command": " ".join(["python"] + sys.argv),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "host": platform.node(), "dtype": str(dtype), "lender_gpu": args.lender_gpu,
+        "host": platform.node(),
+        "dtype": str(dtype),
+        "lender_gpu": args.lender_gpu,
         "attention": attention,
         "same_gpu": device.type == "cuda" and str(device.index or 0) == str(args.lender_gpu),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "parameters": {k: v for k, v in vars(args).items() if k != "layers"} | {
-            "layers": args.layers}, "rows": []}
-    out = Path(args.out if not args.smoke or args.out != parser.get_default("out")
-               else "/tmp/moe_smoke.json")
+        "parameters": {k: v for k, v in vars(args).items() if k != "layers"}
+        | {"layers": args.layers},
+        "rows": [],
+    }
+    out = Path(
+        args.out
+        if not args.smoke or args.out != parser.get_default("out")
+        else "/tmp/moe_smoke.json"
+    )
 
     def record(row: dict[str, Any]) -> None:
         result["rows"].append(row)
@@ -566,15 +744,22 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=1, default=str))
 
     backend = "host" if device.type == "cpu" else "cuda-vmm"
-    with bench_node(backend=backend, gpus=None if backend == "host" else args.lender_gpu,
-                    cap=None if backend == "host" else args.cap, host_bytes=args.host_bytes,
-                    reserve=None if backend == "host" else "4GiB", ttl=30, grace=2) as node:
+    with bench_node(
+        backend=backend,
+        gpus=None if backend == "host" else args.lender_gpu,
+        cap=None if backend == "host" else args.cap,
+        host_bytes=args.host_bytes,
+        reserve=None if backend == "host" else "4GiB",
+        ttl=30,
+        grace=2,
+    ) as node:
         result["pinned_h2d_gbps"] = pinned_h2d_gbps(device)
         print(f"pinned host-to-device, 1 GiB: {result['pinned_h2d_gbps']:.1f} GB/s")
         with node.connect() as client:
             for name in args.models.split(","):
-                run_model(name, args, node, client, device, dtype, result["pinned_h2d_gbps"],
-                          record)
+                run_model(
+                    name, args, node, client, device, dtype, result["pinned_h2d_gbps"], record
+                )
     result["summary"] = summarise(result["rows"])
     out.write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps(result["summary"], indent=1))

@@ -9,6 +9,7 @@ revokes, the holders fence and acknowledge, the lender frees).
 
 Prints a table and writes JSON (bench/results/reclaim_gpu.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,58 +103,120 @@ def main() -> None:
     lent = parse_size(args.lent)
     reserve = lent + (2 << 30)
     state = Path(tempfile.mkdtemp(prefix="hv-bench-", dir="/tmp"))
-    env = {**os.environ, "HARVEST_STATE_DIR": str(state),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HARVEST_STATE_DIR": str(state),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     py = sys.executable
-    run([py, "-m", "harvestd", "start", "--detach", "--backend", "cuda-vmm", "--gpus",
-         args.gpu, "--reserve", str(reserve), "--cap", str(lent), "--ttl", "30",
-         "--grace", "1"], env)
+    run(
+        [
+            py,
+            "-m",
+            "harvestd",
+            "start",
+            "--detach",
+            "--backend",
+            "cuda-vmm",
+            "--gpus",
+            args.gpu,
+            "--reserve",
+            str(reserve),
+            "--cap",
+            str(lent),
+            "--ttl",
+            "30",
+            "--grace",
+            "1",
+        ],
+        env,
+    )
     rounds = []
     try:
         lender = json.loads(run([py, "-m", "harvestd", "lenders", "--json"], env))[0]
         for r in range(args.rounds):
-            holders = [subprocess.Popen([py, "-u", "-c", textwrap.dedent(HOLDER),
-                                         str(lent // args.holders), args.client_gpu],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env=env)
-                       for _ in range(args.holders)]
+            holders = [
+                subprocess.Popen(
+                    [
+                        py,
+                        "-u",
+                        "-c",
+                        textwrap.dedent(HOLDER),
+                        str(lent // args.holders),
+                        args.client_gpu,
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
+                for _ in range(args.holders)
+            ]
             for h in holders:
                 assert json.loads(h.stdout.readline())["event"] == "leased"
             time.sleep(2.0)  # holders at full speed
-            tenant = subprocess.run([py, "-c", textwrap.dedent(TENANT), lender["gpu_uuid"],
-                                     str(2 << 30), str(lent), args.client_gpu],
-                                    capture_output=True, text=True, env=env, timeout=120)
+            tenant = subprocess.run(
+                [
+                    py,
+                    "-c",
+                    textwrap.dedent(TENANT),
+                    lender["gpu_uuid"],
+                    str(2 << 30),
+                    str(lent),
+                    args.client_gpu,
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=120,
+            )
             report = json.loads(tenant.stdout.strip().splitlines()[-1])
             done = [json.loads(h.stdout.readline()) for h in holders]
             for h in holders:
                 h.stdin.write("exit\n")
                 h.stdin.close()
                 h.wait(60)
-            report.update(round=r, holder_gbps=[d["gbps"] for d in done],
-                          wrong_reads=sum(d["wrong"] for d in done))
+            report.update(
+                round=r,
+                holder_gbps=[d["gbps"] for d in done],
+                wrong_reads=sum(d["wrong"] for d in done),
+            )
             rounds.append(report)
-            print(f"round {r}: pressure to free {report['freed_s'] * 1e3:.1f} ms, holders "
-                  f"read {sum(report['holder_gbps']):.0f} GB/s in all, wrong reads "
-                  f"{report['wrong_reads']}", flush=True)
+            print(
+                f"round {r}: pressure to free {report['freed_s'] * 1e3:.1f} ms, holders "
+                f"read {sum(report['holder_gbps']):.0f} GB/s in all, wrong reads "
+                f"{report['wrong_reads']}",
+                flush=True,
+            )
     finally:
         subprocess.run([py, "-m", "harvestd", "stop"], env=env, capture_output=True)
         shutil.rmtree(state, ignore_errors=True)
     times = [r["freed_s"] for r in rounds]
     import torch
 
-    result = {"benchmark": "reclaim_gpu", "command": " ".join(sys.argv),
-              "device": torch.cuda.get_device_name(0), "host": platform.node(),
-              "lent_bytes": lent, "holders": args.holders, "reserve_bytes": reserve,
-              "rounds": rounds, "freed_ms_median": statistics.median(times) * 1e3,
-              "freed_ms_max": max(times) * 1e3, "target_ms": 100.0,
-              "meets_target": max(times) < 0.1 and all(r["recovered"] for r in rounds),
-              "wrong_reads": sum(r["wrong_reads"] for r in rounds),
-              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result = {
+        "benchmark": "reclaim_gpu",
+        "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(0),
+        "host": platform.node(),
+        "lent_bytes": lent,
+        "holders": args.holders,
+        "reserve_bytes": reserve,
+        "rounds": rounds,
+        "freed_ms_median": statistics.median(times) * 1e3,
+        "freed_ms_max": max(times) * 1e3,
+        "target_ms": 100.0,
+        "meets_target": max(times) < 0.1 and all(r["recovered"] for r in rounds),
+        "wrong_reads": sum(r["wrong_reads"] for r in rounds),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"{format_size(lent)} lent to {args.holders} holders: pressure to free "
-          f"median {result['freed_ms_median']:.1f} ms, max {result['freed_ms_max']:.1f} ms "
-          f"(target < 100 ms); wrong reads {result['wrong_reads']}")
+    print(
+        f"{format_size(lent)} lent to {args.holders} holders: pressure to free "
+        f"median {result['freed_ms_median']:.1f} ms, max {result['freed_ms_max']:.1f} ms "
+        f"(target < 100 ms); wrong reads {result['wrong_reads']}"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ every tenant GPU).
     python scripts/bench_tenant.py --tenant-gpus 4,5,6,7 --borrower-gpus 0,1,2,3   # x8
     python scripts/bench_tenant.py --smoke                               # CPU, host lenders
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmulti import (READER, Worker, cuda_uuids, lender_of, plain_host_node,  # noqa: E402
-                        write_json)
+from benchmulti import READER, Worker, cuda_uuids, lender_of, plain_host_node, write_json  # noqa: E402
 from benchnode import pyplot  # noqa: E402
+
 from harvestd.sizes import parse_size  # noqa: E402
 
 TARGET = 0.05
@@ -42,6 +43,7 @@ GiB = 1 << 30
 
 
 # ---------------------------------------------------------------- the tenant process
+
 
 def tenant(args: argparse.Namespace) -> int:
     """Serve `run SECONDS`, `press LEAVE LENT`, `unpress`, `exit` on stdin."""
@@ -88,23 +90,32 @@ def tenant(args: argparse.Namespace) -> int:
             while time.monotonic() < end:
                 ms.append(timed_chunk())
             med = statistics.median(ms)
-            say(event="ran", ms_median=med, ms_mean=statistics.fmean(ms), chunks=len(ms),
-                tflops=2 * n ** 3 / (med / 1e3) / 1e12)
+            say(
+                event="ran",
+                ms_median=med,
+                ms_mean=statistics.fmean(ms),
+                chunks=len(ms),
+                tflops=2 * n**3 / (med / 1e3) / 1e12,
+            )
         elif cmd[0] == "press":
             import pynvml
 
             leave, lent = int(cmd[1]), int(cmd[2])
             pynvml.nvmlInit()
             h = pynvml.nvmlDeviceGetHandleByUUID(args.uuid)
-            free = lambda: pynvml.nvmlDeviceGetMemoryInfo(h).free  # noqa: E731
+            free = lambda h=h: pynvml.nvmlDeviceGetMemoryInfo(h).free  # noqa: E731
             grab = torch.empty(max(0, free() - leave), dtype=torch.uint8, device=device)
             torch.cuda.synchronize(device)
             pressed, low = time.perf_counter(), free()
             while free() < low + lent * 0.99 and time.perf_counter() - pressed < 30:
                 pass
             freed = time.perf_counter() - pressed
-            say(event="pressed", freed_s=freed, free_at_pressure=low,
-                recovered=free() >= low + lent * 0.99)
+            say(
+                event="pressed",
+                freed_s=freed,
+                free_at_pressure=low,
+                recovered=free() >= low + lent * 0.99,
+            )
         elif cmd[0] == "unpress":
             grab = None
             torch.cuda.empty_cache()
@@ -117,6 +128,7 @@ def tenant(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- the benchmark
 
+
 def _all(workers: list[Worker], line: str, event: str, timeout: float) -> list[dict[str, Any]]:
     for w in workers:
         w.send(line)
@@ -127,25 +139,40 @@ def run(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str, An
     """Every phase, with the node up."""
     lenders = node.lenders()
     if args.smoke:
-        ids = [l["id"] for l in lenders][:len(args.tenant_gpus)]
+        ids = [l["id"] for l in lenders][: len(args.tenant_gpus)]
         tenant_devices = ["cpu"] * len(ids)
     else:
         ids = [lender_of(lenders, uuids[g]) for g in args.tenant_gpus]
         tenant_devices = [f"cuda:{g}" for g in args.tenant_gpus]
-    tenants = [Worker([__file__, "--tenant", "--device", d, "--uuid",
-                       uuids[g] if not args.smoke else "", "--matrix", str(args.matrix)],
-                      node.env, f"tenant {d}")
-               for d, g in zip(tenant_devices, args.tenant_gpus, strict=True)]
-    readers = [Worker([READER, "--device", d], node.env, f"reader {d}")
-               for d in args.reader_devices]
+    tenants = [
+        Worker(
+            [
+                __file__,
+                "--tenant",
+                "--device",
+                d,
+                "--uuid",
+                uuids[g] if not args.smoke else "",
+                "--matrix",
+                str(args.matrix),
+            ],
+            node.env,
+            f"tenant {d}",
+        )
+        for d, g in zip(tenant_devices, args.tenant_gpus, strict=True)
+    ]
+    readers = [
+        Worker([READER, "--device", d], node.env, f"reader {d}") for d in args.reader_devices
+    ]
     try:
         for w in tenants:
             w.expect("ready", timeout=300)
         for j, w in enumerate(readers):
             w.expect("hello", timeout=300)
             leased = w.ask(f"lease single {ids[j % len(ids)]} {args.lease_bytes}", "leased")
-            doc["readers"].append({"device": args.reader_devices[j],
-                                   "lender": leased["lenders"][0]})
+            doc["readers"].append(
+                {"device": args.reader_devices[j], "lender": leased["lenders"][0]}
+            )
         seconds, slack = args.seconds, args.seconds + 120
         alone1 = _all(tenants, f"run {seconds}", "ran", slack)
         _all(readers, "go", "going", 60)
@@ -156,20 +183,28 @@ def run(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str, An
         for i, lender in enumerate(ids):
             base = (alone1[i]["ms_median"] + alone2[i]["ms_median"]) / 2
             slowdown = contended[i]["ms_median"] / base - 1
-            row = {"device": tenant_devices[i], "lender": lender, "alone_ms": base,
-                   "alone_before_ms": alone1[i]["ms_median"],
-                   "alone_after_ms": alone2[i]["ms_median"],
-                   "contended_ms": contended[i]["ms_median"], "tflops_alone":
-                   (alone1[i]["tflops"] + alone2[i]["tflops"]) / 2,
-                   "slowdown": round(slowdown, 4),
-                   "read_gbps": sum(r["gbps"] for j, r in enumerate(reads)
-                                    if doc["readers"][j]["lender"] == lender),
-                   "met": slowdown <= TARGET}
+            row = {
+                "device": tenant_devices[i],
+                "lender": lender,
+                "alone_ms": base,
+                "alone_before_ms": alone1[i]["ms_median"],
+                "alone_after_ms": alone2[i]["ms_median"],
+                "contended_ms": contended[i]["ms_median"],
+                "tflops_alone": (alone1[i]["tflops"] + alone2[i]["tflops"]) / 2,
+                "slowdown": round(slowdown, 4),
+                "read_gbps": sum(
+                    r["gbps"] for j, r in enumerate(reads) if doc["readers"][j]["lender"] == lender
+                ),
+                "met": slowdown <= TARGET,
+            }
             doc["tenants"].append(row)
-            print(f"tenant {row['device']}: alone {base:.3f} ms/matmul, with borrowers "
-                  f"{row['contended_ms']:.3f} ms: slowdown {slowdown * 100:+.2f}% "
-                  f"(target <= {TARGET * 100:.0f}%) while they read {row['read_gbps']:.1f} "
-                  f"GB/s of its memory", flush=True)
+            print(
+                f"tenant {row['device']}: alone {base:.3f} ms/matmul, with borrowers "
+                f"{row['contended_ms']:.3f} ms: slowdown {slowdown * 100:+.2f}% "
+                f"(target <= {TARGET * 100:.0f}%) while they read {row['read_gbps']:.1f} "
+                f"GB/s of its memory",
+                flush=True,
+            )
         doc["wrong_reads"] = sum(r["wrong"] for r in reads)
         if args.reclaim:
             doc["reclaim"] = reclaim(args, node, tenants[0], readers, ids, reads, doc)
@@ -178,8 +213,15 @@ def run(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str, An
             w.close()
 
 
-def reclaim(args: argparse.Namespace, node: Any, first: Worker, readers: list[Worker],
-            ids: list[str], before: list[dict[str, Any]], doc: dict[str, Any]) -> dict[str, Any]:
+def reclaim(
+    args: argparse.Namespace,
+    node: Any,
+    first: Worker,
+    readers: list[Worker],
+    ids: list[str],
+    before: list[dict[str, Any]],
+    doc: dict[str, Any],
+) -> dict[str, Any]:
     """The first tenant presses on its GPU while every reader reads."""
     mine = [j for j, r in enumerate(doc["readers"]) if r["lender"] == ids[0]]
     lent = len(mine) * args.lease_bytes
@@ -198,19 +240,26 @@ def reclaim(args: argparse.Namespace, node: Any, first: Worker, readers: list[Wo
     if not args.smoke:
         first.ask("unpress", "unpressed", 60)
     others = [j for j in range(len(readers)) if j not in mine]
-    out = {"lender": ids[0], "lent_bytes": lent, "freed_ms": pressed["freed_s"] * 1e3,
-           "recovered": pressed["recovered"],
-           "revoked_readers_of_it": sum(during[j]["revoked"] for j in mine),
-           "readers_of_it": len(mine),
-           "others_revoked": sum(during[j]["revoked"] for j in others),
-           "others_gbps_before": sum(before[j]["gbps"] for j in others),
-           "others_gbps_during": sum(during[j]["gbps"] for j in others),
-           "wrong_reads": sum(r["wrong"] for r in during)}
-    print(f"reclaim on {ids[0]} under pressure: {out['freed_ms']:.1f} ms to free "
-          f"{lent >> 20} MiB (recovered {out['recovered']}); its readers revoked "
-          f"{out['revoked_readers_of_it']}/{len(mine)}; the others revoked "
-          f"{out['others_revoked']}, read {out['others_gbps_during']:.1f} GB/s "
-          f"(before: {out['others_gbps_before']:.1f})", flush=True)
+    out = {
+        "lender": ids[0],
+        "lent_bytes": lent,
+        "freed_ms": pressed["freed_s"] * 1e3,
+        "recovered": pressed["recovered"],
+        "revoked_readers_of_it": sum(during[j]["revoked"] for j in mine),
+        "readers_of_it": len(mine),
+        "others_revoked": sum(during[j]["revoked"] for j in others),
+        "others_gbps_before": sum(before[j]["gbps"] for j in others),
+        "others_gbps_during": sum(during[j]["gbps"] for j in others),
+        "wrong_reads": sum(r["wrong"] for r in during),
+    }
+    print(
+        f"reclaim on {ids[0]} under pressure: {out['freed_ms']:.1f} ms to free "
+        f"{lent >> 20} MiB (recovered {out['recovered']}); its readers revoked "
+        f"{out['revoked_readers_of_it']}/{len(mine)}; the others revoked "
+        f"{out['others_revoked']}, read {out['others_gbps_during']:.1f} GB/s "
+        f"(before: {out['others_gbps_before']:.1f})",
+        flush=True,
+    )
     return out
 
 
@@ -266,15 +315,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         missing = [g for g in args.tenant_gpus if g >= len(uuids)]
         if missing:
-            print(f"tenant GPUs {missing} not here ({len(uuids)} GPUs): using GPU "
-                  f"{len(uuids) - 1} alone")
+            print(
+                f"tenant GPUs {missing} not here ({len(uuids)} GPUs): using GPU "
+                f"{len(uuids) - 1} alone"
+            )
             args.tenant_gpus = [len(uuids) - 1]
-    borrower = ([int(g) for g in args.borrower_gpus.split(",")] if args.borrower_gpus else
-                [g for g in range(len(uuids)) if g not in args.tenant_gpus]
-                or list(args.tenant_gpus))
+    borrower = (
+        [int(g) for g in args.borrower_gpus.split(",")]
+        if args.borrower_gpus
+        else [g for g in range(len(uuids)) if g not in args.tenant_gpus] or list(args.tenant_gpus)
+    )
     count = args.borrowers or max(len(borrower), len(args.tenant_gpus))
-    args.reader_devices = (["cpu"] * count if args.smoke else
-                           [f"cuda:{borrower[j % len(borrower)]}" for j in range(count)])
+    args.reader_devices = (
+        ["cpu"] * count
+        if args.smoke
+        else [f"cuda:{borrower[j % len(borrower)]}" for j in range(count)]
+    )
     per_lender = -(-count // len(args.tenant_gpus))
     if args.reclaim is None:
         args.reclaim = len(args.tenant_gpus) >= 2
@@ -282,15 +338,27 @@ def main(argv: list[str] | None = None) -> int:
 
     same = not args.smoke and bool(set(borrower) & set(args.tenant_gpus))
     doc: dict[str, Any] = {
-        "benchmark": "tenant", "command": " ".join(["python"] + sys.argv),
-        "device": torch.cuda.get_device_name(0) if uuids else "cpu", "gpus": len(uuids),
-        "host": platform.node(), "tenant_gpus": args.tenant_gpus, "borrower_gpus": borrower,
-        "matrix": args.matrix, "seconds": args.seconds, "lease_bytes": args.lease_bytes,
-        "target_slowdown": TARGET, "same_gpu": same, "readers": [], "tenants": [],
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        "benchmark": "tenant",
+        "command": " ".join(["python"] + sys.argv),
+        "device": torch.cuda.get_device_name(0) if uuids else "cpu",
+        "gpus": len(uuids),
+        "host": platform.node(),
+        "tenant_gpus": args.tenant_gpus,
+        "borrower_gpus": borrower,
+        "matrix": args.matrix,
+        "seconds": args.seconds,
+        "lease_bytes": args.lease_bytes,
+        "target_slowdown": TARGET,
+        "same_gpu": same,
+        "readers": [],
+        "tenants": [],
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     if same:
-        print("borrowers share a GPU with a tenant: its slowdown includes their own kernels "
-              "(the 5% target is for borrowers on peer GPUs)")
+        print(
+            "borrowers share a GPU with a tenant: its slowdown includes their own kernels "
+            "(the 5% target is for borrowers on peer GPUs)"
+        )
     if args.smoke:
         node_cm = plain_host_node(lenders=len(args.tenant_gpus), host_bytes="128MiB")
     else:
@@ -298,16 +366,22 @@ def main(argv: list[str] | None = None) -> int:
 
         cap = args.cap or f"{per_lender * args.lease_bytes + GiB}"
         reserve = args.reserve or f"{per_lender * args.lease_bytes + 4 * GiB}"
-        node_cm = bench_node(backend="cuda-vmm", cap=cap, reserve=reserve,
-                             gpus=",".join(uuids[g] for g in args.tenant_gpus))
+        node_cm = bench_node(
+            backend="cuda-vmm",
+            cap=cap,
+            reserve=reserve,
+            gpus=",".join(uuids[g] for g in args.tenant_gpus),
+        )
     with contextlib.ExitStack() as stack:
         node = stack.enter_context(node_cm)
         run(args, node, uuids, doc)
     out = write_json(doc, args.out)
     plot(doc, out.with_suffix(".png"))
     met = [t["met"] for t in doc["tenants"]]
-    print(f"tenants within {TARGET * 100:.0f}%: {sum(met)} of {len(met)}; wrong reads "
-          f"{doc.get('wrong_reads')}")
+    print(
+        f"tenants within {TARGET * 100:.0f}%: {sum(met)} of {len(met)}; wrong reads "
+        f"{doc.get('wrong_reads')}"
+    )
     print(f"wrote {out}")
     return 0
 

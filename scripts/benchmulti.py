@@ -4,6 +4,7 @@ JSON lines (scripts/benchreader.py, tenants), and small helpers for GPUs and res
 
 Scripts in this folder import it as a sibling module.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,24 +25,55 @@ READER = str(Path(__file__).resolve().parent / "benchreader.py")
 
 
 @contextlib.contextmanager
-def plain_host_node(lenders: int = 3, host_bytes: str = "256MiB", ttl: float = 30.0,
-                    grace: float = 2.0) -> Iterator[BenchNode]:
+def plain_host_node(
+    lenders: int = 3, host_bytes: str = "256MiB", ttl: float = 30.0, grace: float = 2.0
+) -> Iterator[BenchNode]:
     """A broker and ``lenders`` host lenders as plain processes (no Ray) in a fresh state
     dir: what a --smoke run needs on a machine with no GPU; stopped at the end."""
     state = Path(tempfile.mkdtemp(prefix="hv-bench-", dir="/tmp"))
     node = BenchNode(state, node_env(state))
     os.environ["HARVEST_STATE_DIR"] = str(state)
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "harvestd.broker", "--state-dir", str(state), "--ttl", str(ttl),
-         "--grace", str(grace)], env=node.env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "harvestd.broker",
+                "--state-dir",
+                str(state),
+                "--ttl",
+                str(ttl),
+                "--grace",
+                str(grace),
+            ],
+            env=node.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
         _wait(lambda: (state / "broker.sock").exists(), 60, "the broker")
         for i in range(lenders):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "lender", "--id", f"host-{i}", "--state-dir", str(state),
-                 "--host-bytes", host_bytes, "--report-interval", "0.5"], env=node.env,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "lender",
+                        "--id",
+                        f"host-{i}",
+                        "--state-dir",
+                        str(state),
+                        "--host-bytes",
+                        host_bytes,
+                        "--report-interval",
+                        "0.5",
+                    ],
+                    env=node.env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         _wait(lambda: _up(node) >= lenders, 120, "the lenders")
         yield node
     finally:
@@ -77,9 +109,15 @@ class Worker:
         self.name = name
         # A file, not a pipe: a chatty child must never block on a full stderr pipe.
         self.err = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen([sys.executable, "-u", *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.err,
-                                     text=True, env=env, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
 
     def stderr_tail(self, chars: int = 2000) -> str:
         """The end of what it wrote on stderr."""
@@ -104,8 +142,7 @@ class Worker:
                 continue
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"{self.name} exited ({self.proc.wait()}): "
-                                   f"{self.stderr_tail()}")
+                raise RuntimeError(f"{self.name} exited ({self.proc.wait()}): {self.stderr_tail()}")
             if not line.startswith("{"):
                 continue
             msg = json.loads(line)

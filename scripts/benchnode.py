@@ -8,6 +8,7 @@
 Scripts in this folder import it as a sibling module (``sys.path`` holds the script's
 own folder when run as ``python scripts/x.py``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,13 @@ class BenchNode:
 
     def cli(self, *args: str, timeout: float = 300) -> str:
         """Run ``harvestd ARGS``; its stdout, or ``RuntimeError`` with its stderr."""
-        result = subprocess.run([sys.executable, "-m", "harvestd", *args], env=self.env,
-                                capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, "-m", "harvestd", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"harvestd {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout
@@ -53,18 +59,30 @@ class BenchNode:
 
 def node_env(state_dir: Path) -> dict[str, str]:
     """The environment under which ``harvestd`` and clients find the node in ``state_dir``."""
-    env = {**os.environ, "HARVEST_STATE_DIR": str(state_dir),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", ""))
-                                         if p)}
+    env = {
+        **os.environ,
+        "HARVEST_STATE_DIR": str(state_dir),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
     env.pop("HARVEST_ADDRESS", None)
     return env
 
 
 @contextlib.contextmanager
-def bench_node(backend: str = "host", *, gpus: str | None = None, cap: str | None = None,
-               reserve: str | None = None, host_bytes: str | None = None, ttl: float = 30.0,
-               grace: float = 2.0, plain: bool = True, timeout: float = 300.0
-               ) -> Iterator[BenchNode]:
+def bench_node(
+    backend: str = "host",
+    *,
+    gpus: str | None = None,
+    cap: str | None = None,
+    reserve: str | None = None,
+    host_bytes: str | None = None,
+    ttl: float = 30.0,
+    grace: float = 2.0,
+    plain: bool = True,
+    timeout: float = 300.0,
+) -> Iterator[BenchNode]:
     """Start a node (``harvestd start --detach``) in a new state dir, yield it, stop it.
 
     ``plain`` runs the broker as a plain process (no Ray actor for it), which starts
@@ -72,10 +90,24 @@ def bench_node(backend: str = "host", *, gpus: str | None = None, cap: str | Non
     state = Path(tempfile.mkdtemp(prefix="hv-bench-", dir="/tmp"))
     node = BenchNode(state, node_env(state))
     os.environ["HARVEST_STATE_DIR"] = str(state)
-    args = ["start", "--detach", "--backend", backend, "--ttl", str(ttl), "--grace", str(grace),
-            "--timeout", str(timeout)]
-    for flag, value in (("--gpus", gpus), ("--cap", cap), ("--reserve", reserve),
-                        ("--host-bytes", host_bytes)):
+    args = [
+        "start",
+        "--detach",
+        "--backend",
+        backend,
+        "--ttl",
+        str(ttl),
+        "--grace",
+        str(grace),
+        "--timeout",
+        str(timeout),
+    ]
+    for flag, value in (
+        ("--gpus", gpus),
+        ("--cap", cap),
+        ("--reserve", reserve),
+        ("--host-bytes", host_bytes),
+    ):
         if value is not None:
             args += [flag, value]
     if plain:

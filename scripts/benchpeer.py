@@ -10,6 +10,7 @@ every device involved (one copy of 1 GiB takes milliseconds; a sync costs micros
 
 Scripts in this folder import it as a sibling module.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -43,8 +44,9 @@ def _sync(devices: Sequence[int]) -> None:
         torch.cuda.synchronize(d)
 
 
-def concurrent_copies(pairs: Sequence[tuple[int, int]], nbytes: int = GiB, reps: int = 5,
-                      warmup: int = 2) -> dict[str, Any]:
+def concurrent_copies(
+    pairs: Sequence[tuple[int, int]], nbytes: int = GiB, reps: int = 5, warmup: int = 2
+) -> dict[str, Any]:
     """Copy ``nbytes`` from ``src`` to ``dst`` for every ``(src, dst)`` CUDA ordinal
     pair at once; the median aggregate GB/s over ``reps`` rounds."""
     import torch
@@ -70,9 +72,14 @@ def concurrent_copies(pairs: Sequence[tuple[int, int]], nbytes: int = GiB, reps:
     sec = statistics.median(times)
     del srcs, dsts
     torch.cuda.empty_cache()
-    return {"pairs": [list(p) for p in pairs], "bytes_each": nbytes, "seconds": sec,
-            "GBps": len(pairs) * nbytes / sec / 1e9, "reps": reps,
-            "peer_access": [can_access_peer(d, s) for s, d in pairs]}
+    return {
+        "pairs": [list(p) for p in pairs],
+        "bytes_each": nbytes,
+        "seconds": sec,
+        "GBps": len(pairs) * nbytes / sec / 1e9,
+        "reps": reps,
+        "peer_access": [can_access_peer(d, s) for s, d in pairs],
+    }
 
 
 def peer_ceiling(src: int, dst: int, nbytes: int = GiB, reps: int = 10) -> dict[str, Any]:
@@ -99,10 +106,17 @@ def peer_ceiling(src: int, dst: int, nbytes: int = GiB, reps: int = 10) -> dict[
     del s, d
     torch.cuda.empty_cache()
     sec = statistics.median(times)
-    return {"src": src, "dst": dst, "bytes": nbytes, "GBps": nbytes / sec / 1e9,
-            "us": sec * 1e6, "reps": reps, "peer_access": can_access_peer(dst, src),
-            "verified": ok,
-            "method": "torch copy_ across devices (cudaMemcpyAsync, peer access enabled)"}
+    return {
+        "src": src,
+        "dst": dst,
+        "bytes": nbytes,
+        "GBps": nbytes / sec / 1e9,
+        "us": sec * 1e6,
+        "reps": reps,
+        "peer_access": can_access_peer(dst, src),
+        "verified": ok,
+        "method": "torch copy_ across devices (cudaMemcpyAsync, peer access enabled)",
+    }
 
 
 def ordinal(text: str) -> int:

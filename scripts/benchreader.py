@@ -19,6 +19,7 @@ pays a sync per gather. With --grouped, a striped read's blocks come grouped by 
 
     python scripts/benchreader.py --device cuda:0      # driven by a benchmark
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,12 @@ class Reader:
         target = lenders[lender_id]
         near = self.device if target.gpu_uuid and target.gpu_uuid != self.my_uuid else None
         self.lease = self.client.lease(
-            nbytes, ttl=30, near=near, device=self.device if self.device.type == "cuda"
-            else None, avoid=[i for i in lenders if i != lender_id])
+            nbytes,
+            ttl=30,
+            near=near,
+            device=self.device if self.device.type == "cuda" else None,
+            avoid=[i for i in lenders if i != lender_id],
+        )
         self.striped = False
         self._ready([self.lease.lender], nbytes, lenders)
 
@@ -80,8 +85,12 @@ class Reader:
         lenders = {l.id: l for l in self.client.lenders()}
         cuda = self.device.type == "cuda"
         self.lease = self.client.lease_striped(
-            nbytes, stripes=stripes, near=self.device if cuda else None,
-            backend="cuda-vmm" if cuda else None, ttl=30)
+            nbytes,
+            stripes=stripes,
+            near=self.device if cuda else None,
+            backend="cuda-vmm" if cuda else None,
+            ttl=30,
+        )
         self.striped = True
         self._ready(self.lease.lenders, nbytes, lenders)
 
@@ -99,15 +108,22 @@ class Reader:
         sets = [torch.randperm(nbytes // block, generator=gen)[:n] * block for _ in range(4)]
         if self.striped and self.args.grouped:
             layout = self.lease.layout
-            sets = [s[torch.argsort((s // layout.unit) % layout.stripes, stable=True)]
-                    for s in sets]
+            sets = [
+                s[torch.argsort((s // layout.unit) % layout.stripes, stable=True)] for s in sets
+            ]
         self.offsets = [s.to(self.device) for s in sets]
-        self.plans = ([self.lease.plan(o, block, self.device) for o in self.offsets]
-                      if self.striped else [])
+        self.plans = (
+            [self.lease.plan(o, block, self.device) for o in self.offsets] if self.striped else []
+        )
         self.out = torch.empty(n * block, dtype=torch.uint8, device=self.device)
-        say(event="leased", ids=self.lease.ids if self.striped else [self.lease.id],
-            lenders=used, gpus=[lenders[i].gpu_uuid for i in used], nbytes=nbytes,
-            blocks_per_gather=n)
+        say(
+            event="leased",
+            ids=self.lease.ids if self.striped else [self.lease.id],
+            lenders=used,
+            gpus=[lenders[i].gpu_uuid for i in used],
+            nbytes=nbytes,
+            blocks_per_gather=n,
+        )
 
     def _read(self, keep_going: Any) -> dict[str, Any]:
         """Gather until ``keep_going()`` is false; bytes, seconds, GB/s, wrong, revoked."""
@@ -122,8 +138,13 @@ class Reader:
                         self.lease.gather(self.plans[i % 4], block, self.out)
                     else:
                         with self.lease.use():
-                            gather(self.lease.as_bytes(), self.offsets[i % 4], block,
-                                   self.out, check=False)
+                            gather(
+                                self.lease.as_bytes(),
+                                self.offsets[i % 4],
+                                block,
+                                self.out,
+                                check=False,
+                            )
                     i += 1
                     moved += per
                 self._sync()
@@ -132,9 +153,14 @@ class Reader:
             pass
         self._sync()
         elapsed = time.perf_counter() - start
-        return {"bytes": moved, "seconds": elapsed, "gbps": moved / elapsed / 1e9 if elapsed
-                else 0.0, "gathers": i, "wrong": wrong,
-                "revoked": self.revoked.is_set() or bool(self.lease and self.lease.revoked)}
+        return {
+            "bytes": moved,
+            "seconds": elapsed,
+            "gbps": moved / elapsed / 1e9 if elapsed else 0.0,
+            "gathers": i,
+            "wrong": wrong,
+            "revoked": self.revoked.is_set() or bool(self.lease and self.lease.revoked),
+        }
 
     def release(self) -> None:
         if self.lease is not None:
@@ -168,7 +194,8 @@ def main() -> int:
             elif cmd[0] == "go":
                 stop.clear()
                 running = threading.Thread(
-                    target=lambda: result.update(reader._read(lambda: not stop.is_set())))
+                    target=lambda: result.update(reader._read(lambda: not stop.is_set()))
+                )
                 running.start()
                 say(event="going")
             elif cmd[0] == "pause":
@@ -180,7 +207,7 @@ def main() -> int:
                 start_at, seconds = float(cmd[1]), float(cmd[2])
                 time.sleep(max(0.0, start_at - time.time()))
                 end = time.time() + seconds
-                say(event="ran", **reader._read(lambda: time.time() < end))
+                say(event="ran", **reader._read(lambda end=end: time.time() < end))
             elif cmd[0] == "release":
                 reader.release()
                 say(event="released")

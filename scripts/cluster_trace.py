@@ -42,6 +42,7 @@ Assumptions (no published figure used; each is a parameter of :class:`TraceModel
 job length log-normal (median 30 min, sigma 1.2), GPU occupancy 85% (idle gaps
 exponential), load ramp 5 to 90 s to 80-95% of the peak, then 1 to 5 growth steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,10 +63,10 @@ GIB = 1 << 30
 # Weights are fitted so that P(<=0.25) = 0.50 (Li et al.) and P(<=0.50) = 0.55 (Cankur
 # et al.); the 0.20 at 0.90 is the vLLM default preallocation.
 PEAK_MIXTURE: tuple[tuple[float, float, float, str], ...] = (
-    (0.50, 0.02, 0.25, "loguniform"),   # small jobs: notebooks, small models, eval
-    (0.05, 0.25, 0.50, "uniform"),      # the thin middle the two figures leave
-    (0.25, 0.50, 0.88, "uniform"),      # large training jobs
-    (0.20, 0.89, 0.91, "uniform"),      # inference servers preallocating 90%
+    (0.50, 0.02, 0.25, "loguniform"),  # small jobs: notebooks, small models, eval
+    (0.05, 0.25, 0.50, "uniform"),  # the thin middle the two figures leave
+    (0.25, 0.50, 0.88, "uniform"),  # large training jobs
+    (0.20, 0.89, 0.91, "uniform"),  # inference servers preallocating 90%
 )
 
 
@@ -74,8 +75,8 @@ class TraceModel:
     """Parameters of the tenant process (see the module docstring for their sources)."""
 
     gpu_bytes: int = 80 * GIB
-    occupancy: float = 0.85           # assumption: share of time a GPU has a tenant
-    job_median_s: float = 1800.0      # assumption: log-normal job length
+    occupancy: float = 0.85  # assumption: share of time a GPU has a tenant
+    job_median_s: float = 1800.0  # assumption: log-normal job length
     job_sigma: float = 1.2
     ramp_s: tuple[float, float] = (5.0, 90.0)
     warm_fraction: tuple[float, float] = (0.80, 0.95)
@@ -84,7 +85,7 @@ class TraceModel:
     @property
     def mean_job_s(self) -> float:
         """Mean job length of the log-normal."""
-        return self.job_median_s * math.exp(self.job_sigma ** 2 / 2)
+        return self.job_median_s * math.exp(self.job_sigma**2 / 2)
 
     @property
     def mean_gap_s(self) -> float:
@@ -144,8 +145,9 @@ class TenantProcess:
         warm = int(peak * self.rng.uniform(*m.warm_fraction))
         n = self.rng.randint(*m.growth_steps)
         ramp = self.rng.uniform(*m.ramp_s)
-        times = sorted(start + ramp + self.rng.uniform(0.0, max(1.0, length - ramp))
-                       for _ in range(n))
+        times = sorted(
+            start + ramp + self.rng.uniform(0.0, max(1.0, length - ramp)) for _ in range(n)
+        )
         return _Job(start, start + length, peak, ramp, warm, times, (peak - warm) // n)
 
     def used(self, t: float) -> int:
@@ -154,7 +156,7 @@ class TenantProcess:
             if self.job is None:  # an idle gap ended: the next job starts
                 self.job = self._new_job(self.free_until, self._job_length())
                 self.free_until = self.job.end
-            else:                 # the job ended: an idle gap follows
+            else:  # the job ended: an idle gap follows
                 self.job = None
                 self.free_until += self.rng.expovariate(1.0 / self.model.mean_gap_s)
         job = self.job
@@ -165,8 +167,9 @@ class TenantProcess:
         return min(job.peak, int(level) + steps * job.step_bytes)
 
 
-def trace(gpus: int, seconds: float, step_s: float, seed: int,
-          model: TraceModel | None = None) -> Iterator[list[int]]:
+def trace(
+    gpus: int, seconds: float, step_s: float, seed: int, model: TraceModel | None = None
+) -> Iterator[list[int]]:
     """Yield, every ``step_s`` seconds, the bytes used on each of ``gpus`` GPUs."""
     model = model or TraceModel()
     procs = [TenantProcess(model, seed, g) for g in range(gpus)]
@@ -174,12 +177,14 @@ def trace(gpus: int, seconds: float, step_s: float, seed: int,
         yield [p.used(k * step_s) for p in procs]
 
 
-def summarize(gpus: int, seconds: float, step_s: float, seed: int,
-              model: TraceModel | None = None) -> dict[str, float]:
+def summarize(
+    gpus: int, seconds: float, step_s: float, seed: int, model: TraceModel | None = None
+) -> dict[str, float]:
     """Snapshot and per-job statistics of a generated trace, next to the cited targets."""
     model = model or TraceModel()
-    fractions = sorted(u / model.gpu_bytes for row in trace(gpus, seconds, step_s, seed, model)
-                       for u in row)
+    fractions = sorted(
+        u / model.gpu_bytes for row in trace(gpus, seconds, step_s, seed, model) for u in row
+    )
     rng = random.Random(seed)
     peaks = [sample_peak_fraction(rng) for _ in range(100_000)]
     n = len(fractions)
@@ -189,8 +194,7 @@ def summarize(gpus: int, seconds: float, step_s: float, seed: int,
         "snapshot_median": fractions[n // 2],
         "snapshot_mean": sum(fractions) / n,
         "job_peak_p_le_25pct (target 0.50, Li et al.)": sum(p <= 0.25 for p in peaks) / 1e5,
-        "job_peak_p_le_50pct (target 0.55, Cankur et al.)": sum(p <= 0.50 for p in peaks)
-        / 1e5,
+        "job_peak_p_le_50pct (target 0.55, Cankur et al.)": sum(p <= 0.50 for p in peaks) / 1e5,
         "occupancy (assumed)": model.occupancy,
     }
 
@@ -202,19 +206,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3600.0)
     parser.add_argument("--step", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--summary", action="store_true",
-                        help="print statistics against the cited figures instead of the trace")
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="print statistics against the cited figures instead of the trace",
+    )
     parser.add_argument("-o", "--output", default="-", help="JSON file (default: stdout)")
     args = parser.parse_args(argv)
     model = TraceModel()
     if args.summary:
-        print(json.dumps(summarize(args.gpus, args.seconds, args.step, args.seed, model),
-                         indent=2))
+        print(json.dumps(summarize(args.gpus, args.seconds, args.step, args.seed, model), indent=2))
         return 0
     rows = list(trace(args.gpus, args.seconds, args.step, args.seed, model))
-    doc = {"model": asdict(model), "seed": args.seed, "step_s": args.step,
-           "gpu_bytes": model.gpu_bytes,
-           "used_bytes": [[row[g] for row in rows] for g in range(args.gpus)]}
+    doc = {
+        "model": asdict(model),
+        "seed": args.seed,
+        "step_s": args.step,
+        "gpu_bytes": model.gpu_bytes,
+        "used_bytes": [[row[g] for row in rows] for g in range(args.gpus)],
+    }
     if args.output == "-":
         json.dump(doc, sys.stdout)
     else:

@@ -13,6 +13,7 @@ touched.
     python scripts/placement_dryrun.py --topology nvswitch8          # a synthetic node
 Writes JSON with --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,32 +50,62 @@ def synthetic(kind: str, capacity: int = 16 * GiB, host: int = 0) -> list[Lender
     else:
         raise ValueError(f"unknown topology {kind!r} (one of {', '.join(TOPOLOGIES)})")
     uuid = [f"GPU-{i:08d}-0000-0000-0000-000000000000" for i in range(n)]
-    lenders = [LenderRecord(
-        id=f"{NODE}-gpu{i}", node=NODE, backend=pb.BACKEND_CUDA_VMM, pickup_address="/x",
-        capacity=capacity, generation=1, gpu_uuid=uuid[i], gpu_index=i,
-        links={uuid[j]: links(i, j) for j in range(n) if j != i and links(i, j)},
-        granularity=2 * MiB) for i in range(n)]
+    lenders = [
+        LenderRecord(
+            id=f"{NODE}-gpu{i}",
+            node=NODE,
+            backend=pb.BACKEND_CUDA_VMM,
+            pickup_address="/x",
+            capacity=capacity,
+            generation=1,
+            gpu_uuid=uuid[i],
+            gpu_index=i,
+            links={uuid[j]: links(i, j) for j in range(n) if j != i and links(i, j)},
+            granularity=2 * MiB,
+        )
+        for i in range(n)
+    ]
     if host:
-        lenders.append(LenderRecord(id=f"{NODE}-host0", node=NODE, backend=pb.BACKEND_HOST,
-                                    pickup_address="/x", capacity=host, generation=1))
+        lenders.append(
+            LenderRecord(
+                id=f"{NODE}-host0",
+                node=NODE,
+                backend=pb.BACKEND_HOST,
+                pickup_address="/x",
+                capacity=host,
+                generation=1,
+            )
+        )
     return lenders
 
 
 def from_json(rows: list[dict[str, Any]]) -> list[LenderRecord]:
     """Lender records from ``harvestd lenders --json`` (held = granted)."""
-    backends = {"host": pb.BACKEND_HOST, "cuda-vmm": pb.BACKEND_CUDA_VMM,
-                "cuda-ipc": pb.BACKEND_CUDA_IPC}
+    backends = {
+        "host": pb.BACKEND_HOST,
+        "cuda-vmm": pb.BACKEND_CUDA_VMM,
+        "cuda-ipc": pb.BACKEND_CUDA_IPC,
+    }
     out = []
     for row in rows:
         backend = backends.get(row["backend"], 0)
-        out.append(LenderRecord(
-            id=row["id"], node=row["node"], backend=backend, pickup_address="",
-            capacity=row["capacity"], generation=row.get("generation", 1),
-            gpu_uuid=row["gpu_uuid"], gpu_index=row.get("gpu_index", -1),
-            links=dict(row.get("links", {})), reclaimed=row.get("reclaimed", 0),
-            state=LenderState[row["state"].upper()],
-            granularity=row.get("granularity") or (2 * MiB if row["gpu_uuid"] else 4096),
-            held=row.get("granted", 0)))
+        out.append(
+            LenderRecord(
+                id=row["id"],
+                node=row["node"],
+                backend=backend,
+                pickup_address="",
+                capacity=row["capacity"],
+                generation=row.get("generation", 1),
+                gpu_uuid=row["gpu_uuid"],
+                gpu_index=row.get("gpu_index", -1),
+                links=dict(row.get("links", {})),
+                reclaimed=row.get("reclaimed", 0),
+                state=LenderState[row["state"].upper()],
+                granularity=row.get("granularity") or (2 * MiB if row["gpu_uuid"] else 4096),
+                held=row.get("granted", 0),
+            )
+        )
     return out
 
 
@@ -83,12 +114,24 @@ def from_node(state_dir: str | None) -> list[LenderRecord]:
     from client import connect
 
     with connect(state_dir=state_dir) as client:
-        return [LenderRecord(
-            id=l.id, node=l.node, backend=l.backend, pickup_address=l.pickup_address,
-            capacity=l.capacity, generation=l.generation, gpu_uuid=l.gpu_uuid,
-            gpu_index=l.gpu_index, links={k.peer_uuid: k.nvlinks for k in l.links},
-            reclaimed=l.reclaimed, state=LenderState(l.state), granularity=l.granularity,
-            held=l.granted) for l in client.lenders()]
+        return [
+            LenderRecord(
+                id=l.id,
+                node=l.node,
+                backend=l.backend,
+                pickup_address=l.pickup_address,
+                capacity=l.capacity,
+                generation=l.generation,
+                gpu_uuid=l.gpu_uuid,
+                gpu_index=l.gpu_index,
+                links={k.peer_uuid: k.nvlinks for k in l.links},
+                reclaimed=l.reclaimed,
+                state=LenderState(l.state),
+                granularity=l.granularity,
+                held=l.granted,
+            )
+            for l in client.lenders()
+        ]
 
 
 def as_pb(lender: LenderRecord) -> pb.Lender:
@@ -96,57 +139,96 @@ def as_pb(lender: LenderRecord) -> pb.Lender:
     return lender.to_pb()
 
 
-def _grant(policy: NearestBestFit, lenders: list[LenderRecord], nbytes: int, node: str,
-           near: str, backend: int, avoid: tuple[str, ...] = ()) -> LenderRecord | None:
+def _grant(
+    policy: NearestBestFit,
+    lenders: list[LenderRecord],
+    nbytes: int,
+    node: str,
+    near: str,
+    backend: int,
+    avoid: tuple[str, ...] = (),
+) -> LenderRecord | None:
     choice = policy.place(lenders, nbytes, node, near, backend, avoid)
     if choice is not None:
         choice.held += -(-nbytes // choice.granularity) * choice.granularity
     return choice
 
 
-def dry_run(lenders: list[LenderRecord], lease_bytes: int, leases: int, striped_bytes: int,
-            max_stripes: int, backend: int = 0) -> dict[str, Any]:
+def dry_run(
+    lenders: list[LenderRecord],
+    lease_bytes: int,
+    leases: int,
+    striped_bytes: int,
+    max_stripes: int,
+    backend: int = 0,
+) -> dict[str, Any]:
     """Every decision, as a JSON document (the node's records are copied, not changed)."""
     from client.striping import StripeLayout, auto_stripes
 
     policy = NearestBestFit()
     gpus = sorted((l for l in lenders if l.gpu_uuid), key=lambda l: (l.node, l.gpu_index))
-    doc: dict[str, Any] = {"lenders": [{"id": l.id, "gpu_index": l.gpu_index,
-                                        "gpu_uuid": l.gpu_uuid, "links": l.links,
-                                        "free": l.free} for l in lenders],
-                           "lease_bytes": lease_bytes, "striped_bytes": striped_bytes,
-                           "borrowers": []}
+    doc: dict[str, Any] = {
+        "lenders": [
+            {
+                "id": l.id,
+                "gpu_index": l.gpu_index,
+                "gpu_uuid": l.gpu_uuid,
+                "links": l.links,
+                "free": l.free,
+            }
+            for l in lenders
+        ],
+        "lease_bytes": lease_bytes,
+        "striped_bytes": striped_bytes,
+        "borrowers": [],
+    }
     for borrower in gpus:
         node, near = borrower.node, borrower.gpu_uuid
-        ranking = [{"lender": l.id, "links": -key[0], "gpu": bool(-key[1]),
-                    "load": round(key[2], 4), "free_after": key[3]}
-                   for key, l in policy.rank(lenders, lease_bytes, node, near, backend)]
+        ranking = [
+            {
+                "lender": l.id,
+                "links": -key[0],
+                "gpu": bool(-key[1]),
+                "load": round(key[2], 4),
+                "free_after": key[3],
+            }
+            for key, l in policy.rank(lenders, lease_bytes, node, near, backend)
+        ]
         sim = copy.deepcopy(lenders)
         successive = []
         for _ in range(leases):
             choice = _grant(policy, sim, lease_bytes, node, near, backend)
             successive.append(choice.id if choice else None)
-        k = auto_stripes([as_pb(l) for l in lenders], striped_bytes, near, node, backend,
-                         max_stripes=max_stripes)
+        k = auto_stripes(
+            [as_pb(l) for l in lenders], striped_bytes, near, node, backend, max_stripes=max_stripes
+        )
         sim = copy.deepcopy(lenders)
         layout = StripeLayout(striped_bytes, k)
         stripes: list[str] = []
         for s in range(k):
-            choice = _grant(policy, sim, layout.stripe_bytes(s), node, near, backend,
-                            tuple(stripes))
+            choice = _grant(
+                policy, sim, layout.stripe_bytes(s), node, near, backend, tuple(stripes)
+            )
             stripes.append(choice.id if choice else "NONE")
-        doc["borrowers"].append({"gpu_index": borrower.gpu_index, "gpu_uuid": near,
-                                 "node": node, "ranking": ranking,
-                                 "successive_leases": successive, "stripes": k,
-                                 "stripe_lenders": stripes})
+        doc["borrowers"].append(
+            {
+                "gpu_index": borrower.gpu_index,
+                "gpu_uuid": near,
+                "node": node,
+                "ranking": ranking,
+                "successive_leases": successive,
+                "stripes": k,
+                "stripe_lenders": stripes,
+            }
+        )
     sim = copy.deepcopy(lenders)
     doc["all_borrow_at_once"] = {}
     for _ in range(max(1, leases // 2)):
         for borrower in gpus:
-            choice = _grant(policy, sim, lease_bytes, borrower.node, borrower.gpu_uuid,
-                            backend)
+            choice = _grant(policy, sim, lease_bytes, borrower.node, borrower.gpu_uuid, backend)
             doc["all_borrow_at_once"].setdefault(str(borrower.gpu_index), []).append(
-                choice.id if choice else None)
+                choice.id if choice else None
+            )
     return doc
 
 
@@ -157,8 +239,10 @@ def report(doc: dict[str, Any]) -> None:
         print(f"\nborrower GPU {b['gpu_index']} ({b['gpu_uuid']})")
         print(f"  {'lender':24s} {'links':>5s} {'gpu':>4s} {'load':>7s} {'free after':>12s}")
         for r in b["ranking"]:
-            print(f"  {r['lender']:24s} {r['links']:5d} {str(r['gpu']):>4s} {r['load']:7.3f} "
-                  f"{format_size(r['free_after']):>12s}")
+            print(
+                f"  {r['lender']:24s} {r['links']:5d} {str(r['gpu']):>4s} {r['load']:7.3f} "
+                f"{format_size(r['free_after']):>12s}"
+            )
         print(f"  successive leases: {' '.join(str(x) for x in b['successive_leases'])}")
         print(f"  striped: {b['stripes']} stripes on {' '.join(b['stripe_lenders'])}")
     print("\nall borrower GPUs at once, round by round:")
@@ -190,8 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     if not any(l.gpu_uuid for l in lenders):
         print("no GPU lender on this node: nothing to place by topology")
     backend = {"any": 0, "cuda-vmm": pb.BACKEND_CUDA_VMM, "host": pb.BACKEND_HOST}[args.backend]
-    doc = dry_run(lenders, parse_size(args.lease_bytes), args.leases,
-                  parse_size(args.striped_bytes), args.max_stripes, backend)
+    doc = dry_run(
+        lenders,
+        parse_size(args.lease_bytes),
+        args.leases,
+        parse_size(args.striped_bytes),
+        args.max_stripes,
+        backend,
+    )
     report(doc)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

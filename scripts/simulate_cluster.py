@@ -19,6 +19,7 @@ whole table (the placement cost being measured).
 ``python scripts/simulate_cluster.py`` (about 7 minutes on 2 cores) writes
 ``bench/results/simulation.json`` and ``.png`` and prints a table; ``--quick`` is a smoke run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,16 +50,24 @@ from harvestd.table import LeaseTable, Timing
 log = logging.getLogger("simulate_cluster")
 MIB = 1 << 20
 GPUS_PER_NODE = 8
-CUDA_VMM = 2                       # protos: BACKEND_CUDA_VMM
+CUDA_VMM = 2  # protos: BACKEND_CUDA_VMM
 # One MoE expert is three (hidden x intermediate) matrices.
-EXPERTS = {"mixtral-8x7b bf16": 3 * 4096 * 14336 * 2,            # 336 MiB
-           "mixtral-8x22b bf16": 3 * 6144 * 16384 * 2,           # 576 MiB
-           "deepseek-v3 fp8, 4 experts": 4 * 3 * 7168 * 2048}    # 168 MiB
-KV_TOKEN_BYTES = 2 * 80 * 8 * 128 * 2   # llama-3-70b: K+V, 80 layers, 8 KV heads, bf16
+EXPERTS = {
+    "mixtral-8x7b bf16": 3 * 4096 * 14336 * 2,  # 336 MiB
+    "mixtral-8x22b bf16": 3 * 6144 * 16384 * 2,  # 576 MiB
+    "deepseek-v3 fp8, 4 experts": 4 * 3 * 7168 * 2048,
+}  # 168 MiB
+KV_TOKEN_BYTES = 2 * 80 * 8 * 128 * 2  # llama-3-70b: K+V, 80 layers, 8 KV heads, bf16
 KV_GROUP_TOKENS = (128, 256, 512, 1024)  # 40 to 320 MiB a lease
 # (gpus, simulated seconds, active nodes): about 7 minutes on 2 cores in all.
-SCHEDULE = [(8, 4 * 3600, None), (64, 3600, None), (512, 600, None), (1024, 900, 32),
-            (4096, 600, 16), (10000, 600, 16)]
+SCHEDULE = [
+    (8, 4 * 3600, None),
+    (64, 3600, None),
+    (512, 600, None),
+    (1024, 900, 32),
+    (4096, 600, 16),
+    (10000, 600, 16),
+]
 QUICK = [(8, 300, None), (64, 120, None)]
 
 
@@ -68,17 +77,17 @@ class SimConfig:
 
     gpus: int
     seconds: float
-    active_nodes: int | None = None     # nodes with borrowers (None: all)
+    active_nodes: int | None = None  # nodes with borrowers (None: all)
     seed: int = 0
     tick_s: float = 1.0
-    reserve: float = 0.10               # harvestd's default GPU reserve
-    appetite: float = 2.0               # demand per GPU / mean lendable per GPU
-    expert_share: float = 0.7           # of the appetite, long-lived expert slabs
-    kv_life_s: float = 120.0            # median life of a KV block-group lease
+    reserve: float = 0.10  # harvestd's default GPU reserve
+    appetite: float = 2.0  # demand per GPU / mean lendable per GPU
+    expert_share: float = 0.7  # of the appetite, long-lived expert slabs
+    kv_life_s: float = 120.0  # median life of a KV block-group lease
     ttl_s: float = 30.0
     keepalive_s: float = 10.0
-    warmup_s: float = 60.0              # borrowers fill up first; shares measured after
-    check: bool = False                 # check_invariants() at the end
+    warmup_s: float = 60.0  # borrowers fill up first; shares measured after
+    check: bool = False  # check_invariants() at the end
 
 
 class Notes:
@@ -139,11 +148,11 @@ class Borrower:
     gpu: str
     expert_bytes: int
     experts_wanted: int
-    kv_rate: float                      # KV lease requests per second
+    kv_rate: float  # KV lease requests per second
     rng: random.Random
     experts: set[str] = field(default_factory=set)
     kv: dict[str, tuple[float, int]] = field(default_factory=dict)  # id -> (end, bytes)
-    queue: list[tuple[int, float]] = field(default_factory=list)    # (bytes, life)
+    queue: list[tuple[int, float]] = field(default_factory=list)  # (bytes, life)
     next_kv: float = 0.0
     next_try: float = 0.0
     backoff: float = 1.0
@@ -162,9 +171,14 @@ class Simulation:
         model = model or TraceModel()
         self.cfg, self.model, self.now = cfg, model, 0.0
         self.notes, self.counter = Notes(), Counter()
-        self.table = LeaseTable(PruningMemoryStore(), NearestBestFit(), self.notes,
-                                Timing(default_ttl=cfg.ttl_s, grace=5.0, lender_timeout=30.0),
-                                clock=lambda: self.now, observer=self.counter)
+        self.table = LeaseTable(
+            PruningMemoryStore(),
+            NearestBestFit(),
+            self.notes,
+            Timing(default_ttl=cfg.ttl_s, grace=5.0, lender_timeout=30.0),
+            clock=lambda: self.now,
+            observer=self.counter,
+        )
         self.nodes = max(1, round(cfg.gpus / GPUS_PER_NODE))
         n = self.nodes * GPUS_PER_NODE
         self.reserve = int(cfg.reserve * model.gpu_bytes)
@@ -172,14 +186,23 @@ class Simulation:
         self.ids = [f"node{i // 8:05d}/gpu{i % 8}" for i in range(n)]
         for i, lid in enumerate(self.ids):
             node, g = divmod(i, GPUS_PER_NODE)
-            self.table.register_lender(LenderRecord(
-                id=lid, node=f"node{node:05d}", backend=CUDA_VMM, generation=0,
-                pickup_address=f"/run/harvest/{lid}.sock", capacity=self._lendable(i),
-                gpu_uuid=self._uuid(node, g), gpu_index=g, granularity=2 * MIB,
-                links={self._uuid(node, p): 18 for p in range(GPUS_PER_NODE) if p != g}))
+            self.table.register_lender(
+                LenderRecord(
+                    id=lid,
+                    node=f"node{node:05d}",
+                    backend=CUDA_VMM,
+                    generation=0,
+                    pickup_address=f"/run/harvest/{lid}.sock",
+                    capacity=self._lendable(i),
+                    gpu_uuid=self._uuid(node, g),
+                    gpu_index=g,
+                    granularity=2 * MIB,
+                    links={self._uuid(node, p): 18 for p in range(GPUS_PER_NODE) if p != g},
+                )
+            )
         active = min(self.nodes, cfg.active_nodes or self.nodes)
         step = self.nodes / active
-        self.active = [int(k * step) for k in range(active)]   # spread over the cluster
+        self.active = [int(k * step) for k in range(active)]  # spread over the cluster
         self.borrowers = {b.client: b for b in self._borrowers()}
         self.granted: set[str] = set()
         self.generations: set[int] = set()
@@ -188,10 +211,10 @@ class Simulation:
         self.revocations = self.measured_revocations = self.misplaced = 0
         self.lent_bs = self.lendable_bs = 0
         self.lease_s = 0.0
-        self.calls: dict[str, int] = {}   # broker calls by name, as the RPCs would be
+        self.calls: dict[str, int] = {}  # broker calls by name, as the RPCs would be
 
     def _call(self, name: str) -> None:
-        if self.now > self.cfg.warmup_s:   # the initial fill is not the steady state
+        if self.now > self.cfg.warmup_s:  # the initial fill is not the steady state
             self.calls[name] = self.calls.get(name, 0) + 1
 
     @staticmethod
@@ -204,22 +227,30 @@ class Simulation:
     def _borrowers(self) -> list[Borrower]:
         # Mean lendable bytes per GPU, from the trace itself, sets the borrowers' appetite.
         probe = [TenantProcess(self.model, self.cfg.seed + 1, g) for g in range(256)]
-        mean = sum(max(0, self.model.gpu_bytes - p.used(0) - self.reserve)
-                   for p in probe) / len(probe)
+        mean = sum(max(0, self.model.gpu_bytes - p.used(0) - self.reserve) for p in probe) / len(
+            probe
+        )
         appetite = self.cfg.appetite * mean
         kv_mean = sum(KV_GROUP_TOKENS) / len(KV_GROUP_TOKENS) * KV_TOKEN_BYTES
-        kv_life = self.cfg.kv_life_s * math.exp(0.5)   # mean of log-normal, sigma 1
+        kv_life = self.cfg.kv_life_s * math.exp(0.5)  # mean of log-normal, sigma 1
         out = []
         for a in self.active:
             for g in range(GPUS_PER_NODE):
                 rng = random.Random(f"harvest-borrower/{self.cfg.seed}/{a}/{g}")
                 size = rng.choice(list(EXPERTS.values()))
-                out.append(Borrower(
-                    client=f"client-{a:05d}-{g}", node=f"node{a:05d}", gpu=self._uuid(a, g),
-                    expert_bytes=size, rng=rng,
-                    experts_wanted=int(self.cfg.expert_share * appetite / size),
-                    kv_rate=(1 - self.cfg.expert_share) * appetite / (kv_mean * kv_life),
-                    next_kv=rng.expovariate(1.0), next_keepalive=rng.uniform(0, 10)))
+                out.append(
+                    Borrower(
+                        client=f"client-{a:05d}-{g}",
+                        node=f"node{a:05d}",
+                        gpu=self._uuid(a, g),
+                        expert_bytes=size,
+                        rng=rng,
+                        experts_wanted=int(self.cfg.expert_share * appetite / size),
+                        kv_rate=(1 - self.cfg.expert_share) * appetite / (kv_mean * kv_life),
+                        next_kv=rng.expovariate(1.0),
+                        next_keepalive=rng.uniform(0, 10),
+                    )
+                )
         return out
 
     # ------------------------------------------------------------------ events
@@ -254,7 +285,7 @@ class Simulation:
             life = b.rng.lognormvariate(math.log(self.cfg.kv_life_s), 1.0)
             b.queue.append((b.rng.choice(KV_GROUP_TOKENS) * KV_TOKEN_BYTES, life))
             b.next_kv += b.rng.expovariate(b.kv_rate)
-        del b.queue[:-32]   # requests waiting longer went to host memory instead
+        del b.queue[:-32]  # requests waiting longer went to host memory instead
         if self.now >= b.next_keepalive:
             b.next_keepalive = self.now + self.cfg.keepalive_s
             self._call("keepalive")
@@ -290,8 +321,7 @@ class Simulation:
             frees, self.notes.frees = self.notes.frees, {}
             for lender_id, ids in frees.items():
                 self._call("confirm_free")
-                self.table.confirm_free(lender_id, self.table.lenders[lender_id].generation,
-                                        ids)
+                self.table.confirm_free(lender_id, self.table.lenders[lender_id].generation, ids)
 
     def tick(self) -> None:
         """One simulated second: tenants move, lenders report or reclaim, borrowers act."""
@@ -302,9 +332,9 @@ class Simulation:
             used = self.tenants[i].used(self.now)
             lendable = max(0, total - used - self.reserve)
             if lendable != lender.capacity:
-                self._call("report_changed")   # a report carrying news, not a heartbeat
+                self._call("report_changed")  # a report carrying news, not a heartbeat
             self.table.report_lender(lender_id, lender.generation, lendable, total, total - used)
-            if lendable < lender.held:   # the tenant grew into what is lent
+            if lendable < lender.held:  # the tenant grew into what is lent
                 self._call("reclaim")
                 start = time.perf_counter_ns()
                 self.table.reclaim(lender_id, 0)
@@ -347,26 +377,36 @@ class Simulation:
         gpu_s = len(self.active) * 8 * (self.cfg.seconds - self.cfg.warmup_s)
         calls = {name: n / gpu_s for name, n in sorted(self.calls.items())}
         calls["report_changed"] = self.calls.get("report_changed", 0) / (
-            self.nodes * 8 * (self.cfg.seconds - self.cfg.warmup_s))   # every lender reports
-        calls["report_lender"] = 1.0 / self.cfg.tick_s     # every lender, every tick
+            self.nodes * 8 * (self.cfg.seconds - self.cfg.warmup_s)
+        )  # every lender reports
+        calls["report_lender"] = 1.0 / self.cfg.tick_s  # every lender, every tick
         return {
-            "gpus": self.nodes * 8, "nodes": self.nodes, "active_gpus": len(self.active) * 8,
-            "sim_hours": self.cfg.seconds / 3600, "wall_s": round(wall, 1),
+            "gpus": self.nodes * 8,
+            "nodes": self.nodes,
+            "active_gpus": len(self.active) * 8,
+            "sim_hours": self.cfg.seconds / 3600,
+            "wall_s": round(wall, 1),
             "lent_share": self.lent_bs / max(1, self.lendable_bs),
-            "revocations": self.revocations, "table_revocations": c.get("revoke", 0),
-            "forced_revocations": c.get("revoke_forced", 0), "expiries": c.get("expiry", 0),
+            "revocations": self.revocations,
+            "table_revocations": c.get("revoke", 0),
+            "forced_revocations": c.get("revoke_forced", 0),
+            "expiries": c.get("expiry", 0),
             "lease_hours": lease_h,
             "revocations_per_lease_hour": self.measured_revocations / max(lease_h, 1e-9),
-            "grants": len(self.grant_ns), "refused": len(self.refused_ns),
-            "misplaced": self.misplaced, "grant_us": percentiles(self.grant_ns),
+            "grants": len(self.grant_ns),
+            "refused": len(self.refused_ns),
+            "misplaced": self.misplaced,
+            "grant_us": percentiles(self.grant_ns),
             "refused_us": percentiles(self.refused_ns),
-            "reclaim_us": percentiles(self.reclaim_ns), "sweep_us": percentiles(self.sweep_ns),
+            "reclaim_us": percentiles(self.reclaim_ns),
+            "sweep_us": percentiles(self.sweep_ns),
             "live_leases": len(self.table.leases),
             "leases_per_active_gpu": len(self.table.leases) / (len(self.active) * 8),
             "bytes_per_lease": deep_bytes_per_lease(self.table),
             "broker_calls_per_gpu_s": calls,
             "placement_probe_us": placement_probe(self),
-            "invariants": "checked" if self.cfg.check else "skipped"}
+            "invariants": "checked" if self.cfg.check else "skipped",
+        }
 
 
 def percentiles(ns: array) -> dict[str, float]:
@@ -374,8 +414,12 @@ def percentiles(ns: array) -> dict[str, float]:
     if not ns:
         return {"p50": 0.0, "p99": 0.0, "max": 0.0, "n": 0}
     s = sorted(ns)
-    return {"p50": s[len(s) // 2] / 1e3, "p99": s[min(len(s) - 1, int(len(s) * 0.99))] / 1e3,
-            "max": s[-1] / 1e3, "n": len(s)}
+    return {
+        "p50": s[len(s) // 2] / 1e3,
+        "p99": s[min(len(s) - 1, int(len(s) * 0.99))] / 1e3,
+        "max": s[-1] / 1e3,
+        "n": len(s),
+    }
 
 
 def placement_probe(sim: Simulation, samples: int = 500) -> dict[str, float]:
@@ -397,8 +441,10 @@ def placement_probe(sim: Simulation, samples: int = 500) -> dict[str, float]:
         node_only.append(time.perf_counter_ns() - mid)
         if a is not c:
             raise AssertionError("an index of lenders by node changed the placement")
-    return {"all_lenders_p50": percentiles(every)["p50"],
-            "node_index_p50": percentiles(node_only)["p50"]}
+    return {
+        "all_lenders_p50": percentiles(every)["p50"],
+        "node_index_p50": percentiles(node_only)["p50"],
+    }
 
 
 def deep_bytes_per_lease(table: LeaseTable) -> float:
@@ -422,10 +468,19 @@ def calibrate_memory(leases: int = 20000) -> dict[str, float]:
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
     for g in range(GPUS_PER_NODE):
-        table.register_lender(LenderRecord(
-            id=f"n/g{g}", node="n", backend=CUDA_VMM, pickup_address="/x", generation=0,
-            capacity=1 << 50, gpu_uuid=f"G{g}", granularity=2 * MIB,
-            links={f"G{p}": 18 for p in range(8) if p != g}))
+        table.register_lender(
+            LenderRecord(
+                id=f"n/g{g}",
+                node="n",
+                backend=CUDA_VMM,
+                pickup_address="/x",
+                generation=0,
+                capacity=1 << 50,
+                gpu_uuid=f"G{g}",
+                granularity=2 * MIB,
+                links={f"G{p}": 18 for p in range(8) if p != g},
+            )
+        )
     mid = tracemalloc.take_snapshot()
     for k in range(leases):
         table.grant(f"client-{k % 64}", 200 * MIB, node="n", near_gpu=f"G{k % 8}")
@@ -433,9 +488,11 @@ def calibrate_memory(leases: int = 20000) -> dict[str, float]:
     tracemalloc.stop()
     lender_b = sum(s.size_diff for s in mid.compare_to(before, "filename"))
     lease_b = sum(s.size_diff for s in after.compare_to(mid, "filename"))
-    return {"bytes_per_lender": lender_b / GPUS_PER_NODE, "bytes_per_lease": lease_b / leases,
-            "of_which_memorystore_index": (sys.getsizeof(table.store._leases)) / leases}
-
+    return {
+        "bytes_per_lender": lender_b / GPUS_PER_NODE,
+        "bytes_per_lease": lease_b / leases,
+        "of_which_memorystore_index": (sys.getsizeof(table.store._leases)) / leases,
+    }
 
 
 def scan_costs(leases: int = 200_000) -> dict[str, float]:
@@ -443,41 +500,68 @@ def scan_costs(leases: int = 200_000) -> dict[str, float]:
     (sweep and reclaim walk every lease, whatever node it is on), per lease."""
     table = LeaseTable(MemoryStore(), clock=lambda: 0.0)
     for g in range(GPUS_PER_NODE):
-        table.register_lender(LenderRecord(
-            id=f"n/g{g}", node="n", backend=CUDA_VMM, pickup_address="/x", generation=0,
-            capacity=1 << 50, gpu_uuid=f"G{g}", granularity=2 * MIB))
+        table.register_lender(
+            LenderRecord(
+                id=f"n/g{g}",
+                node="n",
+                backend=CUDA_VMM,
+                pickup_address="/x",
+                generation=0,
+                capacity=1 << 50,
+                gpu_uuid=f"G{g}",
+                granularity=2 * MIB,
+            )
+        )
     for k in range(leases):
         table.grant(f"client-{k % 64}", 200 * MIB, node="n", near_gpu=f"G{k % 8}")
     # A lender with a realistic few hundred leases of its own: reclaim and pending_frees
     # walk every lease in the table to find them.
-    table.register_lender(LenderRecord(id="m/g0", node="m", backend=CUDA_VMM, generation=0,
-                                       pickup_address="/x", capacity=1 << 50,
-                                       granularity=2 * MIB))
-    for k in range(200):
+    table.register_lender(
+        LenderRecord(
+            id="m/g0",
+            node="m",
+            backend=CUDA_VMM,
+            generation=0,
+            pickup_address="/x",
+            capacity=1 << 50,
+            granularity=2 * MIB,
+        )
+    )
+    for _ in range(200):
         table.grant("client-m", 200 * MIB, node="m")
     out = {"leases": leases + 200}
-    for name, call in (("sweep", table.sweep), ("reclaim", lambda: table.reclaim("m/g0", 0)),
-                       ("pending_frees", lambda: table.pending_frees("m/g0"))):
+    for name, call in (
+        ("sweep", table.sweep),
+        ("reclaim", lambda: table.reclaim("m/g0", 0)),
+        ("pending_frees", lambda: table.pending_frees("m/g0")),
+    ):
         start = time.perf_counter_ns()
         call()
         out[f"{name}_ns_per_lease"] = (time.perf_counter_ns() - start) / out["leases"]
     return out
 
 
-def project(result: dict[str, Any], memory: dict[str, float], scans: dict[str, float]
-            ) -> dict[str, float]:
+def project(
+    result: dict[str, Any], memory: dict[str, float], scans: dict[str, float]
+) -> dict[str, float]:
     """What one broker would carry if every node of the cluster were as busy as the
     simulated active nodes: leases, memory, and the time of one sweep and one reclaim."""
     leases = result["leases_per_active_gpu"] * result["gpus"]
-    return {"leases": leases,
-            "broker_mib": (leases * memory["bytes_per_lease"]
-                           + result["gpus"] * memory["bytes_per_lender"]) / MIB,
-            "sweep_ms": leases * scans["sweep_ns_per_lease"] / 1e6,
-            "reclaim_ms": leases * scans["reclaim_ns_per_lease"] / 1e6}
+    return {
+        "leases": leases,
+        "broker_mib": (
+            leases * memory["bytes_per_lease"] + result["gpus"] * memory["bytes_per_lender"]
+        )
+        / MIB,
+        "sweep_ms": leases * scans["sweep_ns_per_lease"] / 1e6,
+        "reclaim_ms": leases * scans["reclaim_ns_per_lease"] / 1e6,
+    }
+
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """Placement latency, lent share, revocations and projected table scans against N."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -485,21 +569,24 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
     ax[0][0].loglog(n, [r["grant_us"]["p50"] for r in results], "o-", label="p50")
     ax[0][0].loglog(n, [r["grant_us"]["p99"] for r in results], "s-", label="p99")
-    ax[0][0].loglog(n, [r["placement_probe_us"]["node_index_p50"] for r in results], "^:",
-                    label="place() over the node's lenders only, p50")
+    ax[0][0].loglog(
+        n,
+        [r["placement_probe_us"]["node_index_p50"] for r in results],
+        "^:",
+        label="place() over the node's lenders only, p50",
+    )
     ax[0][0].axhline(1000, color="r", ls="--", label="target: p99 under 1 ms")
     ax[0][0].set(title="grant (placement) wall time", xlabel="GPUs", ylabel="µs")
     ax[0][1].semilogx(n, [100 * r["lent_share"] for r in results], "o-")
     ax[0][1].axhline(90, color="r", ls="--", label="target: 90%")
-    ax[0][1].set(title="lendable memory lent out, time-averaged", xlabel="GPUs", ylabel="%",
-                 ylim=(80, 100.5))
+    ax[0][1].set(
+        title="lendable memory lent out, time-averaged", xlabel="GPUs", ylabel="%", ylim=(80, 100.5)
+    )
     ax[1][0].semilogx(n, [r["revocations_per_lease_hour"] for r in results], "o-")
     ax[1][0].set(title="revocations per lease-hour", xlabel="GPUs", ylim=(0, None))
     ax[1][1].loglog(n, [r["projected"]["sweep_ms"] for r in results], "o-", label="sweep ms")
-    ax[1][1].loglog(n, [r["projected"]["reclaim_ms"] for r in results], "s-",
-                    label="reclaim ms")
-    ax[1][1].loglog(n, [r["projected"]["broker_mib"] for r in results], "^-",
-                    label="broker MiB")
+    ax[1][1].loglog(n, [r["projected"]["reclaim_ms"] for r in results], "s-", label="reclaim ms")
+    ax[1][1].loglog(n, [r["projected"]["broker_mib"] for r in results], "^-", label="broker MiB")
     ax[1][1].axhline(50, color="r", ls=":", label="sweep period 50 ms")
     ax[1][1].set(title="projected for a fully busy cluster", xlabel="GPUs")
     for a in ax.flat:
@@ -513,9 +600,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def table_text(results: list[dict[str, Any]]) -> str:
     """The results as a fixed-width table."""
-    rows = [(f"{'GPUs':>6} {'active':>6} {'sim h':>5} {'wall s':>6} {'lent %':>6} "
-             f"{'rev/lease-h':>11} {'grants':>7} {'p50 µs':>7} {'p99 µs':>7} {'B/lease':>7} "
-             f"{'full-table leases':>17} {'MiB':>6} {'sweep ms':>8} {'reclaim ms':>10}")]
+    rows = [
+        (
+            f"{'GPUs':>6} {'active':>6} {'sim h':>5} {'wall s':>6} {'lent %':>6} "
+            f"{'rev/lease-h':>11} {'grants':>7} {'p50 µs':>7} {'p99 µs':>7} {'B/lease':>7} "
+            f"{'full-table leases':>17} {'MiB':>6} {'sweep ms':>8} {'reclaim ms':>10}"
+        )
+    ]
     for r in results:
         pr = r["projected"]
         rows.append(
@@ -523,7 +614,8 @@ def table_text(results: list[dict[str, Any]]) -> str:
             f"{100 * r['lent_share']:>6.1f} {r['revocations_per_lease_hour']:>11.3f} "
             f"{r['grants']:>7} {r['grant_us']['p50']:>7.0f} {r['grant_us']['p99']:>7.0f} "
             f"{r['bytes_per_lease']:>7.0f} {pr['leases']:>17.0f} {pr['broker_mib']:>6.0f} "
-            f"{pr['sweep_ms']:>8.1f} {pr['reclaim_ms']:>10.1f}")
+            f"{pr['sweep_ms']:>8.1f} {pr['reclaim_ms']:>10.1f}"
+        )
     return "\n".join(rows)
 
 
@@ -533,14 +625,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run, under a minute")
     parser.add_argument("--gpus", type=int, nargs="*", help="only these sizes of the schedule")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--appetite", type=float, default=2.0,
-                        help="borrower demand per GPU, in mean lendable bytes per GPU")
+    parser.add_argument(
+        "--appetite",
+        type=float,
+        default=2.0,
+        help="borrower demand per GPU, in mean lendable bytes per GPU",
+    )
     parser.add_argument("--out", default="bench/results", help="directory for the results")
-    parser.add_argument("--check", action="store_true",
-                        help="check_invariants() after every size (slow past 512 GPUs)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check_invariants() after every size (slow past 512 GPUs)",
+    )
     args = parser.parse_args(argv)
-    schedule = [s for s in (QUICK if args.quick else SCHEDULE)
-                if not args.gpus or s[0] in args.gpus]
+    schedule = [
+        s for s in (QUICK if args.quick else SCHEDULE) if not args.gpus or s[0] in args.gpus
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "simulation.quick" if args.quick else "simulation"
@@ -549,10 +649,15 @@ def main(argv: list[str] | None = None) -> int:
     scans = scan_costs(20_000 if args.quick else 200_000)
     results = []
     for gpus, seconds, active in schedule:
-        cfg = SimConfig(gpus=gpus, seconds=seconds, active_nodes=active, seed=args.seed,
-                        appetite=args.appetite, check=args.check or gpus <= 64)
-        log.info("simulating %d GPUs for %.0f s, %s active nodes", gpus, seconds,
-                 active or "all")
+        cfg = SimConfig(
+            gpus=gpus,
+            seconds=seconds,
+            active_nodes=active,
+            seed=args.seed,
+            appetite=args.appetite,
+            check=args.check or gpus <= 64,
+        )
+        log.info("simulating %d GPUs for %.0f s, %s active nodes", gpus, seconds, active or "all")
         load_before = os.getloadavg()[0]
         result = Simulation(cfg).run()
         # Other work on the machine inflates wall times; say how busy it was.
@@ -560,25 +665,36 @@ def main(argv: list[str] | None = None) -> int:
         result["projected"] = project(result, memory, scans)
         result["config"] = asdict(cfg)
         results.append(result)
-        log.info("%d GPUs: %.1f s wall, grant p99 %.0f µs, lent %.1f%%", gpus,
-                 result["wall_s"], result["grant_us"]["p99"], 100 * result["lent_share"])
+        log.info(
+            "%d GPUs: %.1f s wall, grant p99 %.0f µs, lent %.1f%%",
+            gpus,
+            result["wall_s"],
+            result["grant_us"]["p99"],
+            100 * result["lent_share"],
+        )
         gc.collect()
-    doc = {"cpus": os.cpu_count(), "trace_model": asdict(TraceModel()),
-           "memory_calibration": memory,
-           "scan_costs": scans, "total_wall_s": round(time.perf_counter() - started, 1),
-           "results": results}
+    doc = {
+        "cpus": os.cpu_count(),
+        "trace_model": asdict(TraceModel()),
+        "memory_calibration": memory,
+        "scan_costs": scans,
+        "total_wall_s": round(time.perf_counter() - started, 1),
+        "results": results,
+    }
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     plot(results, out / f"{stem}.png")
     print(table_text(results))
-    print(f"tracemalloc: {memory['bytes_per_lease']:.0f} B per lease, "
-          f"{memory['bytes_per_lender']:.0f} B per lender; sweep "
-          f"{scans['sweep_ns_per_lease']:.0f} ns and reclaim {scans['reclaim_ns_per_lease']:.0f}"
-          f" ns per live lease; total wall {doc['total_wall_s']:.0f} s")
+    print(
+        f"tracemalloc: {memory['bytes_per_lease']:.0f} B per lease, "
+        f"{memory['bytes_per_lender']:.0f} B per lender; sweep "
+        f"{scans['sweep_ns_per_lease']:.0f} ns and reclaim {scans['reclaim_ns_per_lease']:.0f}"
+        f" ns per live lease; total wall {doc['total_wall_s']:.0f} s"
+    )
     return 0
 
 
 if __name__ == "__main__":
     # Configured here, not in main(), so that tests calling main() keep their logging.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("harvestd").setLevel(logging.WARNING)   # a line per lender is noise
+    logging.getLogger("harvestd").setLevel(logging.WARNING)  # a line per lender is noise
     sys.exit(main())

@@ -1,4 +1,5 @@
 """Fixtures that run real Harvest nodes: real processes, real Ray, real sockets."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,12 @@ PY = sys.executable
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
     env.pop("HARVEST_ADDRESS", None)
     env.update(extra)
     return env
@@ -52,8 +57,12 @@ class Clock:
         return self.now
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, every: float = 0.05,
-             what: str = "condition"):
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float = 20.0,
+    every: float = 0.05,
+    what: str = "condition",
+):
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -71,14 +80,14 @@ class Node:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
 
-    def cli(self, *args: str, timeout: float = 120.0, check: bool = False
-            ) -> subprocess.CompletedProcess:
+    def cli(
+        self, *args: str, timeout: float = 120.0, check: bool = False
+    ) -> subprocess.CompletedProcess:
         """Run ``harvestd ARGS --state-dir D``."""
         cmd = [PY, "-m", "harvestd", *args]
         if args and args[0] not in ("--help", "--version"):
             cmd += ["--state-dir", str(self.state_dir)]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                env=_env())
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
         if check and result.returncode != 0:
             raise AssertionError(f"{cmd} failed ({result.returncode}): {result.stderr}")
         return result
@@ -100,9 +109,13 @@ class Node:
     def spawn(self, code: str, *args: str) -> "Holder":
         """Run a Python snippet in a new process with this node's state dir in its env."""
         proc = subprocess.Popen(
-            [PY, "-u", "-c", textwrap.dedent(code), *args], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=_env(HARVEST_STATE_DIR=str(self.state_dir)))
+            [PY, "-u", "-c", textwrap.dedent(code), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(HARVEST_STATE_DIR=str(self.state_dir)),
+        )
         return Holder(proc)
 
 
@@ -121,8 +134,7 @@ class Holder:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError("holder printed nothing in time; stderr: "
-                                     + self._stderr())
+                raise AssertionError("holder printed nothing in time; stderr: " + self._stderr())
             ready, _, _ = select.select([self.proc.stdout], [], [], left)
             if ready:
                 line = self.proc.stdout.readline()
@@ -175,8 +187,15 @@ class PlainNode(Node):
     """A broker and a host lender as plain processes (no Ray): fast to start, easy to
     kill, stop and restart piece by piece."""
 
-    def __init__(self, state_dir: Path, host_bytes: str = "64MiB", ttl: float = 2.0,
-                 grace: float = 1.0, lender_id: str = "host-a", metrics_port: int = 0) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        host_bytes: str = "64MiB",
+        ttl: float = 2.0,
+        grace: float = 1.0,
+        lender_id: str = "host-a",
+        metrics_port: int = 0,
+    ) -> None:
         super().__init__(state_dir)
         self.metrics_port = metrics_port
         self.host_bytes = host_bytes
@@ -191,24 +210,55 @@ class PlainNode(Node):
         from harvestd.node import broker_ready
 
         self.broker = subprocess.Popen(
-            [PY, "-m", "harvestd.broker", "--state-dir", str(self.state_dir),
-             "--ttl", str(self.ttl), "--grace", str(self.grace),
-             "--metrics-port", str(self.metrics_port)],
-            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                PY,
+                "-m",
+                "harvestd.broker",
+                "--state-dir",
+                str(self.state_dir),
+                "--ttl",
+                str(self.ttl),
+                "--grace",
+                str(self.grace),
+                "--metrics-port",
+                str(self.metrics_port),
+            ],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         address = f"unix://{self.state_dir}/broker.sock"
-        wait_for(lambda: self.broker.poll() is not None or broker_ready(address),
-                 what="broker to answer")
+        wait_for(
+            lambda: self.broker.poll() is not None or broker_ready(address), what="broker to answer"
+        )
         assert self.broker.poll() is None, "broker exited at start"
 
     def start_lender(self) -> None:
         """Start the host lender process and wait for it to register."""
         self.lender = subprocess.Popen(
-            [PY, "-m", "lender", "--id", self.id, "--state-dir", str(self.state_dir),
-             "--host-bytes", self.host_bytes, "--report-interval", "0.3",
-             "--metrics-port", str(self.metrics_port + 1 if self.metrics_port else 0)],
-            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: any(l["id"] == self.id and l["state"] == "up"
-                             for l in self.json("lenders")), what="lender to register")
+            [
+                PY,
+                "-m",
+                "lender",
+                "--id",
+                self.id,
+                "--state-dir",
+                str(self.state_dir),
+                "--host-bytes",
+                self.host_bytes,
+                "--report-interval",
+                "0.3",
+                "--metrics-port",
+                str(self.metrics_port + 1 if self.metrics_port else 0),
+            ],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(
+            lambda: any(l["id"] == self.id and l["state"] == "up" for l in self.json("lenders")),
+            what="lender to register",
+        )
 
     def processes(self) -> list[subprocess.Popen | None]:
         """The node's processes, lenders first (those not started are None)."""
@@ -229,8 +279,9 @@ class ManyLenderNode(PlainNode):
     """A broker and several host lenders, each a plain process (like :class:`PlainNode`):
     what striped leases need on a machine with no GPU."""
 
-    def __init__(self, state_dir: Path, lenders: int = 3, host_bytes: str = "32MiB",
-                 **kwargs) -> None:
+    def __init__(
+        self, state_dir: Path, lenders: int = 3, host_bytes: str = "32MiB", **kwargs
+    ) -> None:
         super().__init__(state_dir, host_bytes=host_bytes, **kwargs)
         self.ids = [f"host-{chr(ord('a') + i)}" for i in range(lenders)]
         self.lenders: dict[str, subprocess.Popen] = {}
@@ -239,11 +290,28 @@ class ManyLenderNode(PlainNode):
         """Start every lender process, then wait until all have registered."""
         for lender_id in self.ids:
             self.lenders[lender_id] = subprocess.Popen(
-                [PY, "-m", "lender", "--id", lender_id, "--state-dir", str(self.state_dir),
-                 "--host-bytes", self.host_bytes, "--report-interval", "0.3"],
-                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: {l["id"] for l in self.json("lenders") if l["state"] == "up"}
-                 >= set(self.ids), timeout=60, what="every lender to register")
+                [
+                    PY,
+                    "-m",
+                    "lender",
+                    "--id",
+                    lender_id,
+                    "--state-dir",
+                    str(self.state_dir),
+                    "--host-bytes",
+                    self.host_bytes,
+                    "--report-interval",
+                    "0.3",
+                ],
+                env=_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        wait_for(
+            lambda: {l["id"] for l in self.json("lenders") if l["state"] == "up"} >= set(self.ids),
+            timeout=60,
+            what="every lender to register",
+        )
 
     def processes(self) -> list[subprocess.Popen | None]:
         """Every lender's process, then the broker's."""
@@ -300,8 +368,9 @@ def many_lender_node():
 def ray_node():
     """One real node for the session, started by the CLI: Ray, the broker actor and a
     host lender actor (256 MiB, TTL 3 s, grace 1 s)."""
-    with started_node("--backend", "host", "--host-bytes", "256MiB", "--ttl", "3",
-                      "--grace", "1", timeout=240) as node:
+    with started_node(
+        "--backend", "host", "--host-bytes", "256MiB", "--ttl", "3", "--grace", "1", timeout=240
+    ) as node:
         yield node
 
 

@@ -1,20 +1,25 @@
 """Smoke test of scripts/bench_control_plane.py: a --quick run against a node it starts."""
+
 from __future__ import annotations
 
 import json
 import subprocess
 
 import pytest
-
 from conftest import PY, REPO, _env
 
 
 @pytest.mark.slow
 def test_quick_run_reports_every_op_and_every_reclaim_freed(tmp_path):
     out = tmp_path / "cp.json"
-    proc = subprocess.run([PY, str(REPO / "scripts" / "bench_control_plane.py"), "--quick",
-                           "--out", str(out)], check=False, capture_output=True, text=True,
-                          timeout=180, env=_env())
+    proc = subprocess.run(
+        [PY, str(REPO / "scripts" / "bench_control_plane.py"), "--quick", "--out", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     throughput = res["throughput"]

@@ -1,5 +1,6 @@
 """Block gather/scatter (client/blocks.py) on the CPU: every path against a naive loop,
 and the argument checks."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,7 +18,7 @@ def _random_bytes(n: int, seed: int) -> torch.Tensor:
 
 
 def _naive_gather(src: torch.Tensor, offsets: list[int], block: int) -> torch.Tensor:
-    return torch.cat([src[o:o + block] for o in offsets]) if offsets else src[:0].clone()
+    return torch.cat([src[o : o + block] for o in offsets]) if offsets else src[:0].clone()
 
 
 @pytest.mark.parametrize("block", [16, 4096, 16384])
@@ -31,8 +32,10 @@ def test_gather_aligned_blocks_match_a_loop(block, as_tensor):
     assert torch.equal(out, _naive_gather(src, offsets, block))
 
 
-@pytest.mark.parametrize("offsets,block", [([3, 17, 100, 1], 12), ([8, 24, 40], 16),
-                                           ([4, 12, 60], 8), ([2, 6, 90], 6), ([0, 5], 5)])
+@pytest.mark.parametrize(
+    "offsets,block",
+    [([3, 17, 100, 1], 12), ([8, 24, 40], 16), ([4, 12, 60], 8), ([2, 6, 90], 6), ([0, 5], 5)],
+)
 def test_gather_unaligned_blocks_match_a_loop(offsets, block):
     src = _random_bytes(123, seed=block)
     out = torch.full((len(offsets) * block,), 0xCD, dtype=torch.uint8)
@@ -74,7 +77,7 @@ def test_gather_and_scatter_agree_with_loops(data, block, size):
     rows = _random_bytes(max(1, len(targets)) * block, seed=len(targets))
     scatter(dst, rows, targets, block)
     for i, t in enumerate(targets):
-        ref[t:t + block] = rows[i * block:(i + 1) * block]
+        ref[t : t + block] = rows[i * block : (i + 1) * block]
     assert torch.equal(dst, ref)
 
 
@@ -85,7 +88,7 @@ def test_scatter_writes_blocks_and_nothing_else(block, offsets):
     scatter(dst, src, torch.tensor(offsets), block)
     ref = torch.zeros_like(dst)
     for i, o in enumerate(offsets):
-        ref[o:o + block] = src[i * block:(i + 1) * block]
+        ref[o : o + block] = src[i * block : (i + 1) * block]
     assert torch.equal(dst, ref)
 
 
@@ -105,20 +108,23 @@ def test_empty_offsets_are_a_no_op():
     scatter(src, out, torch.empty(0, dtype=torch.int64), 16)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda s, o: gather(s, [0, 60], 8, o), "offsets must lie in"),
-    (lambda s, o: gather(s, [-1], 8, o), "offsets must lie in"),
-    (lambda s, o: gather(s, torch.tensor([0, 57]), 8, o), "offsets must lie in"),
-    (lambda s, o: gather(s, [0, 8, 16], 8, o), "need 24"),
-    (lambda s, o: gather(s, [0], 0, o), "block_bytes must be a positive int"),
-    (lambda s, o: gather(s, [0.5], 8, o), "offsets must be integers"),
-    (lambda s, o: gather(s, torch.tensor([0.0]), 8, o), "1-D int64 or int32"),
-    (lambda s, o: gather(s.view(8, 8), [0], 8, o), "1-D torch.uint8"),
-    (lambda s, o: gather(s.to(torch.int8), [0], 8, o), "1-D torch.uint8"),
-    (lambda s, o: gather(s, [0], 8, torch.zeros(4, 8, dtype=torch.uint8).t()), "contiguous"),
-    (lambda s, o: scatter(s, o, [0, 64], 8), "offsets must lie in"),
-    (lambda s, o: scatter(s, o, [0, 8, 16], 8), "need 24"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda s, o: gather(s, [0, 60], 8, o), "offsets must lie in"),
+        (lambda s, o: gather(s, [-1], 8, o), "offsets must lie in"),
+        (lambda s, o: gather(s, torch.tensor([0, 57]), 8, o), "offsets must lie in"),
+        (lambda s, o: gather(s, [0, 8, 16], 8, o), "need 24"),
+        (lambda s, o: gather(s, [0], 0, o), "block_bytes must be a positive int"),
+        (lambda s, o: gather(s, [0.5], 8, o), "offsets must be integers"),
+        (lambda s, o: gather(s, torch.tensor([0.0]), 8, o), "1-D int64 or int32"),
+        (lambda s, o: gather(s.view(8, 8), [0], 8, o), "1-D torch.uint8"),
+        (lambda s, o: gather(s.to(torch.int8), [0], 8, o), "1-D torch.uint8"),
+        (lambda s, o: gather(s, [0], 8, torch.zeros(4, 8, dtype=torch.uint8).t()), "contiguous"),
+        (lambda s, o: scatter(s, o, [0, 64], 8), "offsets must lie in"),
+        (lambda s, o: scatter(s, o, [0, 8, 16], 8), "need 24"),
+    ],
+)
 def test_bad_arguments_are_invalid_argument(call, match):
     src, out = _random_bytes(64, seed=5), torch.zeros(16, dtype=torch.uint8)
     with pytest.raises(InvalidArgument, match=match):

@@ -1,12 +1,13 @@
 """The tiered cache on host leases (the CPU twin of peer GPU memory): every read right,
 through revocations, replacements and batched reads."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import wait_for
 
 from client.cache import Tier, TieredCache
-from conftest import wait_for
 
 MiB = 1 << 20
 
@@ -87,8 +88,10 @@ def test_background_pass_refills_after_revocation(plain_node):
         slab = cache._slabs.slabs[0]
         plain_node.cli("revoke", slab.lease.id, check=True)
         wait_for(lambda: cache.stats.revocations == 1, what="the cache to hear the revocation")
-        wait_for(lambda: all(cache.tier_of(i) == Tier.HOST_LEASE for i in range(8)),
-                 what="the background pass to refill")
+        wait_for(
+            lambda: all(cache.tier_of(i) == Tier.HOST_LEASE for i in range(8)),
+            what="the background pass to refill",
+        )
         assert all(torch.equal(cache.get(i), expert(i)) for i in range(8))
         cache.close()
 

@@ -1,12 +1,13 @@
 """The CLI and the Python API on bad input: one clear line and exit code 2 (CLI), one of
 our exceptions (API); never a traceback or a hang."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Node, short_tmpdir
 
 from client import HarvestError, InvalidArgument, NoCapacity, NotFound, Unavailable, connect
-from conftest import Node, short_tmpdir
 
 MiB = 1 << 20
 
@@ -24,25 +25,37 @@ def no_node():
     return Node(short_tmpdir())
 
 
-@pytest.mark.parametrize("command", [["status"], ["lenders", "--json"], ["leases"],
-                                     ["revoke", "lease-x"], ["drain", "l"], ["stop"],
-                                     ["reclaim", "--lender", "l", "--bytes", "1"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["lenders", "--json"],
+        ["leases"],
+        ["revoke", "lease-x"],
+        ["drain", "l"],
+        ["stop"],
+        ["reclaim", "--lender", "l", "--bytes", "1"],
+    ],
+)
 def test_no_node_running(no_node, command):
     line = one_clear_line(no_node.cli(*command))
     assert "no Harvest node" in line
 
 
-@pytest.mark.parametrize("args, words", [
-    (["reclaim", "--lender", "x", "--bytes", "-5"], "not a size"),
-    (["reclaim", "--lender", "x", "--bytes", "lots"], "not a size"),
-    (["reclaim", "--lender", "x"], "--bytes"),
-    (["start", "--host-bytes", "0"], "must be positive"),
-    (["start", "--host-bytes", "-1GiB"], "not a size"),
-    (["start", "--reserve", "150%"], "between 0% and 100%"),
-    (["start", "--backend", "tpu"], "tpu"),
-    (["start", "--ttl", "-3"], "positive"),
-    (["frobnicate"], "frobnicate"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["reclaim", "--lender", "x", "--bytes", "-5"], "not a size"),
+        (["reclaim", "--lender", "x", "--bytes", "lots"], "not a size"),
+        (["reclaim", "--lender", "x"], "--bytes"),
+        (["start", "--host-bytes", "0"], "must be positive"),
+        (["start", "--host-bytes", "-1GiB"], "not a size"),
+        (["start", "--reserve", "150%"], "between 0% and 100%"),
+        (["start", "--backend", "tpu"], "tpu"),
+        (["start", "--ttl", "-3"], "positive"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
 def test_bad_arguments(no_node, args, words):
     assert words in one_clear_line(no_node.cli(*args))
 
@@ -51,11 +64,11 @@ def test_bad_input_against_a_running_node(plain_node):
     assert "no live lease" in one_clear_line(plain_node.cli("revoke", "lease-nope"))
     assert "no lender" in one_clear_line(plain_node.cli("drain", "nobody"))
     assert "no lender" in one_clear_line(
-        plain_node.cli("reclaim", "--lender", "nobody", "--bytes", "1MiB"))
+        plain_node.cli("reclaim", "--lender", "nobody", "--bytes", "1MiB")
+    )
     huge = plain_node.cli("reclaim", "--lender", plain_node.id, "--bytes", "999999TiB")
     assert "reclaim size" in one_clear_line(huge)
-    assert "timeout" in one_clear_line(plain_node.cli("drain", plain_node.id, "--timeout",
-                                                      "-1"))
+    assert "timeout" in one_clear_line(plain_node.cli("drain", plain_node.id, "--timeout", "-1"))
 
 
 def test_tables_and_json_agree(plain_node):
@@ -63,8 +76,7 @@ def test_tables_and_json_agree(plain_node):
         rows = plain_node.json("leases")
         assert [r["id"] for r in rows] == [lease.id]
         row = rows[0]
-        assert (row["lender"], row["nbytes"], row["state"]) == (plain_node.id, 3 * MiB,
-                                                                "granted")
+        assert (row["lender"], row["nbytes"], row["state"]) == (plain_node.id, 3 * MiB, "granted")
         assert row["holder_pid"] > 0 and row["expires_at"] > 0
         table = plain_node.cli("leases", check=True).stdout
         assert lease.id in table and "3.0 MiB" in table and "granted" in table
@@ -105,7 +117,6 @@ def test_api_errors(plain_node):
 def test_help_and_version(no_node):
     result = no_node.cli("--help")
     assert result.returncode == 0
-    for command in ("start", "stop", "status", "lenders", "leases", "revoke", "drain",
-                    "reclaim"):
+    for command in ("start", "stop", "status", "lenders", "leases", "revoke", "drain", "reclaim"):
         assert command in result.stdout
     assert no_node.cli("--version").returncode == 0

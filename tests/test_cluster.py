@@ -1,13 +1,13 @@
 """Many nodes: a real multi-raylet Ray cluster on one machine (ray.cluster_utils), a
 Harvest daemon per node (the head's starts the broker, the others join it), clients
 placed on given nodes, a node removed mid-run, and the broker's actor killed mid-run."""
+
 from __future__ import annotations
 
 import shutil
 import time
 
 import pytest
-
 from conftest import HOLDER, Node, short_tmpdir, wait_for
 
 pytestmark = pytest.mark.slow
@@ -27,9 +27,23 @@ class ClusterNode(Node):
 
         os.environ["HARVEST_NODE"] = self.name
         try:
-            result = self.cli("start", "--detach", "--address", ray_address, "--backend",
-                              "host", "--host-bytes", "64MiB", "--ttl", "3", "--grace", "1",
-                              "--ray-node-id", self.ray_node_id, timeout=240)
+            result = self.cli(
+                "start",
+                "--detach",
+                "--address",
+                ray_address,
+                "--backend",
+                "host",
+                "--host-bytes",
+                "64MiB",
+                "--ttl",
+                "3",
+                "--grace",
+                "1",
+                "--ray-node-id",
+                self.ray_node_id,
+                timeout=240,
+            )
         finally:
             del os.environ["HARVEST_NODE"]
         assert result.returncode == 0, result.stderr
@@ -40,12 +54,19 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     args = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=80 << 20)
-    ray_cluster = Cluster(initialize_head=True, head_node_args=dict(
-        include_dashboard=False, _system_config={"health_check_period_ms": 500,
-                                                 "health_check_failure_threshold": 3},
-        **args))
-    raylets = {"node-a": ray_cluster.head_node, "node-b": ray_cluster.add_node(**args),
-               "node-c": ray_cluster.add_node(**args)}
+    ray_cluster = Cluster(
+        initialize_head=True,
+        head_node_args=dict(
+            include_dashboard=False,
+            _system_config={"health_check_period_ms": 500, "health_check_failure_threshold": 3},
+            **args,
+        ),
+    )
+    raylets = {
+        "node-a": ray_cluster.head_node,
+        "node-b": ray_cluster.add_node(**args),
+        "node-c": ray_cluster.add_node(**args),
+    }
     nodes = {name: ClusterNode(name, raylet.node_id) for name, raylet in raylets.items()}
     for node in nodes.values():  # the head first: it starts the broker
         node.start(ray_cluster.address)
@@ -118,9 +139,14 @@ def test_broker_actor_killed_mid_run_comes_back(cluster):
         leased = holder.expect("leased")
         before = b.json("status")
         os.kill(before["broker_pid"], signal.SIGKILL)
-        wait_for(lambda: b.cli("status").returncode == 0
-                 and b.json("status")["broker_pid"] != before["broker_pid"],
-                 timeout=60, what="Ray to restart the broker")
+        wait_for(
+            lambda: (
+                b.cli("status").returncode == 0
+                and b.json("status")["broker_pid"] != before["broker_pid"]
+            ),
+            timeout=60,
+            what="Ray to restart the broker",
+        )
         time.sleep(13)  # past the TTL: the holder renewed against the new broker
         assert {l["id"]: l for l in b.json("leases")}[leased["id"]]["state"] == "granted"
         with b.connect() as client, client.lease(MiB) as lease:

@@ -1,5 +1,6 @@
 """Faults injected for real on a plain-process node: kill -9, SIGSTOP, stale tokens,
 a holder that never acknowledges, and what the next holder sees."""
+
 from __future__ import annotations
 
 import os
@@ -10,9 +11,9 @@ import time
 import grpc
 import pytest
 import torch
+from conftest import HOLDER, wait_for
 
 from client import LeaseRevoked, NoCapacity, PermissionDenied
-from conftest import HOLDER, wait_for
 from lender.pickup import pick_up
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
@@ -34,8 +35,11 @@ def test_client_crash_returns_memory_within_one_ttl(plain_node):
         killed_at = time.monotonic()
         holder.kill()
         holder.finish()
-        wait_for(lambda: plain_node.json("lenders")[0]["granted"] == 0, timeout=10,
-                 what="the dead holder's memory to come back")
+        wait_for(
+            lambda: plain_node.json("lenders")[0]["granted"] == 0,
+            timeout=10,
+            what="the dead holder's memory to come back",
+        )
         assert time.monotonic() - killed_at < 2.0 + 1.0  # one TTL, plus the sweep and report
         ended = {l["id"]: l for l in plain_node.json("leases", "--all")}[leased["id"]]
         assert ended["state"] == "expired"
@@ -69,8 +73,13 @@ def test_broker_sigstop_holder_fences_itself(plain_node):
             assert ended and "not renewed" in ended[0]
         finally:
             plain_node.broker.send_signal(signal.SIGCONT)
-        wait_for(lambda: {l["id"]: l for l in plain_node.json("leases", "--all")}
-                 [lease.id]["state"] == "expired", what="the broker to expire it")
+        wait_for(
+            lambda: (
+                {l["id"]: l for l in plain_node.json("leases", "--all")}[lease.id]["state"]
+                == "expired"
+            ),
+            what="the broker to expire it",
+        )
         # The client carries on with new leases once the broker is back.
         with client.lease(MiB) as again:
             assert again.generation > lease.generation
@@ -99,8 +108,11 @@ def test_broker_kill9_restart_loses_nothing(plain_node):
 def test_stuck_holder_loses_lease_after_grace(plain_node):
     stub, channel = _stub(plain_node)
     try:
-        grant = stub.Grant(pb.GrantRequest(client_id="stuck", nbytes=MiB,
-                                           node=plain_node.json("lenders")[0]["node"]))
+        grant = stub.Grant(
+            pb.GrantRequest(
+                client_id="stuck", nbytes=MiB, node=plain_node.json("lenders")[0]["node"]
+            )
+        )
         _, fd = pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
         os.close(fd)
         start = time.monotonic()
@@ -108,8 +120,13 @@ def test_stuck_holder_loses_lease_after_grace(plain_node):
         assert "revoking" in result.stdout
         # It never acknowledges: after the 1 s grace the broker ends the lease anyway
         # and the lender frees (never pools) the memory.
-        wait_for(lambda: {l["id"]: l for l in plain_node.json("leases", "--all")}
-                 [grant.id]["state"] == "revoked", what="forced revocation")
+        wait_for(
+            lambda: (
+                {l["id"]: l for l in plain_node.json("leases", "--all")}[grant.id]["state"]
+                == "revoked"
+            ),
+            what="forced revocation",
+        )
         assert time.monotonic() - start >= 0.9
         wait_for(lambda: plain_node.json("lenders")[0]["granted"] == 0, what="memory freed")
         row = {l["id"]: l for l in plain_node.json("leases", "--all")}[grant.id]
@@ -171,8 +188,13 @@ def test_revocation_waits_for_reads_in_flight(plain_node):
             assert refused == [True]
             assert bool((lease.tensor(torch.uint8, 8) == 9).all())
             assert bool((data == 9).all())
-        wait_for(lambda: {l["id"]: l for l in plain_node.json("leases", "--all")}
-                 [lease.id]["state"] == "revoked", what="acknowledgement")
+        wait_for(
+            lambda: (
+                {l["id"]: l for l in plain_node.json("leases", "--all")}[lease.id]["state"]
+                == "revoked"
+            ),
+            what="acknowledgement",
+        )
         assert int(data.count_nonzero()) == 0  # fenced once the use ended
         with pytest.raises(LeaseRevoked):
             with lease.use():
@@ -226,8 +248,13 @@ def test_a_holder_whose_fence_fails_does_not_acknowledge(plain_node):
             wait_for(lambda: lease.revoked, what="the revocation to arrive")
             # No acknowledgement: the lease ends only when its grace runs out, unclean,
             # so the lender frees its memory instead of lending it again.
-            wait_for(lambda: {l["id"]: l for l in plain_node.json("leases", "--all")}
-                     [lease.id]["state"] == "revoked", what="forced end")
+            wait_for(
+                lambda: (
+                    {l["id"]: l for l in plain_node.json("leases", "--all")}[lease.id]["state"]
+                    == "revoked"
+                ),
+                what="forced end",
+            )
             row = {l["id"]: l for l in plain_node.json("leases", "--all")}[lease.id]
             assert "did not acknowledge" in row["reason"]
         finally:
@@ -244,8 +271,13 @@ def test_a_use_covering_device_work_is_never_fenced_under(plain_node):
         data.fill_(3)
         with lease.use(device_work=True):
             plain_node.cli("revoke", lease.id, check=True)
-            wait_for(lambda: {l["id"]: l for l in plain_node.json("leases", "--all")}
-                     [lease.id]["state"] == "revoked", what="the broker's forced end")
+            wait_for(
+                lambda: (
+                    {l["id"]: l for l in plain_node.json("leases", "--all")}[lease.id]["state"]
+                    == "revoked"
+                ),
+                what="the broker's forced end",
+            )
             time.sleep(0.5)  # well past the 1 s grace since the revocation
             assert not lease._fenced and bool((data == 3).all())
         wait_for(lambda: lease._fenced, what="the fence once the use ended")

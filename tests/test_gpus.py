@@ -1,5 +1,6 @@
 """GPU discovery and the reserve/cap arithmetic (lender/gpus.py), on a machine with no
 GPU: the arithmetic as plain functions, the watch against a fake NVML."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,8 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from harvestd.errors import BackendUnavailable, InvalidArgument
-from lender.gpus import (GpuSample, GpuWatch, discover_gpus, lendable_bytes, others_used,
-                         reserve_for)
+from lender.gpus import GpuSample, GpuWatch, discover_gpus, lendable_bytes, others_used, reserve_for
 
 GiB = 1 << 30
 
@@ -26,14 +26,17 @@ def test_bad_reserve_is_invalid(reserve_bytes, fraction):
         reserve_for(GiB, reserve_bytes, fraction)
 
 
-@pytest.mark.parametrize("free,held,reserve,cap,expected", [
-    (40 * GiB, 0, 8 * GiB, None, 32 * GiB),          # free less the reserve
-    (40 * GiB, 10 * GiB, 8 * GiB, None, 42 * GiB),   # what we hold counts as ours
-    (40 * GiB, 10 * GiB, 8 * GiB, 12 * GiB, 12 * GiB),  # under the cap
-    (4 * GiB, 8 * GiB, 8 * GiB, 12 * GiB, 4 * GiB),  # the tenant grew: give 4 GiB back
-    (2 * GiB, 0, 8 * GiB, None, 0),                  # never negative
-    (2 * GiB, 1 * GiB, 8 * GiB, 0, 0),               # a zero cap lends nothing
-])
+@pytest.mark.parametrize(
+    "free,held,reserve,cap,expected",
+    [
+        (40 * GiB, 0, 8 * GiB, None, 32 * GiB),  # free less the reserve
+        (40 * GiB, 10 * GiB, 8 * GiB, None, 42 * GiB),  # what we hold counts as ours
+        (40 * GiB, 10 * GiB, 8 * GiB, 12 * GiB, 12 * GiB),  # under the cap
+        (4 * GiB, 8 * GiB, 8 * GiB, 12 * GiB, 4 * GiB),  # the tenant grew: give 4 GiB back
+        (2 * GiB, 0, 8 * GiB, None, 0),  # never negative
+        (2 * GiB, 1 * GiB, 8 * GiB, 0, 0),  # a zero cap lends nothing
+    ],
+)
 def test_lendable_is_free_plus_held_less_reserve_clamped(free, held, reserve, cap, expected):
     assert lendable_bytes(free, held, reserve, cap) == expected
     sample = GpuSample(total=80 * GiB, free=free, used_by_others=0, reserve=reserve, cap=cap)
@@ -70,12 +73,18 @@ class FakeNvml:
 
 def test_watch_applies_reserve_fraction_and_cap():
     fake = FakeNvml(80 * GiB, 30 * GiB, [(1, 10 * GiB), (2, 40 * GiB)])
-    watch = GpuWatch("GPU-fake", reserve_bytes=4 * GiB, reserve_fraction=0.1, cap_bytes=20 * GiB,
-                     own_pids={1}, nvml=fake)
+    watch = GpuWatch(
+        "GPU-fake",
+        reserve_bytes=4 * GiB,
+        reserve_fraction=0.1,
+        cap_bytes=20 * GiB,
+        own_pids={1},
+        nvml=fake,
+    )
     sample = watch.sample()
     assert (sample.total, sample.free, sample.reserve) == (80 * GiB, 30 * GiB, 8 * GiB)
     assert sample.used_by_others == 40 * GiB
-    assert sample.lendable(0) == 20 * GiB              # 22 GiB, capped
+    assert sample.lendable(0) == 20 * GiB  # 22 GiB, capped
     fake.free = 2 * GiB
     assert watch.sample().lendable(10 * GiB) == 4 * GiB  # 2 + 10 - 8
     assert watch.others_bytes(own_pids=[]) == 50 * GiB

@@ -1,5 +1,6 @@
 """The host-memory backend and the lender's pool: zeroing, sharing, fencing, and never
 handing a possibly-still-mapped allocation to anyone else."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,10 +37,10 @@ def test_fence_cuts_off_stale_views_only(host):
     stale = holder.as_tensor()[10:20]
     holder.fence()
     other.as_tensor()[:] = 9
-    assert stale.tolist() == [0] * 10          # the fenced holder no longer sees it
-    stale[:] = 1                               # and its writes land in its own pages
+    assert stale.tolist() == [0] * 10  # the fenced holder no longer sees it
+    stale[:] = 1  # and its writes land in its own pages
     assert other.as_tensor()[10:20].tolist() == [9] * 10
-    holder.fence()                             # idempotent
+    holder.fence()  # idempotent
     other.close(), host.free(alloc)
 
 
@@ -57,7 +58,7 @@ def test_pool_reuses_only_clean_memory_and_zeroes_it(host):
     assert pool.idle_bytes == 1 << 16
     again = pool.take(1 << 16)
     assert again is first and int(_map(host, again).as_tensor().count_nonzero()) == 0
-    pool.give_back(again, clean=False)         # its holder may still map it: freed
+    pool.give_back(again, clean=False)  # its holder may still map it: freed
     assert pool.idle_bytes == 0 and again.handle == -1
     fresh = pool.take(1 << 16)
     assert fresh is not first

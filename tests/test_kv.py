@@ -2,10 +2,10 @@
 generation with HarvestCache gives DynamicCache's tokens and logits bit for bit (tolerance
 zero: the same values reach the same kernels in the same layout), through revocations;
 KVBlockStore round trips and refuses bad input."""
+
 from __future__ import annotations
 
 import pytest
-
 from conftest import wait_for
 
 torch = pytest.importorskip("torch")
@@ -13,14 +13,19 @@ transformers = pytest.importorskip("transformers")
 
 from client.cache import Tier  # noqa: E402
 from client.kv import HarvestCache  # noqa: E402
-from client.kv_blocks import KVBlockStore  # noqa: E402
+from client.kv.blocks import KVBlockStore  # noqa: E402
 from harvestd.errors import FailedPrecondition, InvalidArgument  # noqa: E402
 
-BLOCK = 8      # tokens per block: the prompt spans several blocks, decoding fills more
+BLOCK = 8  # tokens per block: the prompt spans several blocks, decoding fills more
 PROMPT = 45
 NEW = 24
-SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-             max_position_embeddings=512)
+SMALL = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+)
 
 
 def llama() -> torch.nn.Module:
@@ -30,8 +35,9 @@ def llama() -> torch.nn.Module:
 
 
 def mistral() -> torch.nn.Module:
-    cfg = transformers.MistralConfig(intermediate_size=128, num_key_value_heads=2,
-                                     sliding_window=None, **SMALL)
+    cfg = transformers.MistralConfig(
+        intermediate_size=128, num_key_value_heads=2, sliding_window=None, **SMALL
+    )
     torch.manual_seed(0)
     return transformers.MistralForCausalLM(cfg).eval()
 
@@ -53,27 +59,41 @@ def prompt(batch: int = 2, length: int = PROMPT) -> torch.Tensor:
     return torch.randint(3, 128, (batch, length))
 
 
-def generate(model: torch.nn.Module, cache=None, tokens: int = NEW, ids=None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    model: torch.nn.Module, cache=None, tokens: int = NEW, ids=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens and the logits of every step."""
     ids = prompt() if ids is None else ids
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                             min_new_tokens=tokens, do_sample=False, pad_token_id=0,
-                             past_key_values=cache, output_logits=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=0,
+            past_key_values=cache,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     return out.sequences, torch.stack(out.logits)
 
 
 def harvest(client, model, **kwargs) -> HarvestCache:
-    options = dict(block_tokens=BLOCK, config=model.config, backends=("host",),
-                   slab_bytes=16 << 10, refill_every=None)
+    options = dict(
+        block_tokens=BLOCK,
+        config=model.config,
+        backends=("host",),
+        slab_bytes=16 << 10,
+        refill_every=None,
+    )
     options.update(kwargs)
     return HarvestCache(client, **options)
 
 
-@pytest.mark.parametrize("build", [llama, mistral, qwen2, opt],
-                         ids=["llama", "mistral", "qwen2", "opt"])
+@pytest.mark.parametrize(
+    "build", [llama, mistral, qwen2, opt], ids=["llama", "mistral", "qwen2", "opt"]
+)
 def test_generate_same_tokens_and_logits_as_dynamic_cache(plain_node, build):
     model = build()
     want_tokens, want_logits = generate(model)
@@ -143,6 +163,7 @@ def _revoke_all_at_third_call(node, model, cache, revoked: list[str]):
                 node.cli("revoke", slab.lease.id, check=True)
                 revoked.append(slab.lease.id)
             wait_for(lambda: cache.stats.revocations >= len(slabs), what="revocations")
+
     return model.register_forward_hook(hook)
 
 
@@ -159,7 +180,7 @@ def test_revocations_mid_generation_change_no_token(plain_node):
         assert torch.equal(tokens, want_tokens) and torch.equal(logits, want_logits)
         stats = cache.stats
         assert stats.revocations == len(revoked)
-        assert stats.reads.get("host", 0) > 0       # the authoritative copies meanwhile
+        assert stats.reads.get("host", 0) > 0  # the authoritative copies meanwhile
         assert stats.reads.get("host-lease", 0) > 0  # new blocks found new leases
         # The fetch waiting for the next step was finished by the watchdog, not held
         # until the fence: no read was overlapped.
@@ -209,8 +230,14 @@ def test_unsupported_uses_are_refused(plain_node):
         cache = harvest(client, model)
         with pytest.raises(InvalidArgument, match="beam search"):
             with torch.no_grad():
-                model.generate(prompt(), max_new_tokens=4, num_beams=2, do_sample=False,
-                               past_key_values=cache, pad_token_id=0)
+                model.generate(
+                    prompt(),
+                    max_new_tokens=4,
+                    num_beams=2,
+                    do_sample=False,
+                    past_key_values=cache,
+                    pad_token_id=0,
+                )
         cache = harvest(client, model)
         k = torch.zeros(2, 2, 5, 16)
         with pytest.raises(InvalidArgument, match="same shape"):
@@ -229,6 +256,7 @@ def test_unsupported_uses_are_refused(plain_node):
 
 # ------------------------------------------------------------ KVBlockStore
 
+
 def pages(n: int, seed: int) -> torch.Tensor:
     """``n`` vLLM-style pages: [n, 2 (K, V), 4 tokens, 2 heads, 16 dims] in bfloat16."""
     gen = torch.Generator().manual_seed(seed)
@@ -240,10 +268,16 @@ PAGE_BYTES = 2 * 4 * 2 * 16 * 2
 
 def test_block_store_round_trips_into_any_slots(plain_node):
     with plain_node.connect() as client:
-        store = KVBlockStore(client, PAGE_BYTES, borrow_bytes=8 << 10, slab_bytes=8 << 10,
-                             backends=("host",), refill_every=None)
+        store = KVBlockStore(
+            client,
+            PAGE_BYTES,
+            borrow_bytes=8 << 10,
+            slab_bytes=8 << 10,
+            backends=("host",),
+            refill_every=None,
+        )
         blocks = pages(24, seed=0)
-        store.put(list(range(100, 124)), blocks)        # one batched write
+        store.put(list(range(100, 124)), blocks)  # one batched write
         assert len(store) == 24 and 100 in store and 99 not in store
         tiers = [store.tier_of(b) for b in range(100, 124)]
         assert tiers.count(Tier.HOST_LEASE) == 16 and tiers.count(Tier.HOST) == 8  # budget
@@ -254,7 +288,7 @@ def test_block_store_round_trips_into_any_slots(plain_node):
         assert paged[1].abs().sum() == 0  # nothing else written
         store.load(torch.arange(100, 124), paged, slots=torch.arange(16, 40))  # consecutive
         assert torch.equal(paged[16:40], blocks)
-        store.put([101], pages(1, seed=9))              # replaces
+        store.put([101], pages(1, seed=9))  # replaces
         store.load([101], paged, slots=[3])
         assert torch.equal(paged[3], pages(1, seed=9)[0])
         store.drop([100, 101])
@@ -271,8 +305,9 @@ def test_block_store_round_trips_into_any_slots(plain_node):
 
 def test_block_store_survives_revocation(plain_node):
     with plain_node.connect() as client:
-        store = KVBlockStore(client, PAGE_BYTES, slab_bytes=8 << 10, backends=("host",),
-                             refill_every=None)
+        store = KVBlockStore(
+            client, PAGE_BYTES, slab_bytes=8 << 10, backends=("host",), refill_every=None
+        )
         blocks = pages(12, seed=3)
         store.put(range(12), blocks)
         slab = store.cache._slabs.slabs[0]

@@ -5,6 +5,7 @@ then counts (does not assume) that nothing leaked: the lender's granted bytes, o
 descriptors and memfd mappings are back at their baseline, and every client's own
 mappings of lent memory are gone.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from conftest import Holder, PlainNode, wait_for
+
 from harvestd.errors import LeaseRevoked
 from harvestd.invariants import check_store
 from lender.pickup import pick_up
@@ -171,8 +172,9 @@ def test_load_no_errors_no_leaks(plain_node: PlainNode) -> None:
     time.sleep(0.5)
     base_fds, base_maps = fd_count(lender_pid), memfd_maps(lender_pid)
 
-    workers: list[Holder] = [node.spawn(CLIENT, str(DURATION_S), str(seed), str(10 + seed))
-                             for seed in range(CLIENTS)]
+    workers: list[Holder] = [
+        node.spawn(CLIENT, str(DURATION_S), str(seed), str(10 + seed)) for seed in range(CLIENTS)
+    ]
     workers.append(node.spawn(TENANT, str(DURATION_S), lender_id, str(RECLAIM)))
     try:
         for worker in workers:
@@ -202,23 +204,30 @@ def test_load_no_errors_no_leaks(plain_node: PlainNode) -> None:
         for op, values in report["lat"].items():
             latencies.setdefault(op, []).extend(values)
     ops = sum(len(v) for v in latencies.values())
-    lines = [f"load: {CLIENTS} clients + 1 tenant, {elapsed:.1f} s, {ops} ops, "
-             f"{ops / elapsed:.0f} ops/s (on {os.cpu_count()} cores)"]
+    lines = [
+        f"load: {CLIENTS} clients + 1 tenant, {elapsed:.1f} s, {ops} ops, "
+        f"{ops / elapsed:.0f} ops/s (on {os.cpu_count()} cores)"
+    ]
     for op in ("grant", "keepalive", "release", "reclaim", "restore"):
         values = latencies.get(op, [])
         if values:
-            lines.append(f"  {op:<9} n={len(values):<6} p50={percentile(values, .5) * 1e3:7.2f} ms "
-                         f"p99={percentile(values, .99) * 1e3:7.2f} ms")
+            lines.append(
+                f"  {op:<9} n={len(values):<6} p50={percentile(values, 0.5) * 1e3:7.2f} ms "
+                f"p99={percentile(values, 0.99) * 1e3:7.2f} ms"
+            )
     lines.append("  counts: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())))
-    lines.append(f"  lender fds: baseline {base_fds}, peak {peak_fds}; memfd maps: "
-                 f"baseline {base_maps}")
+    lines.append(
+        f"  lender fds: baseline {base_fds}, peak {peak_fds}; memfd maps: baseline {base_maps}"
+    )
     # How revocations ended (the broker's last 1000 leases): acknowledged by the holder,
     # or forced when the grace ran out.
     ended = node.json("leases", "--all")
     forced = sum("did not acknowledge" in l["reason"] for l in ended)
     revoked = sum(l["state"] == "revoked" for l in ended)
-    lines.append(f"  broker: {len(ended)} leases in history, {revoked} revoked, of which "
-                 f"{forced} forced after the grace")
+    lines.append(
+        f"  broker: {len(ended)} leases in history, {revoked} revoked, of which "
+        f"{forced} forced after the grace"
+    )
     print("\n" + "\n".join(lines))
 
     # Errors: none that were not expected (NoCapacity and LeaseRevoked are the system
@@ -235,12 +244,18 @@ def test_load_no_errors_no_leaks(plain_node: PlainNode) -> None:
     assert check_store(str(node.state_dir / "broker.db")) == []
 
     # Leaks, counted. The lender: every granted byte back, every fd closed, no mapping.
-    wait_for(lambda: node.json("lenders")[0]["granted"] == 0, timeout=15,
-             what="the lender's granted bytes back to 0")
+    wait_for(
+        lambda: node.json("lenders")[0]["granted"] == 0,
+        timeout=15,
+        what="the lender's granted bytes back to 0",
+    )
     assert node.json("status")["leases_active"] == 0
     assert peak_fds > base_fds, "the fd count never moved: it would not see a leak either"
-    wait_for(lambda: fd_count(lender_pid) == base_fds, timeout=10,
-             what=f"the lender's fds back to {base_fds} (now {fd_count(lender_pid)})")
+    wait_for(
+        lambda: fd_count(lender_pid) == base_fds,
+        timeout=10,
+        what=f"the lender's fds back to {base_fds} (now {fd_count(lender_pid)})",
+    )
     assert memfd_maps(lender_pid) == base_maps
     # Each client: it did map lent memory, and after close and gc none of it is mapped.
     assert all(report["peak_maps"] > 0 for report in clients)
@@ -260,8 +275,9 @@ def test_pickup_of_a_revoked_lease_raises_lease_revoked(plain_node: PlainNode) -
     channel = grpc.insecure_channel(f"unix://{plain_node.state_dir}/broker.sock")
     try:
         stub = pb_grpc.BrokerStub(channel)
-        grant = stub.Grant(pb.GrantRequest(client_id="c", nbytes=4096,
-                                           node=plain_node.json("lenders")[0]["node"]))
+        grant = stub.Grant(
+            pb.GrantRequest(client_id="c", nbytes=4096, node=plain_node.json("lenders")[0]["node"])
+        )
         stub.Revoke(pb.RevokeRequest(lease_id=grant.id))  # asked, not forced
         with pytest.raises(LeaseRevoked):
             pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
@@ -292,16 +308,20 @@ def test_revoke_during_pickup(plain_node: PlainNode, when: str) -> None:
     granted: list[str] = []
 
     def row(lease_id: str, include_ended: bool = True):
-        leases = stub.ListLeases(pb.ListLeasesRequest(include_ended=include_ended),
-                                 timeout=5).leases
+        leases = stub.ListLeases(
+            pb.ListLeasesRequest(include_ended=include_ended), timeout=5
+        ).leases
         return {l.id: l for l in leases}.get(lease_id)
 
     def revoke_and_wait_until_forgotten(lease_id: str) -> None:
         # Past the 1 s grace the broker forces the revocation whatever the client does,
         # and the lender frees memory that was never picked up.
         stub.Revoke(pb.RevokeRequest(lease_id=lease_id), timeout=5)
-        wait_for(lambda: row(lease_id, include_ended=False) is None, timeout=10,
-                 what="the revoked lease to be freed and forgotten")
+        wait_for(
+            lambda: row(lease_id, include_ended=False) is None,
+            timeout=10,
+            what="the revoked lease to be freed and forgotten",
+        )
 
     client = plain_node.connect()
     real_call, real_pick_up = client._call, client._pick_up
@@ -322,8 +342,9 @@ def test_revoke_during_pickup(plain_node: PlainNode, when: str) -> None:
             return real_pick_up(grant, device)
         mapping = real_pick_up(grant, device)
         stub.Revoke(pb.RevokeRequest(lease_id=grant.id), timeout=5)
-        wait_for(lambda: row(grant.id).state == pb.REVOKED, timeout=10,
-                 what="the revocation to end")
+        wait_for(
+            lambda: row(grant.id).state == pb.REVOKED, timeout=10, what="the revocation to end"
+        )
         return mapping
 
     if when == "before-grant-reply":
@@ -333,14 +354,17 @@ def test_revoke_during_pickup(plain_node: PlainNode, when: str) -> None:
     try:
         with pytest.raises(LeaseRevoked):
             lease = client.lease(4096, ttl=30)
-            pytest.fail(f"the broker says {lease.id} was revoked "
-                        f"({row(lease.id).reason!r}), but the holder has it "
-                        f"{lease.state} and mapped")
+            pytest.fail(
+                f"the broker says {lease.id} was revoked "
+                f"({row(lease.id).reason!r}), but the holder has it "
+                f"{lease.state} and mapped"
+            )
         assert client.leases() == []
         ended = row(granted[0])
         assert ended.state == pb.REVOKED and "did not acknowledge" in ended.reason, (
             f"{granted[0]} ended {pb.LeaseState.Name(ended.state)} ({ended.reason!r}): "
-            "acknowledged before the pick-up was over")
+            "acknowledged before the pick-up was over"
+        )
     finally:
         client.close()
         channel.close()

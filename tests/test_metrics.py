@@ -1,14 +1,16 @@
 """Prometheus metrics: a scripted run on a real node, scraped over HTTP, must show
 exactly the operations it did."""
+
 from __future__ import annotations
 
 import urllib.request
 
 import grpc
 import pytest
+from conftest import free_port, running_plain_node, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, running_plain_node, wait_for
+from client import NoCapacity
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
 
@@ -18,8 +20,11 @@ MiB = 1 << 20
 def scrape(port: int) -> dict[tuple, float]:
     """Every sample at ``port`` as {(name, sorted labels): value}."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples, name, **labels) -> float:
@@ -43,21 +48,29 @@ def test_counts_match_a_scripted_run(metered_node):
         released.release()
         node.cli("revoke", revoked.id, check=True)
         wait_for(lambda: revoked.revoked, what="revocation")
-        with pytest.raises(Exception):
+        with pytest.raises(NoCapacity):
             client.lease(1 << 40)  # refused: no capacity
         channel = grpc.insecure_channel(f"unix://{node.state_dir}/broker.sock")
         stub = pb_grpc.BrokerStub(channel)
         node_name = node.json("lenders")[0]["node"]
-        lapsing = stub.Grant(pb.GrantRequest(client_id="lapsing", nbytes=MiB, ttl_s=0.3,
-                                             node=node_name))
+        lapsing = stub.Grant(
+            pb.GrantRequest(client_id="lapsing", nbytes=MiB, ttl_s=0.3, node=node_name)
+        )
         stub.KeepAlive(pb.KeepAliveRequest(client_id="lapsing", lease_ids=["lease-nope"]))
         channel.close()
-        wait_for(lambda: lapsing.id not in {l["id"] for l in node.json("leases")},
-                 every=0.2, what="the lapsing lease to expire")
+        wait_for(
+            lambda: lapsing.id not in {l["id"] for l in node.json("leases")},
+            every=0.2,
+            what="the lapsing lease to expire",
+        )
         node.cli("reclaim", "--lender", lender, "--bytes", str(63 * MiB), check=True)
         wait_for(lambda: kept.revoked, what="reclaim to revoke the kept lease")
-        broker = wait_for(lambda: (lambda s: s if value(s, "harvest_revocations_acked_total")
-                                   >= 2 else None)(scrape(port)), what="acknowledgements")
+        broker = wait_for(
+            lambda: (lambda s: s if value(s, "harvest_revocations_acked_total") >= 2 else None)(
+                scrape(port)
+            ),
+            what="acknowledgements",
+        )
     assert value(broker, "harvest_grants_total") == 4
     assert value(broker, "harvest_grants_refused_total") == 1
     assert value(broker, "harvest_releases_total") == 1
@@ -70,14 +83,33 @@ def test_counts_match_a_scripted_run(metered_node):
     assert value(broker, "harvest_grant_latency_seconds_count") == 4
     assert value(broker, "harvest_revocation_latency_seconds_count") == 2
     assert value(broker, "harvest_reclaim_latency_seconds_count") == 1
-    assert value(broker, "harvest_lender_bytes", lender=lender, node=node_name, gpu="host",
-                 kind="capacity") == 64 * MiB
-    assert value(broker, "harvest_lender_bytes", lender=lender, node=node_name, gpu="host",
-                 kind="reclaimed") == 63 * MiB
+    assert (
+        value(
+            broker,
+            "harvest_lender_bytes",
+            lender=lender,
+            node=node_name,
+            gpu="host",
+            kind="capacity",
+        )
+        == 64 * MiB
+    )
+    assert (
+        value(
+            broker,
+            "harvest_lender_bytes",
+            lender=lender,
+            node=node_name,
+            gpu="host",
+            kind="reclaimed",
+        )
+        == 63 * MiB
+    )
     lender_side = scrape(port + 1)
     assert value(lender_side, "harvest_lender_pickups_total", lender=lender, gpu="host") == 3
-    frees = (value(lender_side, "harvest_lender_frees_total", lender=lender, gpu="host",
-                   clean="true"))
+    frees = value(
+        lender_side, "harvest_lender_frees_total", lender=lender, gpu="host", clean="true"
+    )
     assert frees == 3  # released, revoked and reclaimed: all acknowledged, all clean
 
 
@@ -92,8 +124,9 @@ def test_cache_metrics_count_reads_by_tier_and_revocations(plain_node):
     def sample(name, **labels):
         return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
-    before = {tier: sample("harvest_cache_reads_total", tier=tier)
-              for tier in ("host-lease", "host")}
+    before = {
+        tier: sample("harvest_cache_reads_total", tier=tier) for tier in ("host-lease", "host")
+    }
     bytes_before = sample("harvest_cache_read_bytes_total", tier="host-lease")
     revoked_before = sample("harvest_cache_revocations_survived_total")
     fetches_before = sample("harvest_cache_fetch_latency_seconds_count")
@@ -109,6 +142,8 @@ def test_cache_metrics_count_reads_by_tier_and_revocations(plain_node):
         cache.close()
     assert sample("harvest_cache_reads_total", tier="host-lease") - before["host-lease"] == 4
     assert sample("harvest_cache_reads_total", tier="host") - before["host"] == 3
-    assert sample("harvest_cache_read_bytes_total", tier="host-lease") - bytes_before == 4 * 256 * 1024
+    assert (
+        sample("harvest_cache_read_bytes_total", tier="host-lease") - bytes_before == 4 * 256 * 1024
+    )
     assert sample("harvest_cache_revocations_survived_total") - revoked_before == 1
     assert sample("harvest_cache_fetch_latency_seconds_count") - fetches_before == 2

@@ -1,12 +1,12 @@
 """MoE experts behind the cache, on host leases (the CPU twin of peer GPU memory): the
 tokens out are those of the model with every expert resident, through revocations."""
+
 from __future__ import annotations
 
 import copy
 import threading
 
 import pytest
-
 from conftest import wait_for
 
 torch = pytest.importorskip("torch")
@@ -18,19 +18,36 @@ from harvestd.errors import InvalidArgument  # noqa: E402
 
 def mixtral() -> torch.nn.Module:
     cfg = transformers.MixtralConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-        num_experts_per_tok=2, max_position_embeddings=256, experts_implementation="eager")
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        experts_implementation="eager",
+    )
     torch.manual_seed(0)
     return transformers.MixtralForCausalLM(cfg).eval()
 
 
 def qwen_moe(expert_width: int = 32) -> torch.nn.Module:
     cfg = transformers.Qwen2MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=expert_width,
-        shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
-        max_position_embeddings=256, experts_implementation="eager")
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=expert_width,
+        shared_expert_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=16,
+        num_experts_per_tok=4,
+        max_position_embeddings=256,
+        experts_implementation="eager",
+    )
     torch.manual_seed(0)
     return transformers.Qwen2MoeForCausalLM(cfg).eval()
 
@@ -45,8 +62,14 @@ def generate(model: torch.nn.Module, tokens: int = 12) -> torch.Tensor:
     torch.manual_seed(1)
     ids = torch.randint(0, 128, (3, 10))
     with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                              min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
 
 @pytest.mark.parametrize("build", [mixtral, qwen_moe], ids=["mixtral", "qwen2-moe"])
@@ -57,11 +80,13 @@ def test_tokens_identical_to_every_expert_resident(plain_node, build, fraction):
     model = copy.deepcopy(reference)
     experts = sum(m.gate_up_proj.shape[0] for m in find_experts(model).values())
     with plain_node.connect() as client:
-        offload = offload_experts(model, client, fraction=fraction, slab_bytes=1 << 20,
-                                  backends=("host",))
+        offload = offload_experts(
+            model, client, fraction=fraction, slab_bytes=1 << 20, backends=("host",)
+        )
         assert offload.stats.experts_offloaded == sum(
             max(1, round(fraction * m.num_experts)) if fraction else 0
-            for m in offload.modules.values())
+            for m in offload.modules.values()
+        )
         resident = sum(m.gate_up_proj.shape[0] for m in offload.modules.values())
         assert resident == experts - offload.stats.experts_offloaded
         got = generate(model)
@@ -80,10 +105,20 @@ def test_revocations_mid_generation_change_no_token(plain_node, compute):
     reference = qwen_moe()
     model = copy.deepcopy(reference)
     with plain_node.connect() as client:
-        want = generate(reference, tokens=16) if compute == "eager" else \
-            _grouped_reference(client, qwen_moe, tokens=16)
-        offload = offload_experts(model, client, fraction=0.5, slab_bytes=256 << 10,
-                                  backends=("host",), refill_every=None, compute=compute)
+        want = (
+            generate(reference, tokens=16)
+            if compute == "eager"
+            else _grouped_reference(client, qwen_moe, tokens=16)
+        )
+        offload = offload_experts(
+            model,
+            client,
+            fraction=0.5,
+            slab_bytes=256 << 10,
+            backends=("host",),
+            refill_every=None,
+            compute=compute,
+        )
         slabs = list(offload.cache._slabs.slabs)
         assert len(slabs) >= 2
         calls = {"n": 0}
@@ -106,15 +141,18 @@ def test_revocations_mid_generation_change_no_token(plain_node, compute):
         assert stats.revocations >= 2
         assert stats.hits.get("host", 0) > 0  # read from the authoritative copy meanwhile
         assert offload.cache.refill() > 0  # lenders have room again: back into leases
-        assert all(offload.cache.tier_of((name, e)).value == "host-lease"
-                   for name, m in offload.modules.items() for e in m.offloaded)
+        assert all(
+            offload.cache.tier_of((name, e)).value == "host-lease"
+            for name, m in offload.modules.items()
+            for e in m.offloaded
+        )
         assert torch.equal(generate(model, tokens=16), want)
         offload.close()
 
 
 @pytest.mark.parametrize("n", [8, 5], ids=["aligned", "unaligned-fallback"])
 def test_grouped_mm_is_one_matmul_per_group(n):
-    from client.moe_compute import grouped_mm
+    from client.moe.compute import grouped_mm
 
     torch.manual_seed(2)
     x, weight = torch.randn(7, 4), torch.randn(3, 4, n)
@@ -144,15 +182,24 @@ def test_grouped_resident_equals_transformers_grouped_mm(plain_node):
         assert torch.equal(_grouped_reference(client, qwen_moe), want)
 
 
-@pytest.mark.parametrize("build", [mixtral, qwen_moe, qwen_moe_unaligned],
-                         ids=["mixtral", "qwen2-moe", "qwen2-moe-unaligned"])
+@pytest.mark.parametrize(
+    "build",
+    [mixtral, qwen_moe, qwen_moe_unaligned],
+    ids=["mixtral", "qwen2-moe", "qwen2-moe-unaligned"],
+)
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0])
 def test_grouped_tokens_identical_to_every_expert_resident(plain_node, build, fraction):
     with plain_node.connect() as client:
         want = _grouped_reference(client, build)
         model = build()
-        offload = offload_experts(model, client, fraction=fraction, slab_bytes=1 << 20,
-                                  backends=("host",), compute="grouped")
+        offload = offload_experts(
+            model,
+            client,
+            fraction=fraction,
+            slab_bytes=1 << 20,
+            backends=("host",),
+            compute="grouped",
+        )
         assert all(m.compute.value == "grouped" for m in offload.modules.values())
         assert torch.equal(generate(model), want)
         assert offload.cache.stats.hits.get("host-lease", 0) > 0
@@ -166,8 +213,9 @@ def test_offload_without_leases_still_right(plain_node):
     want = generate(reference)
     model = copy.deepcopy(reference)
     with plain_node.connect() as client:
-        offload = offload_experts(model, client, fraction=0.5, borrow_bytes=0,
-                                  backends=("host",), refill_every=None)
+        offload = offload_experts(
+            model, client, fraction=0.5, borrow_bytes=0, backends=("host",), refill_every=None
+        )
         assert torch.equal(generate(model), want)
         assert set(offload.cache.stats.hits) == {"host"}
         offload.close()

@@ -1,6 +1,7 @@
 """The node end to end: `harvestd start` (real Ray, broker actor, host lender actor),
 several client processes, a tenant reclaiming under load, revocations reaching every
 holder, the CLI in both forms, and the broker and lender killed mid-way."""
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,7 @@ def test_holders_tenant_reclaim_and_broker_restart(ray_node):
     try:
         ids = [msg["id"] for _, msg in holders]
         live = _leases(ray_node)
-        for (holder, msg) in holders:
+        for holder, msg in holders:
             lease = live[msg["id"]]
             assert lease["state"] == "granted"
             assert lease["holder_pid"] == holder.pid
@@ -53,8 +54,7 @@ def test_holders_tenant_reclaim_and_broker_restart(ray_node):
         assert all(i in table for i in ids)
 
         # The tenant takes back all but 8 MiB: the two newest leases must go, now.
-        result = ray_node.cli("reclaim", "--lender", lender, "--bytes", str(248 * MiB),
-                              check=True)
+        result = ray_node.cli("reclaim", "--lender", lender, "--bytes", str(248 * MiB), check=True)
         assert "2 leases revoked" in result.stdout and "memory free" in result.stdout
         for holder, msg in holders[1:]:
             assert holder.expect("revoked")["id"] == msg["id"]
@@ -70,16 +70,20 @@ def test_holders_tenant_reclaim_and_broker_restart(ray_node):
         # Kill the broker's actor outright; Ray restarts it from its store.
         before = ray_node.json("status")
         os.kill(before["broker_pid"], signal.SIGKILL)
-        after = wait_for(lambda: _status_if_new(ray_node, before["broker_pid"]),
-                         what="broker restart")
+        after = wait_for(
+            lambda: _status_if_new(ray_node, before["broker_pid"]), what="broker restart"
+        )
         assert after["generation"] == before["generation"]
         # The first holder's lease survived, unchanged, and its holder renews it with the
         # new broker: the expiry moves past the fresh TTL the restart gave it.
         restarted = _leases(ray_node)[ids[0]]
         assert restarted["state"] == "granted" and restarted["holder_pid"] == holders[0][0].pid
-        survivor = wait_for(lambda: _renewed_since(ray_node, ids[0], restarted["expires_at"]),
-                            timeout=SURVIVOR_TTL, every=0.5,
-                            what="keepalive to the restarted broker")
+        survivor = wait_for(
+            lambda: _renewed_since(ray_node, ids[0], restarted["expires_at"]),
+            timeout=SURVIVOR_TTL,
+            every=0.5,
+            what="keepalive to the restarted broker",
+        )
         assert survivor["state"] == "granted" and survivor["holder_pid"] == holders[0][0].pid
         # Nothing is granted twice: a new lease gets a generation above every old one.
         with ray_node.connect() as client:
@@ -122,9 +126,15 @@ def test_lender_crash_revokes_and_ray_restarts_it(ray_node):
         revoked = holder.expect("revoked", timeout=60)
         assert revoked["id"] == leased["id"] and "lender restarted" in revoked["reason"]
         assert holder.expect("done")["wrong"] == 0
-        again = wait_for(lambda: [l for l in ray_node.json("lenders")
-                                  if l["pid"] != lender["pid"] and l["state"] == "up"],
-                         timeout=60, what="lender restart")[0]
+        again = wait_for(
+            lambda: [
+                l
+                for l in ray_node.json("lenders")
+                if l["pid"] != lender["pid"] and l["state"] == "up"
+            ],
+            timeout=60,
+            what="lender restart",
+        )[0]
         assert again["generation"] > lender["generation"] and again["granted"] == 0
         with ray_node.connect() as client, client.lease(MiB, ttl=3) as lease:
             assert lease.lender == lender["id"]

@@ -1,13 +1,14 @@
 """Operating Harvest: `doctor` on this GPU-less machine, configuration files and their
 mistakes, where each setting came from, and JSON logs."""
+
 from __future__ import annotations
 
 import json
 import logging
 
 import pytest
-
 from conftest import Node, short_tmpdir
+
 from harvestd.config import load_config
 from harvestd.errors import InvalidArgument
 from harvestd.logs import JsonFormatter
@@ -57,10 +58,15 @@ def test_config_errors_exit_2_naming_each_key(node, tmp_path):
 
 def test_config_precedence_and_sources(tmp_path):
     path = tmp_path / "h.toml"
-    path.write_text('ttl = 12\ngrace = 2\nreserve = "8GiB"\ngpus = ["0", "2"]\n'
-                    '[gpu.2]\nreserve = "20%"\ncap = "40GiB"\n')
-    config = load_config(path, flags={"grace": "3", "backend": None},
-                         env={"HARVEST_TTL": "20", "HARVEST_LOG_FORMAT": "json"})
+    path.write_text(
+        'ttl = 12\ngrace = 2\nreserve = "8GiB"\ngpus = ["0", "2"]\n'
+        '[gpu.2]\nreserve = "20%"\ncap = "40GiB"\n'
+    )
+    config = load_config(
+        path,
+        flags={"grace": "3", "backend": None},
+        env={"HARVEST_TTL": "20", "HARVEST_LOG_FORMAT": "json"},
+    )
     assert config.ttl == 20.0 and config.sources["ttl"] == "env HARVEST_TTL"
     assert config.grace == 3.0 and config.sources["grace"] == "flag --grace"
     assert config.reserve == "8GiB" and config.sources["reserve"] == f"file {path}"
@@ -81,8 +87,9 @@ def test_config_command_shows_sources(node, tmp_path):
 
 
 def test_json_log_lines_carry_ids():
-    record = logging.LogRecord("harvestd.table", logging.INFO, __file__, 1,
-                               "lease %s revoked", ("lease-1",), None)
+    record = logging.LogRecord(
+        "harvestd.table", logging.INFO, __file__, 1, "lease %s revoked", ("lease-1",), None
+    )
     record.lease, record.lender = "lease-1", "gpu0"
     line = json.loads(JsonFormatter().format(record))
     assert line["msg"] == "lease lease-1 revoked" and line["lease"] == "lease-1"
@@ -90,6 +97,13 @@ def test_json_log_lines_carry_ids():
 
 
 def test_json_log_lines_name_leases_passed_as_arguments():
-    record = logging.LogRecord("client.lease", logging.INFO, __file__, 1,
-                               "lease %s %s: %s", ("lease-abc", "revoked", "why"), None)
+    record = logging.LogRecord(
+        "client.lease",
+        logging.INFO,
+        __file__,
+        1,
+        "lease %s %s: %s",
+        ("lease-abc", "revoked", "why"),
+        None,
+    )
     assert json.loads(JsonFormatter().format(record))["lease"] == "lease-abc"

@@ -2,6 +2,7 @@
 (client/striped.py), on simulated nodes: 8 GPUs on NVSwitches, 4 GPUs in NVLink pairs,
 4 GPUs on PCIe only. Grants go through the real lease table, so load is what the table
 holds."""
+
 from __future__ import annotations
 
 import random
@@ -64,12 +65,14 @@ def test_fastest_link_first_then_load_among_equal_links():
     table = table_of(lenders)
     near0 = uuid(lenders, 0)
     # GPU 1 (2 NVLinks) before 2 and 3 (1 each), however loaded it is, until it is full.
-    picks = [gpu_of(table, table.grant("c", GiB, node=NODE, near_gpu=near0)[1].id)
-             for _ in range(4)]
+    picks = [
+        gpu_of(table, table.grant("c", GiB, node=NODE, near_gpu=near0)[1].id) for _ in range(4)
+    ]
     assert picks == [1, 1, 1, 1]
     # Then the single-link peers, spread by load: 2, 3, 2, 3, ...
-    picks = [gpu_of(table, table.grant("c", GiB, node=NODE, near_gpu=near0)[1].id)
-             for _ in range(8)]
+    picks = [
+        gpu_of(table, table.grant("c", GiB, node=NODE, near_gpu=near0)[1].id) for _ in range(8)
+    ]
     assert picks == [2, 3] * 4
     with pytest.raises(NoCapacity):
         table.grant("c", GiB, node=NODE, near_gpu=near0)
@@ -81,8 +84,10 @@ def test_load_spreads_one_borrowers_grants(kind):
     table = table_of(lenders)
     peers = len(lenders) - 1
     near0 = uuid(lenders, 0)
-    picks = [gpu_of(table, table.grant("c", GiB, node=NODE, near_gpu=near0)[1].id)
-             for _ in range(2 * peers)]
+    picks = [
+        gpu_of(table, table.grant("c", GiB, node=NODE, near_gpu=near0)[1].id)
+        for _ in range(2 * peers)
+    ]
     assert sorted(picks[:peers]) == list(range(1, peers + 1))  # each peer once ...
     assert sorted(picks[peers:]) == list(range(1, peers + 1))  # ... then once more
 
@@ -133,7 +138,8 @@ def test_avoid_keeps_stripes_on_distinct_lenders():
     for _ in range(7):
         chosen.append(table.grant("c", GiB, node=NODE, near_gpu=near0, avoid=chosen)[1].id)
     assert len(set(chosen)) == 7 and uuid(lenders, 0) not in {
-        table.lenders[i].gpu_uuid for i in chosen}
+        table.lenders[i].gpu_uuid for i in chosen
+    }
     with pytest.raises(NoCapacity, match="avoiding 7 lenders"):
         table.grant("c", GiB, node=NODE, near_gpu=near0, avoid=chosen)
     with pytest.raises(InvalidArgument):
@@ -150,8 +156,11 @@ def test_placement_is_deterministic_whatever_the_order(kind):
         out = []
         for round_ in range(3):
             for borrower in range(len(lenders)):
-                out.append(table.grant("c", GiB + round_ * MiB, node=NODE,
-                                       near_gpu=uuid(lenders, borrower))[1].id)
+                out.append(
+                    table.grant(
+                        "c", GiB + round_ * MiB, node=NODE, near_gpu=uuid(lenders, borrower)
+                    )[1].id
+                )
         return out
 
     first = picks(None)
@@ -173,6 +182,7 @@ def test_rank_agrees_with_place_and_skips_what_may_not_serve():
 
 # ---------------------------------------------------------------- stripe count
 
+
 def wire(lenders: list[LenderRecord]) -> list[pb.Lender]:
     return [l.to_pb() for l in lenders]
 
@@ -192,7 +202,7 @@ def test_auto_stripes_caps_and_room():
     # 1 GiB held on GPUs 1-4: only 5, 6 and 7 have room for stripes over 1 GiB.
     for lender in lenders[1:5]:
         lender.held = GiB
-    assert auto_stripes(wire(lenders), 6 * GiB, near0, NODE) == 7   # 878 MiB each: all fit
+    assert auto_stripes(wire(lenders), 6 * GiB, near0, NODE) == 7  # 878 MiB each: all fit
     assert auto_stripes(wire(lenders), 6 * GiB, near0, NODE, max_stripes=4) == 3  # 2 GiB each
     assert auto_stripes(wire(lenders), 12 * GiB, near0, NODE) == 1  # fits nowhere
     # A lease of few units takes at most one stripe per unit.

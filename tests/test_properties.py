@@ -16,6 +16,7 @@ Each bug these found is fixed, and pinned by a test of its own next to its part 
 in docs/reliability.md); the random strategies draw those inputs too, so the fuzzers
 guard them as well.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,19 +33,26 @@ from typing import Any, Callable
 
 import grpc
 import pytest
+from conftest import PY, Clock, PlainNode, _env, running_plain_node, wait_for
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from conftest import PY, Clock, PlainNode, _env, running_plain_node, wait_for
-from harvestd.errors import (FailedPrecondition, HarvestError, InvalidArgument, LeaseRevoked,
-                             NoCapacity, NotFound, PermissionDenied)
+from harvestd.errors import (
+    FailedPrecondition,
+    HarvestError,
+    InvalidArgument,
+    LeaseRevoked,
+    NoCapacity,
+    NotFound,
+    PermissionDenied,
+)
 from harvestd.invariants import check_store
 from harvestd.metrics import BrokerMetrics
 from harvestd.model import LeaseRecord, LeaseState, LenderRecord, LenderState
+from harvestd.sizes import round_up
 from harvestd.store import SqliteStore
 from harvestd.table import MAX_LEASE_BYTES, LeaseTable, Timing
-from lender.backends.base import round_up
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
 
@@ -151,12 +159,29 @@ class MLease:
 
 
 CLIENTS = st.sampled_from(["c1", "c2"])
-NBYTES = st.one_of(st.integers(1, 3 * MiB),
-                   st.sampled_from([0, -1, -4096, 1, 4095, 4096, 4097, 64 * KiB, 64 * KiB + 1,
-                                    MAX_LEASE_BYTES, MAX_LEASE_BYTES + 1, 1 << 64]))
-TTLS = st.one_of(st.floats(0.2, 60.0),
-                 st.sampled_from([0.0, -1.0, 0.1, 0.2, 3600.0, 3600.5, math.nan, math.inf,
-                                  -math.inf]))
+NBYTES = st.one_of(
+    st.integers(1, 3 * MiB),
+    st.sampled_from(
+        [
+            0,
+            -1,
+            -4096,
+            1,
+            4095,
+            4096,
+            4097,
+            64 * KiB,
+            64 * KiB + 1,
+            MAX_LEASE_BYTES,
+            MAX_LEASE_BYTES + 1,
+            1 << 64,
+        ]
+    ),
+)
+TTLS = st.one_of(
+    st.floats(0.2, 60.0),
+    st.sampled_from([0.0, -1.0, 0.1, 0.2, 3600.0, 3600.5, math.nan, math.inf, -math.inf]),
+)
 LENDER_IDS = st.sampled_from(["h0", "h0", "g0", "g0", "h9", "nobody"])
 
 
@@ -186,8 +211,13 @@ class TableMachine(RuleBasedStateMachine):
         # The broker's own observer, not a silent one: a metric that refuses a value is
         # an exception in the middle of a table operation.
         self.metrics = BrokerMetrics(lambda: self.table)
-        return LeaseTable(SqliteStore(self.path), notifier=self.rec, timing=TIMING,
-                          clock=self.clock, observer=self.metrics)
+        return LeaseTable(
+            SqliteStore(self.path),
+            notifier=self.rec,
+            timing=TIMING,
+            clock=self.clock,
+            observer=self.metrics,
+        )
 
     def teardown(self) -> None:
         """Close the store and remove its directory."""
@@ -198,8 +228,9 @@ class TableMachine(RuleBasedStateMachine):
 
     # ---------------------------------------------------------------- helpers
 
-    def attempt(self, expected: type[HarvestError] | None, fn: Callable[..., Any],
-                *args: Any, **kwargs: Any) -> Any:
+    def attempt(
+        self, expected: type[HarvestError] | None, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
         """Call ``fn``; it must raise exactly ``expected`` (a HarvestError), or succeed if
         ``expected`` is None. Anything not a HarvestError propagates and fails the test."""
         try:
@@ -208,18 +239,23 @@ class TableMachine(RuleBasedStateMachine):
             event(f"{fn.__name__}: {type(err).__name__}")
             assert expected is not None and type(err) is expected, (
                 f"{fn.__name__}{args}: raised {type(err).__name__}({err}); the model "
-                f"expected {expected.__name__ if expected else 'success'}")
+                f"expected {expected.__name__ if expected else 'success'}"
+            )
             return None
         event(f"{fn.__name__}: ok")
-        assert expected is None, (f"{fn.__name__}{args}: succeeded; the model expected "
-                                  f"{expected.__name__}")
+        assert expected is None, (
+            f"{fn.__name__}{args}: succeeded; the model expected {expected.__name__}"
+        )
         return result
 
     def held(self, lender_id: str) -> int:
         """Bytes of unfreed leases of the lender's current registration."""
         lender = self.lenders[lender_id]
-        return sum(l.charged for l in self.leases.values() if l.lender == lender_id
-                   and not l.freed and l.lender_generation == lender.generation)
+        return sum(
+            l.charged
+            for l in self.leases.values()
+            if l.lender == lender_id and not l.freed and l.lender_generation == lender.generation
+        )
 
     def free(self, lender_id: str) -> int:
         """Bytes a grant may take from the lender now."""
@@ -255,15 +291,23 @@ class TableMachine(RuleBasedStateMachine):
 
     def _register(self, lender_id: str, capacity: int) -> None:
         spec = SPECS[lender_id]
-        record = LenderRecord(id=spec.id, node=spec.node, backend=spec.backend,
-                              pickup_address=f"/tmp/{spec.id}.sock", capacity=capacity,
-                              generation=0, gpu_uuid=spec.gpu, granularity=spec.granularity)
+        record = LenderRecord(
+            id=spec.id,
+            node=spec.node,
+            backend=spec.backend,
+            pickup_address=f"/tmp/{spec.id}.sock",
+            capacity=capacity,
+            generation=0,
+            gpu_uuid=spec.gpu,
+            granularity=spec.granularity,
+        )
         generation = self.attempt(None, self.table.register_lender, record)
         self.counter += 1
         assert generation == self.counter, "a registration skipped or reused a generation"
         old = self.lenders.get(lender_id)
-        self.lenders[lender_id] = MLender(spec, capacity, generation, self.clock.now,
-                                          reclaimed=old.reclaimed if old else 0)
+        self.lenders[lender_id] = MLender(
+            spec, capacity, generation, self.clock.now, reclaimed=old.reclaimed if old else 0
+        )
         for lease in self.leases.values():
             if lease.lender == lender_id and not lease.freed:
                 if lease.active:
@@ -272,23 +316,40 @@ class TableMachine(RuleBasedStateMachine):
 
     # ---------------------------------------------------------------- rules: clients
 
-    @rule(client=st.sampled_from(["c1", "c2", ""]), nbytes=NBYTES, ttl=TTLS,
-          node=st.sampled_from(["n1", "n2", ""]), near=st.sampled_from(["", "GPU-0"]),
-          priority=st.integers(-2, 2),
-          backend=st.sampled_from([0, pb.BACKEND_HOST, pb.BACKEND_CUDA_VMM, 3]))
-    def grant_anything(self, client: str, nbytes: int, ttl: float, node: str, near: str,
-                       priority: int, backend: int) -> None:
+    @rule(
+        client=st.sampled_from(["c1", "c2", ""]),
+        nbytes=NBYTES,
+        ttl=TTLS,
+        node=st.sampled_from(["n1", "n2", ""]),
+        near=st.sampled_from(["", "GPU-0"]),
+        priority=st.integers(-2, 2),
+        backend=st.sampled_from([0, pb.BACKEND_HOST, pb.BACKEND_CUDA_VMM, 3]),
+    )
+    def grant_anything(
+        self,
+        client: str,
+        nbytes: int,
+        ttl: float,
+        node: str,
+        near: str,
+        priority: int,
+        backend: int,
+    ) -> None:
         """A grant with any input: empty client, sizes of 0, negative or huge, bad TTLs,
         other nodes, backends nobody lends."""
         self.grant(client, nbytes, ttl, node, near, priority, backend)
 
     # Well-formed grants, twice as often as the rest, so that sequences reach the
     # interesting states (full lenders, reclaims with victims, pending frees).
-    GOOD_GRANT = dict(client=CLIENTS, nbytes=st.integers(1, 768 * KiB),
-                      ttl=st.one_of(st.just(0.0), st.floats(0.2, 30.0)),
-                      node=st.just("n1"), near=st.sampled_from(["", "", "GPU-0"]),
-                      priority=st.integers(-1, 1),
-                      backend=st.sampled_from([0, 0, pb.BACKEND_HOST, pb.BACKEND_CUDA_VMM]))
+    GOOD_GRANT = dict(
+        client=CLIENTS,
+        nbytes=st.integers(1, 768 * KiB),
+        ttl=st.one_of(st.just(0.0), st.floats(0.2, 30.0)),
+        node=st.just("n1"),
+        near=st.sampled_from(["", "", "GPU-0"]),
+        priority=st.integers(-1, 1),
+        backend=st.sampled_from([0, 0, pb.BACKEND_HOST, pb.BACKEND_CUDA_VMM]),
+    )
 
     @rule(**GOOD_GRANT)
     def grant_fitting(self, **kwargs: Any) -> None:
@@ -300,15 +361,26 @@ class TableMachine(RuleBasedStateMachine):
         """The same again (rules are drawn uniformly; this doubles the weight)."""
         self.grant(**kwargs)
 
-    def grant(self, client: str, nbytes: int, ttl: float, node: str, near: str,
-              priority: int, backend: int) -> None:
+    def grant(
+        self,
+        client: str,
+        nbytes: int,
+        ttl: float,
+        node: str,
+        near: str,
+        priority: int,
+        backend: int,
+    ) -> None:
         """A grant: refused for bad input, NoCapacity iff no lender fits, else a lease
         that fits the chosen lender's capacity at grant time."""
         fits = {}
         for l in self.lenders.values():
-            if (l.state is LenderState.UP and l.spec.node == node
-                    and (not backend or l.spec.backend == backend)
-                    and not (near and l.spec.gpu == near)):
+            if (
+                l.state is LenderState.UP
+                and l.spec.node == node
+                and (not backend or l.spec.backend == backend)
+                and not (near and l.spec.gpu == near)
+            ):
                 need = round_up(nbytes, l.spec.granularity) if nbytes > 0 else 0
                 if 0 < need <= self.free(l.spec.id):
                     fits[l.spec.id] = need
@@ -322,8 +394,9 @@ class TableMachine(RuleBasedStateMachine):
         else:
             expected = None
         before = {i: (self.held(i), self.lenders[i].lendable) for i in fits}
-        result = self.attempt(expected, self.table.grant, client, nbytes, ttl, node, near,
-                              priority, 4242, backend)
+        result = self.attempt(
+            expected, self.table.grant, client, nbytes, ttl, node, near, priority, 4242, backend
+        )
         if result is None:
             return
         lease, lender = result
@@ -335,15 +408,25 @@ class TableMachine(RuleBasedStateMachine):
         self.counter += 1
         assert lease.generation == self.counter, "a grant skipped or reused a generation"
         self.leases[lease.id] = MLease(
-            lease.id, client, lender.id, lender.generation, lease.generation, lease.charged,
-            lease.token, effective_ttl, priority, self.clock.now,
-            self.clock.now + effective_ttl)
+            lease.id,
+            client,
+            lender.id,
+            lender.generation,
+            lease.generation,
+            lease.charged,
+            lease.token,
+            effective_ttl,
+            priority,
+            self.clock.now,
+            self.clock.now + effective_ttl,
+        )
 
     @rule(client=CLIENTS, data=st.data())
     def keepalive(self, client: str, data: st.DataObject) -> None:
         """Renews exactly the caller's granted, unexpired leases."""
-        ids = data.draw(st.lists(st.sampled_from(list(self.leases) + ["lease-nope"]),
-                                 max_size=4), label="ids")
+        ids = data.draw(
+            st.lists(st.sampled_from(list(self.leases) + ["lease-nope"]), max_size=4), label="ids"
+        )
         now = self.clock.now
         want_alive, want_lost = [], []
         for lease_id in ids:
@@ -364,8 +447,7 @@ class TableMachine(RuleBasedStateMachine):
         """Ends a live lease cleanly; idempotent on an ended one; refuses strangers."""
         lease_id = self.pick(data)
         m = self.leases.get(lease_id)
-        lease = self.attempt(self.holder_refusal(m, client), self.table.release, client,
-                             lease_id)
+        lease = self.attempt(self.holder_refusal(m, client), self.table.release, client, lease_id)
         if lease is not None and m.active:
             self.end(m, LeaseState.RELEASED, clean=True)
 
@@ -375,15 +457,21 @@ class TableMachine(RuleBasedStateMachine):
         lease_id = self.pick(data)
         m = self.leases.get(lease_id)
         expected = self.holder_refusal(m, client) or (
-            FailedPrecondition if m.state is LeaseState.GRANTED else None)
+            FailedPrecondition if m.state is LeaseState.GRANTED else None
+        )
         if self.attempt(expected, self.table.ack_revoke, client, lease_id) is not None:
             if m.state is LeaseState.REVOKING:
                 self.end(m, LeaseState.REVOKED, clean=True)
 
-    @rule(data=st.data(), right_token=st.booleans(), right_generation=st.booleans(),
-          stale_lender=st.booleans())
-    def check_pickup(self, data: st.DataObject, right_token: bool, right_generation: bool,
-                     stale_lender: bool) -> None:
+    @rule(
+        data=st.data(),
+        right_token=st.booleans(),
+        right_generation=st.booleans(),
+        stale_lender=st.booleans(),
+    )
+    def check_pickup(
+        self, data: st.DataObject, right_token: bool, right_generation: bool, stale_lender: bool
+    ) -> None:
         """A pick-up succeeds once, for the right token, while the lease is granted."""
         lease_id = self.pick(data)
         m = self.leases.get(lease_id)
@@ -393,8 +481,13 @@ class TableMachine(RuleBasedStateMachine):
         lender_generation = lender.generation + (1000 if stale_lender else 0)
         if stale_lender:
             expected: type[HarvestError] | None = PermissionDenied
-        elif (m is None or not m.in_table or not right_token or not right_generation
-              or m.lender_generation != lender.generation):
+        elif (
+            m is None
+            or not m.in_table
+            or not right_token
+            or not right_generation
+            or m.lender_generation != lender.generation
+        ):
             expected = PermissionDenied
         elif m.state is not LeaseState.GRANTED or m.expires_at <= self.clock.now:
             expected = LeaseRevoked
@@ -402,8 +495,19 @@ class TableMachine(RuleBasedStateMachine):
             expected = PermissionDenied
         else:
             expected = None
-        if self.attempt(expected, self.table.check_pickup, lender.spec.id, lender_generation,
-                        lease_id, token, generation, 77) is not None:
+        if (
+            self.attempt(
+                expected,
+                self.table.check_pickup,
+                lender.spec.id,
+                lender_generation,
+                lease_id,
+                token,
+                generation,
+                77,
+            )
+            is not None
+        ):
             m.picked_up = True
 
     # ---------------------------------------------------------------- rules: operators
@@ -427,9 +531,12 @@ class TableMachine(RuleBasedStateMachine):
             m.state = LeaseState.REVOKING
             m.revoke_deadline = self.clock.now + TIMING.grace
 
-    @rule(lender_id=LENDER_IDS,
-          nbytes=st.one_of(st.integers(0, 3 * MiB),
-                           st.sampled_from([-1, 0, MAX_LEASE_BYTES, MAX_LEASE_BYTES + 1])))
+    @rule(
+        lender_id=LENDER_IDS,
+        nbytes=st.one_of(
+            st.integers(0, 3 * MiB), st.sampled_from([-1, 0, MAX_LEASE_BYTES, MAX_LEASE_BYTES + 1])
+        ),
+    )
     def reclaim(self, lender_id: str, nbytes: int) -> None:
         """Revokes just enough granted leases, lowest priority and newest first."""
         if nbytes < 0 or nbytes > MAX_LEASE_BYTES:
@@ -446,10 +553,14 @@ class TableMachine(RuleBasedStateMachine):
         lender = self.lenders[lender_id]
         # Up to the capacity; never less than the tenant holds already (a report may have
         # put the capacity below it).
-        lender.reclaimed += max(0, min(lender.capacity, lender.reclaimed + nbytes)
-                                - lender.reclaimed)
-        mine = [l for l in self.leases.values() if l.lender == lender_id and not l.freed
-                and l.lender_generation == lender.generation]
+        lender.reclaimed += max(
+            0, min(lender.capacity, lender.reclaimed + nbytes) - lender.reclaimed
+        )
+        mine = [
+            l
+            for l in self.leases.values()
+            if l.lender == lender_id and not l.freed and l.lender_generation == lender.generation
+        ]
         going = {l.id for l in mine if l.state is not LeaseState.GRANTED}
         returned = [l.id for l in result]
         assert going <= set(returned), "reclaim forgot leases already on their way out"
@@ -468,10 +579,13 @@ class TableMachine(RuleBasedStateMachine):
             for v in (self.leases[i] for i in victims):
                 for k in kept:
                     assert (v.priority, -v.created_at) <= (k.priority, -k.created_at), (
-                        "reclaim revoked a lease before one of lower priority or newer")
+                        "reclaim revoked a lease before one of lower priority or newer"
+                    )
 
-    @rule(lender_id=LENDER_IDS,
-          nbytes=st.one_of(st.integers(0, 3 * MiB), st.sampled_from([-1, 0, 1 << 70])))
+    @rule(
+        lender_id=LENDER_IDS,
+        nbytes=st.one_of(st.integers(0, 3 * MiB), st.sampled_from([-1, 0, 1 << 70])),
+    )
     def restore(self, lender_id: str, nbytes: int) -> None:
         """Gives reclaimed bytes back (0: all, and ends a drain)."""
         if nbytes < 0:
@@ -510,15 +624,20 @@ class TableMachine(RuleBasedStateMachine):
         """A (re)registration: a new generation; every lease of the old one is over."""
         self._register(lender_id, capacity)
 
-    @rule(lender_id=LENDER_IDS, stale=st.booleans(),
-          capacity=st.one_of(st.integers(0, 4 * MiB), st.sampled_from([0, 1 << 40])))
+    @rule(
+        lender_id=LENDER_IDS,
+        stale=st.booleans(),
+        capacity=st.one_of(st.integers(0, 4 * MiB), st.sampled_from([0, 1 << 40])),
+    )
     def report(self, lender_id: str, stale: bool, capacity: int) -> None:
         """A capacity report from the current registration (a stale one is refused)."""
         lender = self.lenders.get(lender_id)
         expected = self.registration_refusal(lender, stale)
         generation = (lender.generation + (7 if stale else 0)) if lender else 1
-        if self.attempt(expected, self.table.report_lender, lender_id, generation,
-                        capacity) is None:
+        if (
+            self.attempt(expected, self.table.report_lender, lender_id, generation, capacity)
+            is None
+        ):
             return
         lender.capacity = capacity
         lender.last_report = self.clock.now
@@ -530,14 +649,21 @@ class TableMachine(RuleBasedStateMachine):
     def confirm_free(self, lender_id: str, stale: bool, data: st.DataObject) -> None:
         """The lender freed memory: only ended leases of its own count."""
         lender = self.lenders.get(lender_id)
-        pending = [l.id for l in self.leases.values() if l.lender == lender_id
-                   and not l.active and not l.freed]
-        ids = data.draw(st.lists(st.sampled_from(pending + list(self.leases) + ["lease-nope"]),
-                                 max_size=4), label="ids")
+        pending = [
+            l.id
+            for l in self.leases.values()
+            if l.lender == lender_id and not l.active and not l.freed
+        ]
+        ids = data.draw(
+            st.lists(st.sampled_from(pending + list(self.leases) + ["lease-nope"]), max_size=4),
+            label="ids",
+        )
         expected = self.registration_refusal(lender, stale)
         generation = (lender.generation + (3 if stale else 0)) if lender else 1
-        if self.attempt(expected, self.table.confirm_free, lender_id, generation, ids) is None \
-                and expected is not None:
+        if (
+            self.attempt(expected, self.table.confirm_free, lender_id, generation, ids) is None
+            and expected is not None
+        ):
             return
         for lease_id in ids:
             m = self.leases.get(lease_id)
@@ -586,8 +712,10 @@ class TableMachine(RuleBasedStateMachine):
                 self.end(m, LeaseState.REVOKED, clean=False)
                 want.append(m.id)
         for lender in self.lenders.values():
-            if lender.state is not LenderState.DOWN and now - lender.last_report > \
-                    TIMING.lender_timeout:
+            if (
+                lender.state is not LenderState.DOWN
+                and now - lender.last_report > TIMING.lender_timeout
+            ):
                 lender.state = LenderState.DOWN
                 for m in self.leases.values():
                     if m.lender == lender.spec.id and m.active:
@@ -616,7 +744,8 @@ class TableMachine(RuleBasedStateMachine):
             moved = after["expiry"][lease_id]
             m = self.leases[lease_id]
             assert expiry <= moved <= max(expiry, now + m.ttl), (
-                f"{lease_id}: expiry {expiry} became {moved} at a restart at {now}")
+                f"{lease_id}: expiry {expiry} became {moved} at a restart at {now}"
+            )
             m.expires_at = moved
         del before["expiry"], after["expiry"]
         assert after == before, _diff(before, after)
@@ -626,13 +755,28 @@ class TableMachine(RuleBasedStateMachine):
         granted = [l for l in table.leases.values() if l.state is LeaseState.GRANTED]
         return {
             "generation": table.generation,
-            "leases": {l.id: (l.state, l.freed, l.clean, l.revoke_deadline, l.picked_up,
-                              l.charged, l.client_id, l.generation, l.lender_generation,
-                              l.ttl_s, l.priority, l.created_at)
-                       for l in table.leases.values()},
+            "leases": {
+                l.id: (
+                    l.state,
+                    l.freed,
+                    l.clean,
+                    l.revoke_deadline,
+                    l.picked_up,
+                    l.charged,
+                    l.client_id,
+                    l.generation,
+                    l.lender_generation,
+                    l.ttl_s,
+                    l.priority,
+                    l.created_at,
+                )
+                for l in table.leases.values()
+            },
             "expiry": {l.id: l.expires_at for l in granted},
-            "lenders": {l.id: (l.generation, l.capacity, l.reclaimed, l.state, l.held,
-                               l.last_report) for l in table.lenders.values()},
+            "lenders": {
+                l.id: (l.generation, l.capacity, l.reclaimed, l.state, l.held, l.last_report)
+                for l in table.lenders.values()
+            },
         }
 
     # ---------------------------------------------------------------- invariants
@@ -662,8 +806,11 @@ class TableMachine(RuleBasedStateMachine):
         assert set(table.leases) == set(want)
         for lease_id, m in want.items():
             got = table.leases[lease_id]
-            assert (got.state, got.freed, got.picked_up) == (m.state, m.freed, m.picked_up), \
-                (lease_id, got, m)
+            assert (got.state, got.freed, got.picked_up) == (m.state, m.freed, m.picked_up), (
+                lease_id,
+                got,
+                m,
+            )
             if m.state is LeaseState.GRANTED:
                 assert got.expires_at == m.expires_at
             if m.state is LeaseState.REVOKING:
@@ -674,7 +821,11 @@ class TableMachine(RuleBasedStateMachine):
         for lender_id, m in self.lenders.items():
             got = table.lenders[lender_id]
             assert (got.generation, got.capacity, got.reclaimed, got.state) == (
-                m.generation, m.capacity, m.reclaimed, m.state), (lender_id, got, m)
+                m.generation,
+                m.capacity,
+                m.reclaimed,
+                m.state,
+            ), (lender_id, got, m)
             assert got.held == self.held(lender_id)
 
     @invariant()
@@ -684,8 +835,7 @@ class TableMachine(RuleBasedStateMachine):
         for m in self.leases.values():
             if m.state is LeaseState.REVOKING:
                 assert m.id in self.rec.revoked_ids
-            if m.state is LeaseState.EXPIRED or (m.state is LeaseState.REVOKED
-                                                  and not m.clean):
+            if m.state is LeaseState.EXPIRED or (m.state is LeaseState.REVOKED and not m.clean):
                 assert m.id in self.rec.ended_ids
             if not m.active and not m.freed:
                 assert m.id in self.rec.free_ids, f"{m.id}: lender never told"
@@ -698,14 +848,18 @@ def _diff(before: dict[str, Any], after: dict[str, Any]) -> str:
     for kind in ("leases", "lenders"):
         for key in sorted(set(before[kind]) | set(after[kind])):
             if before[kind].get(key) != after[kind].get(key):
-                lines.append(f"{kind[:-1]} {key}: {before[kind].get(key)} -> "
-                             f"{after[kind].get(key)}")
+                lines.append(
+                    f"{kind[:-1]} {key}: {before[kind].get(key)} -> {after[kind].get(key)}"
+                )
     return "restart changed the table: " + "; ".join(lines)
 
 
-TableMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=50,
-                                          deadline=None,
-                                          suppress_health_check=[HealthCheck.too_slow])
+TableMachine.TestCase.settings = settings(
+    max_examples=300,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 test_lease_table_against_model = TableMachine.TestCase
 
 
@@ -724,8 +878,14 @@ def test_lenders_lost_commits_what_it_frees(tmp_path: Path) -> None:
     spec = SPECS["h0"]
 
     def record() -> LenderRecord:
-        return LenderRecord(id=spec.id, node=spec.node, backend=spec.backend,
-                            pickup_address="/x", capacity=MiB, generation=0)
+        return LenderRecord(
+            id=spec.id,
+            node=spec.node,
+            backend=spec.backend,
+            pickup_address="/x",
+            capacity=MiB,
+            generation=0,
+        )
 
     def released_then_lost(table: LeaseTable) -> str:
         table.register_lender(record())
@@ -742,16 +902,14 @@ def test_lenders_lost_commits_what_it_frees(tmp_path: Path) -> None:
     table.store.close()
     table = LeaseTable(SqliteStore(path), timing=TIMING, clock=clock)
     if table.lenders[spec.id].held != held:
-        problems.append(f"held {held} before the restart, {table.lenders[spec.id].held} "
-                        "after")
+        problems.append(f"held {held} before the restart, {table.lenders[spec.id].held} after")
     # 2. ... then the lender re-registers, no restart: the lease stays unfreed in the
     # store under the old registration, and in the table's memory.
     lease_id = released_then_lost(table)
     table.register_lender(record())
     problems += check_store(path)
     if lease_id in table.leases:
-        problems.append(f"{lease_id} stays in the table's memory after its lender "
-                        "re-registered")
+        problems.append(f"{lease_id} stays in the table's memory after its lender re-registered")
     table.store.close()
     assert problems == []
 
@@ -765,15 +923,23 @@ def test_reclaim_after_capacity_fell_below_reclaimed(tmp_path: Path) -> None:
     revokes the lease that no longer fits in what is lendable."""
     clock = Clock()
     metrics = BrokerMetrics(lambda: table)
-    table = LeaseTable(SqliteStore(str(tmp_path / "b.db")), timing=TIMING, clock=clock,
-                       observer=metrics)
+    table = LeaseTable(
+        SqliteStore(str(tmp_path / "b.db")), timing=TIMING, clock=clock, observer=metrics
+    )
     spec = SPECS["h0"]
-    table.register_lender(LenderRecord(id=spec.id, node=spec.node, backend=spec.backend,
-                                       pickup_address="/x", capacity=8 * MiB,
-                                       generation=0))
+    table.register_lender(
+        LenderRecord(
+            id=spec.id,
+            node=spec.node,
+            backend=spec.backend,
+            pickup_address="/x",
+            capacity=8 * MiB,
+            generation=0,
+        )
+    )
     generation = table.lenders[spec.id].generation
     lease, _ = table.grant("c", 2 * MiB, node=spec.node)
-    table.reclaim(spec.id, 6 * MiB)        # lendable 2 MiB: the lease still fits
+    table.reclaim(spec.id, 6 * MiB)  # lendable 2 MiB: the lease still fits
     table.report_lender(spec.id, generation, 4 * MiB)  # lendable 0
     try:
         going = table.reclaim(spec.id, 0)
@@ -788,34 +954,64 @@ def test_reclaim_after_capacity_fell_below_reclaimed(tmp_path: Path) -> None:
 # ======================================================================= b. gRPC
 
 
-ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED,
-           grpc.StatusCode.FAILED_PRECONDITION}
+ALLOWED = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
 DEADLINE_S = 5.0
 
 # Strings gRPC can carry (proto3 strings are UTF-8: no lone surrogates), short enough
 # that no message nears gRPC's 4 MiB limit.
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=24)
 # uint64 fields: a "negative" number reaches the broker as its two's complement.
-U64 = st.one_of(st.integers(0, 64 * MiB), st.integers(0, U64_MAX),
-                st.sampled_from([0, 1, 4095, 4096, MAX_LEASE_BYTES, MAX_LEASE_BYTES + 1,
-                                 1 << 63, U64_MAX, U64_MAX - 4095]))
+U64 = st.one_of(
+    st.integers(0, 64 * MiB),
+    st.integers(0, U64_MAX),
+    st.sampled_from(
+        [0, 1, 4095, 4096, MAX_LEASE_BYTES, MAX_LEASE_BYTES + 1, 1 << 63, U64_MAX, U64_MAX - 4095]
+    ),
+)
 # Lender capacities: mostly real, and up to the largest a uint64 holds (the broker refuses
 # more than MAX_LEASE_BYTES: test_status_survives_huge_lenders).
-CAPACITY = st.one_of(st.integers(0, 64 * MiB),
-                     st.sampled_from([0, 1, 1 << 40, MAX_LEASE_BYTES, MAX_LEASE_BYTES + 1,
-                                      U64_MAX]), U64)
+CAPACITY = st.one_of(
+    st.integers(0, 64 * MiB),
+    st.sampled_from([0, 1, 1 << 40, MAX_LEASE_BYTES, MAX_LEASE_BYTES + 1, U64_MAX]),
+    U64,
+)
 I32 = st.one_of(st.integers(-3, 3), st.integers(-(1 << 31), (1 << 31) - 1))
 U32 = st.one_of(st.integers(0, 70000), st.sampled_from([0, (1 << 32) - 1]))
-DOUBLE = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
-                   st.sampled_from([0.0, -0.0, -1.0, 0.1, 0.2, 1.0, 2.0, 3600.0, 3601.0,
-                                    1e300, math.nan, math.inf]))
+DOUBLE = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(
+        [0.0, -0.0, -1.0, 0.1, 0.2, 1.0, 2.0, 3600.0, 3601.0, 1e300, math.nan, math.inf]
+    ),
+)
 # Drain and Reclaim wait up to timeout_s for memory (0 means the grace + 2 s); what is not
 # a finite number of seconds up to an hour is refused at once. Long waits are left to
 # test_wait_timeouts_honour_the_callers_deadline: they end only at the fuzz's deadline.
 # 0 (3 s on a lender that never frees) is drawn rarely: it is slow, not different.
-WAIT = st.sampled_from([0.0, 0.01, 0.05, 0.05, 0.1, 0.3, 0.3, 1.0, -1.0, -1e300, 3600.5,
-                        1e300, math.nan, math.inf, -math.inf])
+WAIT = st.sampled_from(
+    [
+        0.0,
+        0.01,
+        0.05,
+        0.05,
+        0.1,
+        0.3,
+        0.3,
+        1.0,
+        -1.0,
+        -1e300,
+        3600.5,
+        1e300,
+        math.nan,
+        math.inf,
+        -math.inf,
+    ]
+)
 RAW_BYTES = st.binary(max_size=64)
 
 
@@ -887,41 +1083,59 @@ class Fuzz:
 
     def node(self) -> str:
         """The real node, the fuzz lenders' node, or garbage."""
-        return self.draw(st.one_of(st.sampled_from([self.pool.node, self.pool.node,
-                                                    "fz-node", ""]), TEXT))
+        return self.draw(
+            st.one_of(st.sampled_from([self.pool.node, self.pool.node, "fz-node", ""]), TEXT)
+        )
 
     # ------------------------------------------------------------ one request per method
 
     def RegisterLender(self) -> pb.RegisterLenderRequest:  # noqa: N802 - gRPC's names
         """A lender joining: mostly the fuzz's own few ids."""
         lender_id = self.draw(st.one_of(st.sampled_from(["fz-0", "fz-1", "fz-2", ""]), TEXT))
-        links = self.draw(st.lists(st.builds(pb.GpuLink, peer_uuid=TEXT, nvlinks=U32),
-                                   max_size=3))
-        return pb.RegisterLenderRequest(lender=pb.Lender(
-            id=lender_id, node=self.draw(st.sampled_from(["fz-node", ""])),
-            backend=self.draw(st.one_of(st.sampled_from([0, 1, 2, 3, 4, 99]), I32)),
-            gpu_uuid=self.draw(st.one_of(st.just(""), TEXT)), gpu_index=self.draw(I32),
-            links=links, pickup_address=self.draw(st.one_of(st.just("/tmp/fz.sock"), TEXT)),
-            capacity=self.draw(CAPACITY), reclaimed=self.draw(U64), granted=self.draw(U64),
-            generation=self.draw(U64), state=self.draw(st.sampled_from([0, 1, 2, 3, 42])),
-            last_report=self.draw(DOUBLE), pid=self.draw(U32),
-            granularity=self.draw(st.one_of(st.sampled_from([0, 1, 4096, 1 << 21]), U64)),
-            device_total=self.draw(U64), device_free=self.draw(U64),
-            ray_node_id=self.draw(TEXT)))
+        links = self.draw(st.lists(st.builds(pb.GpuLink, peer_uuid=TEXT, nvlinks=U32), max_size=3))
+        return pb.RegisterLenderRequest(
+            lender=pb.Lender(
+                id=lender_id,
+                node=self.draw(st.sampled_from(["fz-node", ""])),
+                backend=self.draw(st.one_of(st.sampled_from([0, 1, 2, 3, 4, 99]), I32)),
+                gpu_uuid=self.draw(st.one_of(st.just(""), TEXT)),
+                gpu_index=self.draw(I32),
+                links=links,
+                pickup_address=self.draw(st.one_of(st.just("/tmp/fz.sock"), TEXT)),
+                capacity=self.draw(CAPACITY),
+                reclaimed=self.draw(U64),
+                granted=self.draw(U64),
+                generation=self.draw(U64),
+                state=self.draw(st.sampled_from([0, 1, 2, 3, 42])),
+                last_report=self.draw(DOUBLE),
+                pid=self.draw(U32),
+                granularity=self.draw(st.one_of(st.sampled_from([0, 1, 4096, 1 << 21]), U64)),
+                device_total=self.draw(U64),
+                device_free=self.draw(U64),
+                ray_node_id=self.draw(TEXT),
+            )
+        )
 
     def ReportLender(self) -> pb.ReportLenderRequest:  # noqa: N802
         """A capacity report, from the current or a stale registration."""
         lender_id, generation = self.lender()
-        return pb.ReportLenderRequest(lender_id=lender_id, generation=generation,
-                                      capacity=self.draw(CAPACITY),
-                                      device_total=self.draw(U64), device_free=self.draw(U64))
+        return pb.ReportLenderRequest(
+            lender_id=lender_id,
+            generation=generation,
+            capacity=self.draw(CAPACITY),
+            device_total=self.draw(U64),
+            device_free=self.draw(U64),
+        )
 
     def ConfirmFree(self) -> pb.ConfirmFreeRequest:  # noqa: N802
         """Frees confirmed, for real and made-up (and repeated) lease ids."""
         lender_id, generation = self.lender()
         ids = [self.lease_id() for _ in range(self.draw(st.integers(0, 4)))]
-        return pb.ConfirmFreeRequest(lender_id=lender_id, generation=generation,
-                                     lease_ids=ids + ids[:self.draw(st.integers(0, 2))])
+        return pb.ConfirmFreeRequest(
+            lender_id=lender_id,
+            generation=generation,
+            lease_ids=ids + ids[: self.draw(st.integers(0, 2))],
+        )
 
     def CheckPickup(self) -> pb.CheckPickupRequest:  # noqa: N802
         """A pick-up check with the right or a random token and generations."""
@@ -929,16 +1143,16 @@ class Fuzz:
         lender_id, generation = self.lender()
         right = self.draw(st.booleans()) and lease is not None
         right_token = self.draw(st.booleans())
-        raw_token, raw_id, raw_generation = (self.draw(RAW_BYTES), self.lease_id(),
-                                             self.draw(U64))
+        raw_token, raw_id, raw_generation = (self.draw(RAW_BYTES), self.lease_id(), self.draw(U64))
         return pb.CheckPickupRequest(
             lender_id=lease.lender_id if right else lender_id,
-            lender_generation=self.pool.lenders.get(lease.lender_id, 0) if right
-            else generation,
+            lender_generation=self.pool.lenders.get(lease.lender_id, 0) if right else generation,
             lease_id=lease.id if right else raw_id,
             token=lease.token if right and right_token else raw_token,
             lease_generation=lease.generation if right else raw_generation,
-            holder_pid=self.draw(U32), holder_uid=self.draw(U32))
+            holder_pid=self.draw(U32),
+            holder_uid=self.draw(U32),
+        )
 
     def Grant(self) -> pb.GrantRequest:  # noqa: N802
         """Half well-formed grants on the real lender (so that later calls have real
@@ -947,16 +1161,22 @@ class Fuzz:
             return pb.GrantRequest(
                 client_id=self.draw(st.sampled_from(["fz-c0", "fz-c1"])),
                 nbytes=self.draw(st.integers(1, MiB)),
-                ttl_s=self.draw(st.sampled_from([0.0, 5.0, 30.0])), node=self.pool.node,
-                priority=self.draw(st.integers(-1, 1)), holder_pid=self.draw(U32),
-                backend=self.draw(st.sampled_from([0, pb.BACKEND_HOST])))
+                ttl_s=self.draw(st.sampled_from([0.0, 5.0, 30.0])),
+                node=self.pool.node,
+                priority=self.draw(st.integers(-1, 1)),
+                holder_pid=self.draw(U32),
+                backend=self.draw(st.sampled_from([0, pb.BACKEND_HOST])),
+            )
         return pb.GrantRequest(
             client_id=self.client_id(),
             nbytes=self.draw(st.one_of(st.integers(0, 8 * MiB), U64)),
             ttl_s=self.draw(st.one_of(st.sampled_from([0.0, 1.0, 2.0]), DOUBLE)),
-            node=self.node(), near_gpu=self.draw(st.one_of(st.just(""), TEXT)),
-            priority=self.draw(I32), holder_pid=self.draw(U32),
-            backend=self.draw(st.sampled_from([0, 0, 1, 2, 3, 99])))
+            node=self.node(),
+            near_gpu=self.draw(st.one_of(st.just(""), TEXT)),
+            priority=self.draw(I32),
+            holder_pid=self.draw(U32),
+            backend=self.draw(st.sampled_from([0, 0, 1, 2, 3, 99])),
+        )
 
     def KeepAlive(self) -> pb.KeepAliveRequest:  # noqa: N802
         """Renewals of real, random, empty and repeated ids."""
@@ -992,8 +1212,9 @@ class Fuzz:
 
     def Revoke(self) -> pb.RevokeRequest:  # noqa: N802
         """A revocation, forced or not."""
-        return pb.RevokeRequest(lease_id=self.lease_id(), reason=self.draw(TEXT),
-                                force=self.draw(st.booleans()))
+        return pb.RevokeRequest(
+            lease_id=self.lease_id(), reason=self.draw(TEXT), force=self.draw(st.booleans())
+        )
 
     def Drain(self) -> pb.DrainRequest:  # noqa: N802
         """A drain of any lender, the real one too (a later Restore(0) ends it)."""
@@ -1003,21 +1224,23 @@ class Fuzz:
     def Reclaim(self) -> pb.ReclaimRequest:  # noqa: N802
         """A tenant taking back any number of bytes."""
         lender_id, _ = self.lender()
-        return pb.ReclaimRequest(lender_id=lender_id, nbytes=self.draw(U64),
-                                 timeout_s=self.draw(WAIT))
+        return pb.ReclaimRequest(
+            lender_id=lender_id, nbytes=self.draw(U64), timeout_s=self.draw(WAIT)
+        )
 
     def Restore(self) -> pb.RestoreRequest:  # noqa: N802
         """A tenant giving bytes back (0: all)."""
         lender_id, _ = self.lender()
-        return pb.RestoreRequest(lender_id=lender_id,
-                                 nbytes=self.draw(st.one_of(st.just(0), U64)))
+        return pb.RestoreRequest(lender_id=lender_id, nbytes=self.draw(st.one_of(st.just(0), U64)))
 
     def ListLeases(self) -> pb.ListLeasesRequest:  # noqa: N802
         """Leases filtered by anything."""
         lender_id, _ = self.lender()
-        return pb.ListLeasesRequest(lender_id=self.draw(st.sampled_from([lender_id, ""])),
-                                    include_ended=self.draw(st.booleans()),
-                                    client_id=self.draw(st.one_of(st.just(""), TEXT)))
+        return pb.ListLeasesRequest(
+            lender_id=self.draw(st.sampled_from([lender_id, ""])),
+            include_ended=self.draw(st.booleans()),
+            client_id=self.draw(st.one_of(st.just(""), TEXT)),
+        )
 
     def ListLenders(self) -> pb.ListLendersRequest:  # noqa: N802
         """Every lender."""
@@ -1030,9 +1253,23 @@ class Fuzz:
 
 # In the order the per-method fuzz runs them: grants first, so that the calls after
 # them have real leases to aim at; lender-side changes and tenants' calls late.
-UNARY = ["Grant", "CheckPickup", "KeepAlive", "Release", "AckRevoke", "Revoke",
-         "ConfirmFree", "RegisterLender", "ReportLender", "Drain", "Reclaim", "Restore",
-         "ListLeases", "ListLenders", "Status"]
+UNARY = [
+    "Grant",
+    "CheckPickup",
+    "KeepAlive",
+    "Release",
+    "AckRevoke",
+    "Revoke",
+    "ConfirmFree",
+    "RegisterLender",
+    "ReportLender",
+    "Drain",
+    "Reclaim",
+    "Restore",
+    "ListLeases",
+    "ListLenders",
+    "Status",
+]
 STREAMS = ["Watch", "WatchLender"]
 METHODS = UNARY[:7] + STREAMS + UNARY[7:]
 assert set(METHODS) == set(pb.DESCRIPTOR.services_by_name["Broker"].methods_by_name)
@@ -1046,8 +1283,9 @@ class Broker:
         self.channel = grpc.insecure_channel(f"unix://{node.state_dir}/broker.sock")
         self.stub = pb_grpc.BrokerStub(self.channel)
         self.pool = Pool(node=node.json("lenders")[0]["node"])
-        self.pool.remember("ListLenders", None, self.stub.ListLenders(
-            pb.ListLendersRequest(), timeout=DEADLINE_S))
+        self.pool.remember(
+            "ListLenders", None, self.stub.ListLenders(pb.ListLendersRequest(), timeout=DEADLINE_S)
+        )
 
     @property
     def db(self) -> str:
@@ -1065,7 +1303,8 @@ class Broker:
             self.pool.outcomes[method, err.code().name] += 1
             assert err.code() in ALLOWED, (
                 f"{method} answered {err.code().name} ({err.details()}) after "
-                f"{time.monotonic() - start:.2f} s to {request}")
+                f"{time.monotonic() - start:.2f} s to {request}"
+            )
             return None
         self.pool.outcomes[method, "OK"] += 1
         self.pool.remember(method, request, reply)
@@ -1092,13 +1331,13 @@ class Broker:
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 # A good lender stream with nothing pending stays open: that is its job.
-                assert valid and method == "WatchLender", (
-                    f"{method} hung for {request}")
+                assert valid and method == "WatchLender", f"{method} hung for {request}"
             elif err.code() == grpc.StatusCode.CANCELLED:
                 pass
             else:
                 assert err.code() in ALLOWED and not valid, (
-                    f"{method} answered {err.code().name} ({err.details()}) to {request}")
+                    f"{method} answered {err.code().name} ({err.details()}) to {request}"
+                )
         finally:
             call.cancel()
 
@@ -1130,8 +1369,12 @@ def broker():
         target.close()
 
 
-FUZZ = settings(max_examples=60, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -1197,8 +1440,9 @@ def test_broker_after_the_fuzz(broker: Broker) -> None:
         stub.Restore(pb.RestoreRequest(lender_id=lender.id), timeout=DEADLINE_S)
     for lease in broker.pool.leases:
         try:  # the fuzz's long leases would otherwise hold the real lender for 30 s
-            stub.Release(pb.ReleaseRequest(client_id=lease.client_id, lease_id=lease.id),
-                         timeout=DEADLINE_S)
+            stub.Release(
+                pb.ReleaseRequest(client_id=lease.client_id, lease_id=lease.id), timeout=DEADLINE_S
+            )
         except grpc.RpcError as err:
             assert err.code() in ALLOWED, err
     # ReportLender was fuzzed with the current generation, so capacities moved under
@@ -1209,14 +1453,21 @@ def test_broker_after_the_fuzz(broker: Broker) -> None:
     assert status.pid == broker.node.broker.pid
     if broker.pool.calls:
         assert set(broker.pool.calls) == set(METHODS), broker.pool.calls
-        print("\nRPC fuzz outcomes:", ", ".join(f"{m} {c}: {n}" for (m, c), n
-                                               in sorted(broker.pool.outcomes.items())))
+        print(
+            "\nRPC fuzz outcomes:",
+            ", ".join(f"{m} {c}: {n}" for (m, c), n in sorted(broker.pool.outcomes.items())),
+        )
     # The real lender re-registers if the fuzz took its id, reports its real capacity,
     # and every fuzz lease on it ends within a TTL (2 s) or its grace (1 s).
     real = broker.node.id
-    wait_for(lambda: any(l["id"] == real and l["state"] == "up" and l["granted"] == 0
-                         for l in broker.node.json("lenders")), timeout=30,
-             what="the real lender to lend again, with nothing granted")
+    wait_for(
+        lambda: any(
+            l["id"] == real and l["state"] == "up" and l["granted"] == 0
+            for l in broker.node.json("lenders")
+        ),
+        timeout=30,
+        what="the real lender to lend again, with nothing granted",
+    )
     with broker.node.connect() as client, client.lease(MiB, ttl=2) as lease:
         assert int(lease.as_bytes().count_nonzero()) == 0
     assert check_store(broker.db) == []
@@ -1231,21 +1482,41 @@ def test_status_survives_huge_lenders(broker: Broker) -> None:
     stub = broker.stub
     for capacity in (U64_MAX, MAX_LEASE_BYTES + 1):
         with pytest.raises(grpc.RpcError) as refused:
-            stub.RegisterLender(pb.RegisterLenderRequest(lender=pb.Lender(
-                id="huge-x", node="huge-node", backend=pb.BACKEND_HOST,
-                pickup_address="/tmp/huge.sock", capacity=capacity)), timeout=DEADLINE_S)
+            stub.RegisterLender(
+                pb.RegisterLenderRequest(
+                    lender=pb.Lender(
+                        id="huge-x",
+                        node="huge-node",
+                        backend=pb.BACKEND_HOST,
+                        pickup_address="/tmp/huge.sock",
+                        capacity=capacity,
+                    )
+                ),
+                timeout=DEADLINE_S,
+            )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     generations = {}
     for lender_id in ("huge-0", "huge-1"):
-        generations[lender_id] = stub.RegisterLender(pb.RegisterLenderRequest(
-            lender=pb.Lender(id=lender_id, node="huge-node", backend=pb.BACKEND_HOST,
-                             pickup_address="/tmp/huge.sock", capacity=MAX_LEASE_BYTES)),
-            timeout=DEADLINE_S).generation
+        generations[lender_id] = stub.RegisterLender(
+            pb.RegisterLenderRequest(
+                lender=pb.Lender(
+                    id=lender_id,
+                    node="huge-node",
+                    backend=pb.BACKEND_HOST,
+                    pickup_address="/tmp/huge.sock",
+                    capacity=MAX_LEASE_BYTES,
+                )
+            ),
+            timeout=DEADLINE_S,
+        ).generation
     try:
         with pytest.raises(grpc.RpcError) as refused:
-            stub.ReportLender(pb.ReportLenderRequest(
-                lender_id="huge-0", generation=generations["huge-0"], capacity=U64_MAX),
-                timeout=DEADLINE_S)
+            stub.ReportLender(
+                pb.ReportLenderRequest(
+                    lender_id="huge-0", generation=generations["huge-0"], capacity=U64_MAX
+                ),
+                timeout=DEADLINE_S,
+            )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         status = stub.Status(pb.StatusRequest(), timeout=DEADLINE_S)
         assert status.bytes_lendable >= 2 * MAX_LEASE_BYTES
@@ -1254,9 +1525,10 @@ def test_status_survives_huge_lenders(broker: Broker) -> None:
     finally:
         for lender_id, generation in generations.items():
             # Shrink them again so that the rest of the module's calls see real sizes.
-            stub.ReportLender(pb.ReportLenderRequest(lender_id=lender_id,
-                                                     generation=generation, capacity=0),
-                              timeout=DEADLINE_S)
+            stub.ReportLender(
+                pb.ReportLenderRequest(lender_id=lender_id, generation=generation, capacity=0),
+                timeout=DEADLINE_S,
+            )
 
 
 def _cpu_s(pid: int) -> float:
@@ -1280,11 +1552,22 @@ def unfreeable(plain_node: PlainNode):
     own: a regression of what these tests pin can leave a broker deadlocked."""
     channel = grpc.insecure_channel(f"unix://{plain_node.state_dir}/broker.sock")
     stub = pb_grpc.BrokerStub(channel)
-    stub.RegisterLender(pb.RegisterLenderRequest(lender=pb.Lender(
-        id="never", node="never-node", backend=pb.BACKEND_HOST,
-        pickup_address="/tmp/never.sock", capacity=MiB)), timeout=DEADLINE_S)
-    lease = stub.Grant(pb.GrantRequest(client_id="never", nbytes=4096, node="never-node",
-                                       ttl_s=600), timeout=DEADLINE_S)
+    stub.RegisterLender(
+        pb.RegisterLenderRequest(
+            lender=pb.Lender(
+                id="never",
+                node="never-node",
+                backend=pb.BACKEND_HOST,
+                pickup_address="/tmp/never.sock",
+                capacity=MiB,
+            )
+        ),
+        timeout=DEADLINE_S,
+    )
+    lease = stub.Grant(
+        pb.GrantRequest(client_id="never", nbytes=4096, node="never-node", ttl_s=600),
+        timeout=DEADLINE_S,
+    )
     # Asked, not forced: Drain waits for live leases, Reclaim for those on their way out;
     # this one is both (and after the grace it is forced, and still never freed).
     stub.Revoke(pb.RevokeRequest(lease_id=lease.id), timeout=DEADLINE_S)
@@ -1313,8 +1596,10 @@ def test_waiting_for_memory_does_not_deadlock_the_broker(unfreeable: Unfreeable)
     def wait_for_memory() -> None:
         while not done.is_set() and time.monotonic() < stop:
             try:
-                stub.Reclaim(pb.ReclaimRequest(lender_id=unfreeable.lender_id, nbytes=0,
-                                               timeout_s=0.3), timeout=DEADLINE_S)
+                stub.Reclaim(
+                    pb.ReclaimRequest(lender_id=unfreeable.lender_id, nbytes=0, timeout_s=0.3),
+                    timeout=DEADLINE_S,
+                )
             except grpc.RpcError:
                 pass
 
@@ -1325,12 +1610,23 @@ def test_waiting_for_memory_does_not_deadlock_the_broker(unfreeable: Unfreeable)
     try:
         while time.monotonic() < stop:
             try:
-                stub.RegisterLender(pb.RegisterLenderRequest(lender=pb.Lender(
-                    id="restarting", node="n", backend=pb.BACKEND_HOST,
-                    pickup_address="/tmp/r.sock", capacity=MiB)), timeout=DEADLINE_S)
+                stub.RegisterLender(
+                    pb.RegisterLenderRequest(
+                        lender=pb.Lender(
+                            id="restarting",
+                            node="n",
+                            backend=pb.BACKEND_HOST,
+                            pickup_address="/tmp/r.sock",
+                            capacity=MiB,
+                        )
+                    ),
+                    timeout=DEADLINE_S,
+                )
             except grpc.RpcError as err:
-                pytest.fail(f"RegisterLender answered {err.code().name} after "
-                            f"{registrations} registrations: the broker is deadlocked")
+                pytest.fail(
+                    f"RegisterLender answered {err.code().name} after "
+                    f"{registrations} registrations: the broker is deadlocked"
+                )
             registrations += 1
     finally:
         done.set()
@@ -1346,8 +1642,9 @@ def test_wait_timeouts_nan_is_refused(unfreeable: Unfreeable) -> None:
     ``Condition.wait(nan)`` returns at once, so it would spin a core for good)."""
     code = None
     try:
-        unfreeable.stub.Drain(pb.DrainRequest(lender_id=unfreeable.lender_id,
-                                              timeout_s=math.nan), timeout=1.0)
+        unfreeable.stub.Drain(
+            pb.DrainRequest(lender_id=unfreeable.lender_id, timeout_s=math.nan), timeout=1.0
+        )
     except grpc.RpcError as err:
         code = err.code()
     cpu = _cpu_s(unfreeable.pid)
@@ -1355,7 +1652,8 @@ def test_wait_timeouts_nan_is_refused(unfreeable: Unfreeable) -> None:
     spent = _cpu_s(unfreeable.pid) - cpu
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (
         f"Drain(timeout_s=nan) answered {code}; the broker then burnt {spent:.2f} s of CPU "
-        f"in 1 s with nobody waiting")
+        f"in 1 s with nobody waiting"
+    )
 
 
 def test_wait_timeouts_honour_the_callers_deadline(unfreeable: Unfreeable) -> None:
@@ -1367,12 +1665,15 @@ def test_wait_timeouts_honour_the_callers_deadline(unfreeable: Unfreeable) -> No
     stub = unfreeable.stub
     for timeout_s in (math.inf, 1e300, 3600.5, -math.inf):
         with pytest.raises(grpc.RpcError) as refused:
-            stub.Reclaim(pb.ReclaimRequest(lender_id=unfreeable.lender_id, nbytes=0,
-                                           timeout_s=timeout_s), timeout=2.0)
+            stub.Reclaim(
+                pb.ReclaimRequest(lender_id=unfreeable.lender_id, nbytes=0, timeout_s=timeout_s),
+                timeout=2.0,
+            )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, timeout_s
     start = time.monotonic()
-    reply = stub.Reclaim(pb.ReclaimRequest(lender_id=unfreeable.lender_id, nbytes=0,
-                                           timeout_s=600.0), timeout=3.0)
+    reply = stub.Reclaim(
+        pb.ReclaimRequest(lender_id=unfreeable.lender_id, nbytes=0, timeout_s=600.0), timeout=3.0
+    )
     elapsed = time.monotonic() - start
     assert not reply.freed
     assert 2.0 < elapsed < 3.0, elapsed
@@ -1390,9 +1691,15 @@ def test_unknown_backend_is_refused(broker: Broker) -> None:
     odd = lease_json(pb.Lease(id="odd", backend=99, state=42))
     assert (odd["backend"], odd["state"]) == ("99", "42")
     for backend in (99, pb.BACKEND_UNSPECIFIED, -1):
-        request = pb.RegisterLenderRequest(lender=pb.Lender(
-            id="odd-backend", node="odd-node", backend=backend,
-            pickup_address="/tmp/odd.sock", capacity=MiB))
+        request = pb.RegisterLenderRequest(
+            lender=pb.Lender(
+                id="odd-backend",
+                node="odd-node",
+                backend=backend,
+                pickup_address="/tmp/odd.sock",
+                capacity=MiB,
+            )
+        )
         with pytest.raises(grpc.RpcError) as refused:
             broker.stub.RegisterLender(request, timeout=DEADLINE_S)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, backend
@@ -1406,16 +1713,40 @@ LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 # Any character an argument can hold: not NUL, and of the lone surrogates only those that
 # stand for a byte that is not UTF-8 (U+DC80..U+DCFF, as os.fsencode writes them; see
 # test_cli_undecodable_argument).
-CLI_TEXT = st.text(st.one_of(
-    st.characters(exclude_categories=("Cs",), exclude_characters="\x00"),
-    st.sampled_from(LINE_BREAKS),
-    st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF)), max_size=12)
-SIZES = st.one_of(st.sampled_from(["-5", "1e99", "", "0", "1", "4096", "64MiB", "1.5GiB",
-                                   "9999TiB", "99999999TiB", "9" * 40, "lots", "١٢٣",
-                                   " 7 kib ", "NaN", "-0"]),
-                  CLI_TEXT)
-FLOATS = st.one_of(st.sampled_from(["-1", "0", "0.1", "nan", "inf", "-inf", "1e300", "x",
-                                    ""]), CLI_TEXT)
+CLI_TEXT = st.text(
+    st.one_of(
+        st.characters(exclude_categories=("Cs",), exclude_characters="\x00"),
+        st.sampled_from(LINE_BREAKS),
+        st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF),
+    ),
+    max_size=12,
+)
+SIZES = st.one_of(
+    st.sampled_from(
+        [
+            "-5",
+            "1e99",
+            "",
+            "0",
+            "1",
+            "4096",
+            "64MiB",
+            "1.5GiB",
+            "9999TiB",
+            "99999999TiB",
+            "9" * 40,
+            "lots",
+            "١٢٣",
+            " 7 kib ",
+            "NaN",
+            "-0",
+        ]
+    ),
+    CLI_TEXT,
+)
+FLOATS = st.one_of(
+    st.sampled_from(["-1", "0", "0.1", "nan", "inf", "-inf", "1e300", "x", ""]), CLI_TEXT
+)
 
 
 @st.composite
@@ -1424,17 +1755,36 @@ def cli_args(draw: st.DrawFn, lender_id: str) -> list[str]:
     lender = draw(st.one_of(st.just(lender_id), CLI_TEXT))
     size = draw(SIZES)
     junk = draw(st.lists(CLI_TEXT, max_size=2))
-    command = draw(st.sampled_from(["status", "lenders", "leases", "revoke", "drain",
-                                    "reclaim", "restore", "config", "junk"]))
-    flags = draw(st.lists(st.sampled_from(["--json", "--all", "--force", "--help"]),
-                          max_size=2, unique=True))
+    command = draw(
+        st.sampled_from(
+            [
+                "status",
+                "lenders",
+                "leases",
+                "revoke",
+                "drain",
+                "reclaim",
+                "restore",
+                "config",
+                "junk",
+            ]
+        )
+    )
+    flags = draw(
+        st.lists(st.sampled_from(["--json", "--all", "--force", "--help"]), max_size=2, unique=True)
+    )
     if command in ("status", "lenders"):
         args = [command, *flags, *junk]
     elif command == "leases":
         args = [command, *flags, "--lender", lender, *junk]
     elif command == "revoke":
-        args = [command, draw(st.one_of(st.just("lease-0"), CLI_TEXT)), *flags,
-                "--reason", draw(CLI_TEXT)]
+        args = [
+            command,
+            draw(st.one_of(st.just("lease-0"), CLI_TEXT)),
+            *flags,
+            "--reason",
+            draw(CLI_TEXT),
+        ]
     elif command == "drain":
         args = [command, lender, "--timeout", draw(FLOATS)]
     elif command == "reclaim":
@@ -1442,9 +1792,22 @@ def cli_args(draw: st.DrawFn, lender_id: str) -> list[str]:
     elif command == "restore":
         args = [command, "--lender", lender, "--bytes", size]
     elif command == "config":
-        option = draw(st.sampled_from(["--host-bytes", "--reserve", "--cap", "--ttl",
-                                       "--grace", "--backend", "--gpus", "--listen",
-                                       "--metrics-port", "--config"]))
+        option = draw(
+            st.sampled_from(
+                [
+                    "--host-bytes",
+                    "--reserve",
+                    "--cap",
+                    "--ttl",
+                    "--grace",
+                    "--backend",
+                    "--gpus",
+                    "--listen",
+                    "--metrics-port",
+                    "--config",
+                ]
+            )
+        )
         args = [command, option, draw(st.one_of(SIZES, FLOATS)), *flags[:1]]
     else:
         args = junk  # none at all, too: test_cli_without_arguments
@@ -1466,8 +1829,7 @@ def _one_clear_outcome(result: subprocess.CompletedProcess, args: list[str]) -> 
     assert "Traceback" not in result.stderr, (args, result.stderr[-2000:])
     if result.returncode == 2:
         lines = result.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("harvestd: error: "), (args,
-                                                                             result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("harvestd: error: "), (args, result.stderr)
 
 
 def test_cli_fuzz(cli_node: PlainNode) -> None:
@@ -1476,8 +1838,9 @@ def test_cli_fuzz(cli_node: PlainNode) -> None:
     left out: the first would start a Ray node, the second would stop this one, the
     third takes over a terminal; ``config`` parses every option ``start`` takes."""
 
-    @settings(max_examples=30, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    )
     @given(args=cli_args(cli_node.id))
     def run(args: list[str]) -> None:
         _one_clear_outcome(cli_node.cli(*args, timeout=60), args)
@@ -1496,8 +1859,9 @@ def test_cli_sizes_past_uint64(cli_node: PlainNode, command: str, size: str) -> 
     option and exit 2, before any request is built."""
     result = cli_node.cli(command, "--lender", cli_node.id, "--bytes", size)
     _one_clear_outcome(result, [command, size])
-    assert result.returncode == 2 and "--bytes" in result.stderr and "too large" in \
-        result.stderr, result.stderr
+    assert result.returncode == 2 and "--bytes" in result.stderr and "too large" in result.stderr, (
+        result.stderr
+    )
 
 
 def test_cli_undecodable_argument(cli_node: PlainNode) -> None:
@@ -1516,14 +1880,14 @@ def test_cli_undecodable_argument(cli_node: PlainNode) -> None:
 def test_cli_without_arguments() -> None:
     """``harvestd`` alone is a usage error like any other: one line that points at
     ``harvestd --help``, exit 2 (click's own message here is the whole help text)."""
-    result = subprocess.run([PY, "-m", "harvestd"], capture_output=True, text=True,
-                            timeout=60, env=_env())
+    result = subprocess.run(
+        [PY, "-m", "harvestd"], capture_output=True, text=True, timeout=60, env=_env()
+    )
     _one_clear_outcome(result, [])
     assert result.returncode == 2 and "--help" in result.stderr
 
 
-@pytest.mark.parametrize("arg", ["\n", "a\rb", "x\u2028y", "\x85", "\x1b[31mred",
-                                 "tab\there"])
+@pytest.mark.parametrize("arg", ["\n", "a\rb", "x\u2028y", "\x85", "\x1b[31mred", "tab\there"])
 def test_cli_argument_with_a_line_break(cli_node: PlainNode, arg: str) -> None:
     """Found by test_cli_fuzz: click quotes a stray argument as it is (``harvestd status
     $'\\r'``: "Got unexpected extra argument (...)"). The CLI escapes every control
@@ -1535,12 +1899,13 @@ def test_cli_argument_with_a_line_break(cli_node: PlainNode, arg: str) -> None:
     assert repr(arg)[1:-1] in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("args", [["drain", "LENDER"],
-                                  ["reclaim", "--lender", "LENDER", "--bytes", "1MiB"],
-                                  ["stop"]])
+@pytest.mark.parametrize(
+    "args", [["drain", "LENDER"], ["reclaim", "--lender", "LENDER", "--bytes", "1MiB"], ["stop"]]
+)
 @pytest.mark.parametrize("timeout", ["nan", "inf", "-inf", "1e400", "-1"])
-def test_cli_refuses_timeouts_that_are_not_finite(cli_node: PlainNode, args: list[str],
-                                                  timeout: str) -> None:
+def test_cli_refuses_timeouts_that_are_not_finite(
+    cli_node: PlainNode, args: list[str], timeout: str
+) -> None:
     """``--timeout nan`` or ``inf`` is refused while parsing, with one line that names
     the option, exit 2, before anything reaches the node (a NaN or infinite gRPC
     deadline would expire before the request left, and read as "no node answers")."""

@@ -1,4 +1,5 @@
 """The cluster simulator's own accounting, on a tiny cluster, in-process."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,7 @@ from harvestd.model import LeaseState
 @pytest.fixture(scope="module")
 def sim() -> simulate_cluster.Simulation:
     """Two nodes (16 GPUs) for five simulated minutes."""
-    s = simulate_cluster.Simulation(simulate_cluster.SimConfig(gpus=16, seconds=300,
-                                                               check=True))
+    s = simulate_cluster.Simulation(simulate_cluster.SimConfig(gpus=16, seconds=300, check=True))
     s.result = s.run()
     return s
 

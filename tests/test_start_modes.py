@@ -1,5 +1,6 @@
 """`harvestd start` in the foreground (Ctrl-C stops it) and with the broker as a plain
 process instead of a Ray actor."""
+
 from __future__ import annotations
 
 import shutil
@@ -11,10 +12,24 @@ from conftest import PY, Node, _env, short_tmpdir, wait_for
 
 def test_foreground_start_stops_on_ctrl_c():
     node = Node(short_tmpdir())
-    proc = subprocess.Popen([PY, "-m", "harvestd", "start", "--backend", "host",
-                             "--host-bytes", "16MiB", "--state-dir", str(node.state_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env())
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "harvestd",
+            "start",
+            "--backend",
+            "host",
+            "--host-bytes",
+            "16MiB",
+            "--state-dir",
+            str(node.state_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     try:
         line = proc.stdout.readline()
         assert "ready" in line, proc.stderr.read() if proc.poll() is not None else line
@@ -32,8 +47,16 @@ def test_foreground_start_stops_on_ctrl_c():
 def test_broker_as_plain_process():
     node = Node(short_tmpdir())
     try:
-        result = node.cli("start", "--detach", "--no-ray-broker", "--backend", "host",
-                          "--host-bytes", "16MiB", timeout=240)
+        result = node.cli(
+            "start",
+            "--detach",
+            "--no-ray-broker",
+            "--backend",
+            "host",
+            "--host-bytes",
+            "16MiB",
+            timeout=240,
+        )
         assert result.returncode == 0, result.stderr
         status = node.json("status")
         broker_cmd = open(f"/proc/{status['broker_pid']}/cmdline").read()
@@ -41,9 +64,15 @@ def test_broker_as_plain_process():
         with node.connect() as client, client.lease(1 << 20) as lease:
             assert lease.lender.endswith("host0")
         assert node.cli("stop").returncode == 0
-        wait_for(lambda: subprocess.run(["kill", "-0", str(status["broker_pid"])],
-                                        capture_output=True).returncode != 0,
-                 what="the broker process to exit")
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    ["kill", "-0", str(status["broker_pid"])], capture_output=True
+                ).returncode
+                != 0
+            ),
+            what="the broker process to exit",
+        )
     finally:
         node.cli("stop")
         shutil.rmtree(node.state_dir, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Striped leases (client/striped.py): the split of blocks by stripe on fake stripes, then
 real leases on a node of three host lenders (plain processes): data round trips across
 stripes, stripes on distinct lenders, one stripe revoked ends the whole, bad input."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,10 +10,10 @@ from typing import Iterator
 
 import pytest
 import torch
+from conftest import wait_for
 
 from client.striped import StripedLease
 from client.striping import StripeLayout
-from conftest import wait_for
 from harvestd.errors import InvalidArgument, LeaseRevoked, NoCapacity
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -55,8 +56,9 @@ class FakeStripe:
 
 def fake(nbytes: int, stripes: int, unit: int) -> StripedLease:
     layout = StripeLayout(nbytes, stripes, unit)
-    return StripedLease([FakeStripe(layout.stripe_bytes(s), f"l{s}") for s in range(stripes)],
-                        layout)
+    return StripedLease(
+        [FakeStripe(layout.stripe_bytes(s), f"l{s}") for s in range(stripes)], layout
+    )
 
 
 def logical(striped: StripedLease) -> torch.Tensor:
@@ -66,12 +68,14 @@ def logical(striped: StripedLease) -> torch.Tensor:
     for start in range(0, striped.nbytes, unit):
         stripe, local = striped.locate(start)
         n = min(unit, striped.nbytes - start)
-        out[start:start + n] = striped.stripes[stripe].as_bytes()[local:local + n]
+        out[start : start + n] = striped.stripes[stripe].as_bytes()[local : local + n]
     return out
 
 
-@pytest.mark.parametrize("block,aligned,as_tensor", [
-    (16 * KiB, True, True), (16 * KiB, True, False), (4 * KiB, False, True), (24, False, False)])
+@pytest.mark.parametrize(
+    "block,aligned,as_tensor",
+    [(16 * KiB, True, True), (16 * KiB, True, False), (4 * KiB, False, True), (24, False, False)],
+)
 def test_scatter_then_gather_round_trips_across_stripes(block, aligned, as_tensor):
     unit, stripes = 64 * KiB, 3
     striped = fake(1 * MiB + 5 * KiB, stripes, unit)
@@ -88,12 +92,14 @@ def test_scatter_then_gather_round_trips_across_stripes(block, aligned, as_tenso
     striped.scatter(data, index, block)
     flat = logical(striped)
     for i, o in enumerate(offsets):
-        assert torch.equal(flat[o:o + block], data[i * block:(i + 1) * block])
+        assert torch.equal(flat[o : o + block], data[i * block : (i + 1) * block])
     out = torch.empty_like(data)
     assert striped.gather(index, block, out) is out
     assert torch.equal(out, data)
-    counts = [int((flat.new_tensor([striped.locate(o)[0] for o in offsets]) == s).sum())
-              for s in range(stripes)]
+    counts = [
+        int((flat.new_tensor([striped.locate(o)[0] for o in offsets]) == s).sum())
+        for s in range(stripes)
+    ]
     assert all(counts), f"every stripe should hold some blocks: {counts}"
 
 
@@ -137,16 +143,19 @@ def test_a_plan_is_reused_without_sorting_again():
         striped.gather(striped.plan(offsets, 4096, device="meta"), 4096, out)
 
 
-@pytest.mark.parametrize("offsets,block,message", [
-    ([0, 64 * KiB - 8], 16, "crosses"),
-    ([-64], 16, "must lie in"),
-    ([6 * 64 * KiB - 8], 16, "must lie in"),
-    ([0], 128 * KiB, "do not fit"),
-    ([0], 0, "positive"),
-    (["x"], 16, "integers"),
-    (torch.zeros(2, 2, dtype=torch.int64), 16, "1-D"),
-    (torch.zeros(2, dtype=torch.float32), 16, "1-D"),
-])
+@pytest.mark.parametrize(
+    "offsets,block,message",
+    [
+        ([0, 64 * KiB - 8], 16, "crosses"),
+        ([-64], 16, "must lie in"),
+        ([6 * 64 * KiB - 8], 16, "must lie in"),
+        ([0], 128 * KiB, "do not fit"),
+        ([0], 0, "positive"),
+        (["x"], 16, "integers"),
+        (torch.zeros(2, 2, dtype=torch.int64), 16, "1-D"),
+        (torch.zeros(2, dtype=torch.float32), 16, "1-D"),
+    ],
+)
 def test_bad_blocks_are_refused(offsets, block, message):
     striped = fake(6 * 64 * KiB, 3, 64 * KiB)
     with pytest.raises(InvalidArgument, match=message):
@@ -187,16 +196,16 @@ def test_one_stripe_gone_ends_the_whole_and_releases_the_rest():
 
 # ---------------------------------------------------------------- a real node
 
+
 def test_stripes_land_on_distinct_lenders_and_round_trip(many_lender_node):
     node = many_lender_node
-    with node.connect() as client, client.lease_striped(24 * MiB, stripes=3,
-                                                         unit=MiB) as striped:
+    with node.connect() as client, client.lease_striped(24 * MiB, stripes=3, unit=MiB) as striped:
         assert sorted(striped.lenders) == node.ids
         rows = {l["id"]: l for l in node.json("leases")}
         assert {rows[i]["lender"] for i in striped.ids} == set(node.ids)
         assert all(rows[i]["nbytes"] == 8 * MiB for i in striped.ids)
         gen = torch.Generator().manual_seed(3)
-        offsets = (torch.randperm(24 * MiB // (16 * KiB), generator=gen)[:300] * 16 * KiB)
+        offsets = torch.randperm(24 * MiB // (16 * KiB), generator=gen)[:300] * 16 * KiB
         data = torch.randint(0, 256, (300 * 16 * KiB,), dtype=torch.uint8, generator=gen)
         striped.scatter(data, offsets, 16 * KiB)
         out = torch.empty_like(data)
@@ -204,10 +213,13 @@ def test_stripes_land_on_distinct_lenders_and_round_trip(many_lender_node):
         assert torch.equal(out, data)
         # The bytes live where the layout says, in each lender's own memory.
         stripe, local = striped.locate(int(offsets[0]))
-        assert torch.equal(striped.tensor(stripe, torch.uint8)[local:local + 16 * KiB],
-                           data[:16 * KiB])
-    wait_for(lambda: all(l["granted"] == 0 for l in node.json("lenders")),
-             what="every stripe to be given back")
+        assert torch.equal(
+            striped.tensor(stripe, torch.uint8)[local : local + 16 * KiB], data[: 16 * KiB]
+        )
+    wait_for(
+        lambda: all(l["granted"] == 0 for l in node.json("lenders")),
+        what="every stripe to be given back",
+    )
 
 
 def test_revoking_one_stripe_revokes_the_striped_lease(many_lender_node):
@@ -228,8 +240,10 @@ def test_revoking_one_stripe_revokes_the_striped_lease(many_lender_node):
         assert states[striped.ids[1]] == "revoked"
         assert states[striped.ids[0]] == states[striped.ids[2]] == "released"
         assert client.leases() == []
-    wait_for(lambda: all(l["granted"] == 0 for l in node.json("lenders")),
-             what="every stripe's memory to come back")
+    wait_for(
+        lambda: all(l["granted"] == 0 for l in node.json("lenders")),
+        what="every stripe's memory to come back",
+    )
 
 
 def test_striped_requests_that_cannot_be_met(many_lender_node):
@@ -239,9 +253,14 @@ def test_striped_requests_that_cannot_be_met(many_lender_node):
             client.lease_striped(8 * MiB, stripes=4, unit=MiB)  # one lender each: 3 only
         with pytest.raises(NoCapacity):
             client.lease_striped(3 * 40 * MiB, stripes=3, unit=MiB)  # 40 MiB > 32 MiB each
-        for bad in [dict(nbytes=0), dict(nbytes=MiB, stripes=0), dict(nbytes=MiB, stripes=2),
-                    dict(nbytes=MiB, unit=-1), dict(nbytes=MiB, max_stripes=0),
-                    dict(nbytes=1.5)]:
+        for bad in [
+            dict(nbytes=0),
+            dict(nbytes=MiB, stripes=0),
+            dict(nbytes=MiB, stripes=2),
+            dict(nbytes=MiB, unit=-1),
+            dict(nbytes=MiB, max_stripes=0),
+            dict(nbytes=1.5),
+        ]:
             with pytest.raises(InvalidArgument):
                 client.lease_striped(**bad)
         # No GPU to be near: one stripe.
@@ -252,5 +271,6 @@ def test_striped_requests_that_cannot_be_met(many_lender_node):
         lease = client.lease(MiB, avoid=node.ids[:2])
         assert lease.lender == node.ids[2]
         lease.release()
-    wait_for(lambda: all(l["granted"] == 0 for l in node.json("lenders")),
-             what="nothing left granted")
+    wait_for(
+        lambda: all(l["granted"] == 0 for l in node.json("lenders")), what="nothing left granted"
+    )

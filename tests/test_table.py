@@ -1,17 +1,24 @@
 """The lease table's rules, on a fake clock, with the real SQLite store."""
+
 from __future__ import annotations
 
 import os
 
 import pytest
+from conftest import Clock
 
-from harvestd.errors import (FailedPrecondition, InvalidArgument, LeaseRevoked, NoCapacity,
-                             NotFound, PermissionDenied, StoreError)
+from harvestd.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    LeaseRevoked,
+    NoCapacity,
+    NotFound,
+    PermissionDenied,
+    StoreError,
+)
 from harvestd.model import LeaseState, LenderRecord, LenderState
 from harvestd.store import MemoryStore, SqliteStore
 from harvestd.table import LeaseTable, Timing
-
-from conftest import Clock
 
 MiB = 1 << 20
 
@@ -36,16 +43,28 @@ class Recorder:
 
 
 def lender(lender_id="h0", node="n1", capacity=64 * MiB, gpu="", links=None, backend=1):
-    return LenderRecord(id=lender_id, node=node, backend=backend, pickup_address="/x",
-                        capacity=capacity, generation=0, gpu_uuid=gpu, links=links or {},
-                        granularity=4096)
+    return LenderRecord(
+        id=lender_id,
+        node=node,
+        backend=backend,
+        pickup_address="/x",
+        capacity=capacity,
+        generation=0,
+        gpu_uuid=gpu,
+        links=links or {},
+        granularity=4096,
+    )
 
 
 @pytest.fixture
 def table(tmp_path):
     clock, notes = Clock(), Recorder()
-    t = LeaseTable(SqliteStore(str(tmp_path / "b.db")), notifier=notes,
-                   timing=Timing(default_ttl=10, grace=2, lender_timeout=30), clock=clock)
+    t = LeaseTable(
+        SqliteStore(str(tmp_path / "b.db")),
+        notifier=notes,
+        timing=Timing(default_ttl=10, grace=2, lender_timeout=30),
+        clock=clock,
+    )
     t.register_lender(lender())
     t.clock_, t.notes_ = clock, notes
     return t
@@ -79,7 +98,7 @@ def test_grant_rejects_bad_ttl_and_missing_client(table):
     with pytest.raises(InvalidArgument):
         table.grant("c", 1, ttl_s=-5, node="n1")
     with pytest.raises(InvalidArgument):
-        table.grant("c", 1, ttl_s=10 ** 9, node="n1")
+        table.grant("c", 1, ttl_s=10**9, node="n1")
     with pytest.raises(InvalidArgument):
         table.grant("", 1, node="n1")
 
@@ -268,7 +287,9 @@ def test_keepalives_write_nothing_and_a_restart_refreshes_ttls(table, tmp_path, 
     lease, _ = table.grant("c", MiB, node="n1")
     writes = []
     original = table.store.commit
-    monkeypatch.setattr(table.store, "commit", lambda *a, **k: (writes.append(a), original(*a, **k)))
+    monkeypatch.setattr(
+        table.store, "commit", lambda *a, **k: (writes.append(a), original(*a, **k))
+    )
     table.clock_.now += 9
     table.keepalive("c", [lease.id])
     assert writes == []

@@ -1,5 +1,6 @@
 """`harvestd top` driven in a real pseudo-terminal: it shows a lease a test created and
 quits on `q`; Ctrl-C quits too."""
+
 from __future__ import annotations
 
 import fcntl
@@ -22,9 +23,14 @@ ANSI = re.compile(rb"\x1b\[[0-9;?]*[a-zA-Z]")
 def _top(node):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 60, 220, 0, 0))
-    proc = subprocess.Popen([PY, "-m", "harvestd", "top", "--interval", "0.2", "--state-dir",
-                             str(node.state_dir)], stdin=slave, stdout=slave, stderr=slave,
-                            env=_env(TERM="xterm-256color"), start_new_session=True)
+    proc = subprocess.Popen(
+        [PY, "-m", "harvestd", "top", "--interval", "0.2", "--state-dir", str(node.state_dir)],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=_env(TERM="xterm-256color"),
+        start_new_session=True,
+    )
     os.close(slave)
     return proc, master
 

@@ -3,6 +3,7 @@
 Every command takes ``--state-dir``; read commands take ``--json``. Bad arguments, or no
 node where one is needed, end with one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 # Importing the command modules registers their commands with the group.

@@ -1,5 +1,6 @@
 """The ``harvestd`` command group and what every command shares: one-line errors with
 exit code 2, the option types, and the ``--state-dir`` / ``--json`` options."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,9 @@ def one_line(text: str) -> str:
     """``text`` as one printable line: each line break, control character and lone
     surrogate written as Python's ``repr`` writes it (``\\n``, ``\\x85``, ``\\u2028``,
     ``\\udcff``), so that no argument can split an error or forge a log line."""
-    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _ESCAPED_CATEGORIES else c
-                   for c in text)
+    return "".join(
+        repr(c)[1:-1] if unicodedata.category(c) in _ESCAPED_CATEGORIES else c for c in text
+    )
 
 
 def _fail(message: str) -> NoReturn:
@@ -81,8 +83,9 @@ class Seconds(click.ParamType):
         if not math.isfinite(seconds):
             self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
         if seconds < 0 or (self.positive and seconds == 0):
-            self.fail(f"{value!r} must be {'positive' if self.positive else 'at least 0'}",
-                      param, ctx)
+            self.fail(
+                f"{value!r} must be {'positive' if self.positive else 'at least 0'}", param, ctx
+            )
         if self.most is not None and seconds > self.most:
             self.fail(f"{value!r} is more than {self.most:g} seconds", param, ctx)
         return seconds
@@ -100,9 +103,12 @@ def size_argument(ctx, param, value):
 
 
 state_dir_option = click.option(
-    "--state-dir", type=click.Path(file_okay=False), default=None,
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default=None,
     help="The node's state directory (default: $HARVEST_STATE_DIR, else "
-         "$XDG_RUNTIME_DIR/harvest, else ~/.cache/harvest).")
+    "$XDG_RUNTIME_DIR/harvest, else ~/.cache/harvest).",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
@@ -110,4 +116,3 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 @click.version_option(package_name="harvest", prog_name="harvestd")
 def cli() -> None:
     """Harvest: lend idle GPU memory to other jobs as a revocable cache tier."""
-

@@ -1,4 +1,5 @@
 """``harvestd status``, ``lenders``, ``leases``, ``top`` and ``doctor``: reading a node."""
+
 from __future__ import annotations
 
 import json
@@ -14,30 +15,50 @@ from harvestd.paths import StateDir
 from harvestd.sizes import format_size
 from protos import harvest_pb2 as pb
 
+
 def lease_json(lease: pb.Lease) -> dict[str, Any]:
     """The JSON form of a lease (``harvestd leases --json``)."""
-    return {"id": lease.id, "lender": lease.lender_id, "nbytes": lease.nbytes,
-            "state": enum_name(pb.LeaseState, lease.state), "holder_pid": lease.holder_pid,
-            "expires_at": lease.expires_at, "client_id": lease.client_id,
-            "generation": lease.generation, "ttl_s": lease.ttl_s, "node": lease.node,
-            "priority": lease.priority, "created_at": lease.created_at, "reason": lease.reason,
-            "backend": enum_name(pb.Backend, lease.backend, "BACKEND_")}
+    return {
+        "id": lease.id,
+        "lender": lease.lender_id,
+        "nbytes": lease.nbytes,
+        "state": enum_name(pb.LeaseState, lease.state),
+        "holder_pid": lease.holder_pid,
+        "expires_at": lease.expires_at,
+        "client_id": lease.client_id,
+        "generation": lease.generation,
+        "ttl_s": lease.ttl_s,
+        "node": lease.node,
+        "priority": lease.priority,
+        "created_at": lease.created_at,
+        "reason": lease.reason,
+        "backend": enum_name(pb.Backend, lease.backend, "BACKEND_"),
+    }
 
 
 def lender_json(lender: pb.Lender) -> dict[str, Any]:
     """The JSON form of a lender (``harvestd lenders --json``)."""
     lendable = max(0, lender.capacity - lender.reclaimed)
-    return {"id": lender.id, "backend": enum_name(pb.Backend, lender.backend, "BACKEND_")
-            .replace("_", "-"), "node": lender.node,
-            "capacity": lender.capacity, "granted": lender.granted,
-            "reclaimed": lender.reclaimed, "lendable": lendable,
-            "free": max(0, lendable - lender.granted),
-            "state": enum_name(pb.LenderState, lender.state, "LENDER_"),
-            "gpu_uuid": lender.gpu_uuid, "gpu_index": lender.gpu_index,
-            "links": {l.peer_uuid: l.nvlinks for l in lender.links},
-            "generation": lender.generation, "pickup_address": lender.pickup_address,
-            "last_report": lender.last_report, "pid": lender.pid,
-            "device_total": lender.device_total, "device_free": lender.device_free}
+    return {
+        "id": lender.id,
+        "backend": enum_name(pb.Backend, lender.backend, "BACKEND_").replace("_", "-"),
+        "node": lender.node,
+        "capacity": lender.capacity,
+        "granted": lender.granted,
+        "reclaimed": lender.reclaimed,
+        "lendable": lendable,
+        "free": max(0, lendable - lender.granted),
+        "state": enum_name(pb.LenderState, lender.state, "LENDER_"),
+        "gpu_uuid": lender.gpu_uuid,
+        "gpu_index": lender.gpu_index,
+        "links": {l.peer_uuid: l.nvlinks for l in lender.links},
+        "generation": lender.generation,
+        "pickup_address": lender.pickup_address,
+        "last_report": lender.last_report,
+        "pid": lender.pid,
+        "device_total": lender.device_total,
+        "device_free": lender.device_free,
+    }
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -65,19 +86,30 @@ def _ago(ts: float) -> str:
 def status(state_dir, as_json) -> None:
     """The node's summary."""
     reply = call(state_dir, "Status", pb.StatusRequest())
-    data = {"version": reply.version, "address": reply.address, "store": reply.store_path,
-            "broker_pid": reply.pid, "started_at": reply.started_at,
-            "lenders_up": reply.lenders_up, "leases_active": reply.leases_active,
-            "bytes_lendable": reply.bytes_lendable, "bytes_granted": reply.bytes_granted,
-            "generation": reply.generation}
+    data = {
+        "version": reply.version,
+        "address": reply.address,
+        "store": reply.store_path,
+        "broker_pid": reply.pid,
+        "started_at": reply.started_at,
+        "lenders_up": reply.lenders_up,
+        "leases_active": reply.leases_active,
+        "bytes_lendable": reply.bytes_lendable,
+        "bytes_granted": reply.bytes_granted,
+        "generation": reply.generation,
+    }
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    click.echo(f"broker     {reply.address} (pid {reply.pid}, up {time.time() - reply.started_at:.0f} s, "
-               f"harvest {reply.version})")
+    click.echo(
+        f"broker     {reply.address} (pid {reply.pid}, up {time.time() - reply.started_at:.0f} s, "
+        f"harvest {reply.version})"
+    )
     click.echo(f"store      {reply.store_path} (generation {reply.generation})")
     click.echo(f"lenders    {reply.lenders_up} up, {format_size(reply.bytes_lendable)} lendable")
-    click.echo(f"leases     {reply.leases_active} active, {format_size(reply.bytes_granted)} granted")
+    click.echo(
+        f"leases     {reply.leases_active} active, {format_size(reply.bytes_granted)} granted"
+    )
 
 
 @cli.command()
@@ -90,12 +122,36 @@ def lenders(state_dir, as_json) -> None:
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
-    _table("lenders", ["id", "node", "backend", "gpu", "state", "capacity", "reclaimed",
-                       "granted", "free", "gen"],
-           [[l["id"], l["node"], l["backend"], str(l["gpu_index"]) if l["gpu_uuid"] else "-",
-             l["state"], format_size(l["capacity"]), format_size(l["reclaimed"]),
-             format_size(l["granted"]), format_size(l["free"]), str(l["generation"])]
-            for l in items])
+    _table(
+        "lenders",
+        [
+            "id",
+            "node",
+            "backend",
+            "gpu",
+            "state",
+            "capacity",
+            "reclaimed",
+            "granted",
+            "free",
+            "gen",
+        ],
+        [
+            [
+                l["id"],
+                l["node"],
+                l["backend"],
+                str(l["gpu_index"]) if l["gpu_uuid"] else "-",
+                l["state"],
+                format_size(l["capacity"]),
+                format_size(l["reclaimed"]),
+                format_size(l["granted"]),
+                format_size(l["free"]),
+                str(l["generation"]),
+            ]
+            for l in items
+        ],
+    )
 
 
 @cli.command()
@@ -105,24 +161,41 @@ def lenders(state_dir, as_json) -> None:
 @click.option("--lender", default="", help="Only this lender's leases.")
 def leases(state_dir, as_json, include_ended, lender) -> None:
     """Leases: who holds what, on which lender, until when."""
-    reply = call(state_dir, "ListLeases", pb.ListLeasesRequest(
-        lender_id=lender, include_ended=include_ended))
+    reply = call(
+        state_dir, "ListLeases", pb.ListLeasesRequest(lender_id=lender, include_ended=include_ended)
+    )
     items = [lease_json(l) for l in reply.leases]
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
-    _table("leases", ["node", "id", "lender", "size", "state", "holder pid", "expires",
-                      "reason"],
-           [[l["node"], l["id"], l["lender"], format_size(l["nbytes"]), l["state"],
-             str(l["holder_pid"]),
-             _ago(l["expires_at"]) if l["state"] in ("granted", "revoking") else "-",
-             l["reason"]] for l in sorted(items, key=lambda l: l["node"])])
+    _table(
+        "leases",
+        ["node", "id", "lender", "size", "state", "holder pid", "expires", "reason"],
+        [
+            [
+                l["node"],
+                l["id"],
+                l["lender"],
+                format_size(l["nbytes"]),
+                l["state"],
+                str(l["holder_pid"]),
+                _ago(l["expires_at"]) if l["state"] in ("granted", "revoking") else "-",
+                l["reason"],
+            ]
+            for l in sorted(items, key=lambda l: l["node"])
+        ],
+    )
 
 
 @cli.command()
 @state_dir_option
-@click.option("--interval", type=Seconds(positive=True), default=1.0, show_default=True,
-              help="Seconds between refreshes.")
+@click.option(
+    "--interval",
+    type=Seconds(positive=True),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
 def top(state_dir, interval) -> None:
     """A live view of the node: lenders, GPUs and links, leases, recent revocations."""
     from harvestd.top import run_top
@@ -150,7 +223,8 @@ def doctor(state_dir, as_json) -> None:
     else:
         for c in checks:
             mark = {True: "ok     ", False: "MISSING", None: "-      "}[c.ok]
-            click.echo(f"{mark} {c.name}: {c.detail}" + (f"  -> fix: {c.fix}"
-                                                         if c.ok is False and c.fix else ""))
+            click.echo(
+                f"{mark} {c.name}: {c.detail}"
+                + (f"  -> fix: {c.fix}" if c.ok is False and c.fix else "")
+            )
     return 1 if any(c.ok is False for c in checks) else 0
-

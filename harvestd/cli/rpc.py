@@ -1,4 +1,5 @@
 """The CLI's calls to the broker: one channel per call, errors as our own exceptions."""
+
 from __future__ import annotations
 
 import grpc
@@ -37,4 +38,3 @@ def enum_name(enum, value: int, prefix: str = "") -> str:
         return enum.Name(value).removeprefix(prefix).lower()
     except ValueError:
         return str(value)
-

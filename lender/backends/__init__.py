@@ -1,7 +1,8 @@
 """Memory backends behind one seam: host memfd here, CUDA VMM and CUDA IPC beside it."""
+
 from __future__ import annotations
 
-from lender.backends.base import Allocation, Backend, BackendKind, Exported, Mapping, round_up
+from lender.backends.base import Allocation, Backend, BackendKind, Exported, Mapping
 
 
 def get_backend(kind: BackendKind | str, **options) -> Backend:
@@ -20,5 +21,4 @@ def get_backend(kind: BackendKind | str, **options) -> Backend:
     return CudaIpcBackend(**options)
 
 
-__all__ = ["Allocation", "Backend", "BackendKind", "Exported", "Mapping", "get_backend",
-           "round_up"]
+__all__ = ["Allocation", "Backend", "BackendKind", "Exported", "Mapping", "get_backend"]

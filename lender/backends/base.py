@@ -6,6 +6,7 @@ handle (a file descriptor, or an IPC handle's bytes): the lender's side allocate
 exports; the client's side imports and maps. Everything above this module depends on
 the :class:`Backend` protocol, never on a concrete class.
 """
+
 from __future__ import annotations
 
 import enum
@@ -128,8 +129,3 @@ class Backend(Protocol):
 
     def map(self, imported: Any, nbytes: int, device: Any = None) -> Mapping:
         """Client side: map ``nbytes`` of an imported allocation, addressed from ``device``."""
-
-
-def round_up(nbytes: int, granularity: int) -> int:
-    """``nbytes`` rounded up to a whole multiple of ``granularity``."""
-    return -(-nbytes // granularity) * granularity

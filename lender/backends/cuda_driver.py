@@ -5,6 +5,7 @@ contexts, and torch tensors over raw device pointers (a hand-built DLPack capsul
 Everything touching the driver is lazy: importing this module needs neither a GPU nor
 ``cuda-bindings``, so that CPU-only machines can import the backends and skip cleanly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,9 @@ def driver() -> Any:
         try:
             from cuda.bindings import driver as drv
         except ImportError as exc:
-            raise BackendUnavailable("cuda-bindings is not installed (pip install "
-                                     "'harvest[gpu]')") from exc
+            raise BackendUnavailable(
+                "cuda-bindings is not installed (pip install 'harvest[gpu]')"
+            ) from exc
         try:
             (err,) = drv.cuInit(0)
         except Exception as exc:  # noqa: BLE001 - a missing libcuda raises its own types
@@ -72,11 +74,18 @@ def check(result: Any, what: str) -> Any:
         message = f"{what} failed: {name}"
         if name in ("CUDA_ERROR_OUT_OF_MEMORY",):
             raise NoCapacity(message)
-        if name in ("CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_INVALID_DEVICE",
-                    "CUDA_ERROR_INVALID_HANDLE"):
+        if name in (
+            "CUDA_ERROR_INVALID_VALUE",
+            "CUDA_ERROR_INVALID_DEVICE",
+            "CUDA_ERROR_INVALID_HANDLE",
+        ):
             raise InvalidArgument(message)
-        if name in ("CUDA_ERROR_NOT_SUPPORTED", "CUDA_ERROR_NO_DEVICE",
-                    "CUDA_ERROR_NOT_INITIALIZED", "CUDA_ERROR_DEINITIALIZED"):
+        if name in (
+            "CUDA_ERROR_NOT_SUPPORTED",
+            "CUDA_ERROR_NO_DEVICE",
+            "CUDA_ERROR_NOT_INITIALIZED",
+            "CUDA_ERROR_DEINITIALIZED",
+        ):
             raise BackendUnavailable(message)
         raise CudaError(message, err)
     if not values:
@@ -129,8 +138,9 @@ def attribute(ordinal: int, name: str) -> int:
     drv = driver()
     attr = getattr(drv.CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_{name}", None)
     if attr is None:  # renamed between CUDA releases; same value
-        attr = getattr(drv.CUdevice_attribute,
-                       f"CU_DEVICE_ATTRIBUTE_{_ATTRIBUTE_ALIASES.get(name, name)}")
+        attr = getattr(
+            drv.CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_{_ATTRIBUTE_ALIASES.get(name, name)}"
+        )
     dev = check(drv.cuDeviceGet(ordinal), f"cuDeviceGet({ordinal})")
     return int(check(drv.cuDeviceGetAttribute(attr, dev), f"cuDeviceGetAttribute({name})"))
 
@@ -185,8 +195,7 @@ def device_index(device: Any) -> int | None:
             raise InvalidArgument(f"device={device!r} is not a CUDA device")
         index = dev.index if dev.index is not None else torch.cuda.current_device()
     if index < 0 or index >= device_count():
-        raise InvalidArgument(f"CUDA device {index} does not exist here "
-                              f"({device_count()} visible)")
+        raise InvalidArgument(f"CUDA device {index} does not exist here ({device_count()} visible)")
     return index
 
 
@@ -209,13 +218,15 @@ def host_device_pointer(ptr: int, ordinal: int) -> int | None:
     drv = driver()
     with on_device(ordinal):
         err, value = drv.cuPointerGetAttribute(
-            drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_POINTER, ptr)
+            drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_POINTER, ptr
+        )
     if err != drv.CUresult.CUDA_SUCCESS:
         return None
     return int(value)
 
 
 # ---------------------------------------------------------------- VMM pieces
+
 
 def vmm_prop(drv: Any, ordinal: int, exportable: bool = True) -> Any:
     """``cuMemCreate`` properties: pinned device memory on ``ordinal``, fd-exportable
@@ -226,7 +237,8 @@ def vmm_prop(drv: Any, ordinal: int, exportable: bool = True) -> Any:
     prop.location.id = ordinal
     if exportable:
         prop.requestedHandleTypes = (
-            drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
+            drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        )
     return prop
 
 
@@ -243,8 +255,12 @@ def vmm_granularity(ordinal: int) -> int:
     """The recommended ``cuMemCreate`` granularity of device ``ordinal`` (fd-exportable)."""
     drv = driver()
     flag = drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED
-    return int(check(drv.cuMemGetAllocationGranularity(vmm_prop(drv, ordinal), flag),
-                     "cuMemGetAllocationGranularity"))
+    return int(
+        check(
+            drv.cuMemGetAllocationGranularity(vmm_prop(drv, ordinal), flag),
+            "cuMemGetAllocationGranularity",
+        )
+    )
 
 
 def map_range(drv: Any, handle: Any, size: int, ordinal: int, align: int) -> int:
@@ -269,6 +285,7 @@ def map_range(drv: Any, handle: Any, size: int, ordinal: int, align: int) -> int
 # calls its deleter when the last tensor over it dies. We keep each capsule's structs and
 # its owner in _LIVE until then, so a tensor keeps the mapping it views alive.
 
+
 class _DLDevice(ctypes.Structure):
     _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
 
@@ -278,9 +295,15 @@ class _DLDataType(ctypes.Structure):
 
 
 class _DLTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
-                ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
 
 
 class _DLManagedTensor(ctypes.Structure):
@@ -288,8 +311,11 @@ class _DLManagedTensor(ctypes.Structure):
 
 
 _DELETER = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
-_DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p),
-                             ("deleter", _DELETER)]
+_DLManagedTensor._fields_ = [
+    ("dl_tensor", _DLTensor),
+    ("manager_ctx", ctypes.c_void_p),
+    ("deleter", _DELETER),
+]
 _K_DL_CUDA, _K_DL_UINT = 2, 1
 _LIVE: dict[int, tuple[Any, Any, Any]] = {}
 

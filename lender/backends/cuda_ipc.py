@@ -16,6 +16,7 @@ runs:
   address fault that poisons the whole CUDA context of the client process. Tensors must
   never be used after ``fence()``; the lease's ``use()`` enforces that for its callers.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from harvestd.errors import InvalidArgument
+from harvestd.sizes import round_up
 from lender.backends import cuda_driver as cu
-from lender.backends.base import Allocation, BackendKind, Exported, round_up
+from lender.backends.base import Allocation, BackendKind, Exported
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +85,21 @@ class CudaIpcMapping:
 
     def __init__(self, imported: IpcImport, nbytes: int, ordinal: int) -> None:
         if nbytes <= 0 or nbytes > imported.alloc_bytes:
-            raise InvalidArgument(f"cannot map {nbytes} bytes of a {imported.alloc_bytes}-byte "
-                                  "allocation")
+            raise InvalidArgument(
+                f"cannot map {nbytes} bytes of a {imported.alloc_bytes}-byte allocation"
+            )
         self.nbytes = nbytes
         self._lock = threading.Lock()
         with cu.on_device(ordinal) as drv:
             handle = drv.CUipcMemHandle()
             ctypes.memmove(handle.getPtr(), imported.handle, IPC_HANDLE_BYTES)
             # Lazy peer access: the lender's GPU may be a peer of ours.
-            ptr = cu.check(drv.cuIpcOpenMemHandle(
-                handle, cu.flag(drv.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)),
-                "cuIpcOpenMemHandle")
+            ptr = cu.check(
+                drv.cuIpcOpenMemHandle(
+                    handle, cu.flag(drv.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)
+                ),
+                "cuIpcOpenMemHandle",
+            )
         self._state = _IpcState(ordinal, int(ptr))
         self._owner: _Owner | None = _Owner()
         weakref.finalize(self._owner, _close, self._state)
@@ -172,8 +178,9 @@ class CudaIpcBackend:
         ordinal, size = self._lender(), round_up(nbytes, _GRANULARITY)
         with cu.on_device(ordinal) as drv:
             ptr = int(cu.check(drv.cuMemAlloc(size), "cuMemAlloc"))
-        alloc = Allocation(nbytes=size, handle=IpcAllocation(ptr, size, ordinal),
-                           gpu_uuid=self._uuid)
+        alloc = Allocation(
+            nbytes=size, handle=IpcAllocation(ptr, size, ordinal), gpu_uuid=self._uuid
+        )
         try:
             self.zero(alloc)
         except Exception:
@@ -201,8 +208,13 @@ class CudaIpcBackend:
         with cu.on_device(ipc.ordinal) as drv:
             handle = cu.check(drv.cuIpcGetMemHandle(ipc.ptr), "cuIpcGetMemHandle")
         raw = ctypes.string_at(handle.getPtr(), IPC_HANDLE_BYTES)
-        return Exported(kind=self.kind, alloc_bytes=alloc.nbytes, fd=None, ipc_handle=raw,
-                        gpu_uuid=alloc.gpu_uuid)
+        return Exported(
+            kind=self.kind,
+            alloc_bytes=alloc.nbytes,
+            fd=None,
+            ipc_handle=raw,
+            gpu_uuid=alloc.gpu_uuid,
+        )
 
     def free(self, alloc: Allocation) -> None:
         """``cuMemFree``. Only safe once every importer closed its handle (see above)."""
@@ -217,8 +229,9 @@ class CudaIpcBackend:
         """Check the received handle's bytes; opening waits for ``map``."""
         exported.close()  # an fd has no business here; never leak one
         if len(exported.ipc_handle) != IPC_HANDLE_BYTES:
-            raise InvalidArgument(f"a CUDA IPC handle is {IPC_HANDLE_BYTES} bytes, got "
-                                  f"{len(exported.ipc_handle)}")
+            raise InvalidArgument(
+                f"a CUDA IPC handle is {IPC_HANDLE_BYTES} bytes, got {len(exported.ipc_handle)}"
+            )
         return IpcImport(bytes(exported.ipc_handle), exported.alloc_bytes, exported.gpu_uuid)
 
     def map(self, imported: IpcImport, nbytes: int, device: Any = None) -> CudaIpcMapping:

@@ -12,6 +12,7 @@ before the fence stay valid objects that read local garbage; none can fault, and
 reach the lender's memory again. The driver keeps the physical pages alive until the last
 importer unmaps them, so a lender may free while a slow client still maps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,18 +23,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harvestd.errors import BackendUnavailable, InvalidArgument
+from harvestd.sizes import round_up
 from lender.backends import cuda_driver as cu
-from lender.backends.base import Allocation, BackendKind, Exported, round_up
+from lender.backends.base import Allocation, BackendKind, Exported
 from lender.backends.fence_chunks import fence_plan
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class VmmAllocation:
     """The lender's side of one allocation (``Allocation.handle``)."""
 
-    handle: Any   # CUmemGenericAllocationHandle; None once freed
-    va: int       # where the lender maps it, for zeroing
+    handle: Any  # CUmemGenericAllocationHandle; None once freed
+    va: int  # where the lender maps it, for zeroing
     size: int
     ordinal: int
 
@@ -92,13 +95,13 @@ class CudaVmmMapping:
         self.fence_ms: dict[str, float] = {}  # how long the fence's steps took (metrics)
         try:
             if nbytes <= 0 or nbytes > imported.alloc_bytes:
-                raise InvalidArgument(f"cannot map {nbytes} bytes of a "
-                                      f"{imported.alloc_bytes}-byte allocation")
+                raise InvalidArgument(
+                    f"cannot map {nbytes} bytes of a {imported.alloc_bytes}-byte allocation"
+                )
             gran = cu.vmm_granularity(ordinal)
             span = round_up(imported.alloc_bytes, gran)
             with cu.on_device(ordinal) as drv:
-                va = int(cu.check(drv.cuMemAddressReserve(span, gran, 0, 0),
-                                  "cuMemAddressReserve"))
+                va = int(cu.check(drv.cuMemAddressReserve(span, gran, 0, 0), "cuMemAddressReserve"))
         except Exception:
             # The mapping owns the import from the start: release it on every failure.
             _release(_VaState(ordinal, 0, 0, imported=imported.handle))
@@ -106,13 +109,11 @@ class CudaVmmMapping:
         with cu.on_device(ordinal) as drv:
             state = _VaState(ordinal, va, span, imported=imported.handle)
             try:
-                cu.check(drv.cuMemMap(va, imported.alloc_bytes, 0, imported.handle, 0),
-                         "cuMemMap")
+                cu.check(drv.cuMemMap(va, imported.alloc_bytes, 0, imported.handle, 0), "cuMemMap")
                 state.mapped.append((va, imported.alloc_bytes))
                 # Access for the client's GPU only: a peer lender's GPU gets nothing here.
                 access = [cu.access_desc(drv, ordinal)]
-                cu.check(drv.cuMemSetAccess(va, imported.alloc_bytes, access, 1),
-                         "cuMemSetAccess")
+                cu.check(drv.cuMemSetAccess(va, imported.alloc_bytes, access, 1), "cuMemSetAccess")
             except Exception:
                 _release(state)
                 raise
@@ -172,18 +173,25 @@ class CudaVmmMapping:
                     state.mapped.append((state.va + off, size))
                 t4 = time.perf_counter()
                 access = [cu.access_desc(drv, state.ordinal)]
-                cu.check(drv.cuMemSetAccess(state.va, state.span, access, 1),
-                         "cuMemSetAccess (fence)")
+                cu.check(
+                    drv.cuMemSetAccess(state.va, state.span, access, 1), "cuMemSetAccess (fence)"
+                )
                 t5 = time.perf_counter()
                 if state.imported is not None:
                     cu.check(drv.cuMemRelease(state.imported), "cuMemRelease")
                     state.imported = None
             t6 = time.perf_counter()
             self._fenced = True
-            self.fence_ms = {"plan": (t1 - t0) * 1e3, "sync": (t2 - t1) * 1e3,
-                             "unmap": (t3 - t2) * 1e3, "map": (t4 - t3) * 1e3,
-                             "access": (t5 - t4) * 1e3, "release": (t6 - t5) * 1e3,
-                             "chunks": len(plan), "total": (t6 - t0) * 1e3}
+            self.fence_ms = {
+                "plan": (t1 - t0) * 1e3,
+                "sync": (t2 - t1) * 1e3,
+                "unmap": (t3 - t2) * 1e3,
+                "map": (t4 - t3) * 1e3,
+                "access": (t5 - t4) * 1e3,
+                "release": (t6 - t5) * 1e3,
+                "chunks": len(plan),
+                "total": (t6 - t0) * 1e3,
+            }
             log.debug("fenced %d bytes in %.2f ms", state.span, self.fence_ms["total"])
 
     def close(self) -> None:
@@ -261,8 +269,9 @@ class CudaVmmBackend:
             except Exception:
                 drv.cuMemRelease(handle)
                 raise
-        alloc = Allocation(nbytes=size, handle=VmmAllocation(handle, va, size, ordinal),
-                           gpu_uuid=self._uuid)
+        alloc = Allocation(
+            nbytes=size, handle=VmmAllocation(handle, va, size, ordinal), gpu_uuid=self._uuid
+        )
         try:
             self.zero(alloc)
         except Exception:
@@ -278,8 +287,10 @@ class CudaVmmBackend:
         with cu.on_device(vmm.ordinal) as drv:
             with self._lock:
                 if self._stream is None:
-                    self._stream = cu.check(drv.cuStreamCreate(
-                        cu.flag(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate")
+                    self._stream = cu.check(
+                        drv.cuStreamCreate(cu.flag(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)),
+                        "cuStreamCreate",
+                    )
                 stream = self._stream
             cu.check(drv.cuMemsetD8Async(vmm.va, 0, vmm.size, stream), "cuMemsetD8Async")
             cu.check(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
@@ -294,11 +305,17 @@ class CudaVmmBackend:
         vmm: VmmAllocation = alloc.handle
         drv = cu.driver()
         with cu.on_device(vmm.ordinal):
-            fd = cu.check(drv.cuMemExportToShareableHandle(
-                vmm.handle, drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
-                0), "cuMemExportToShareableHandle")
-        return Exported(kind=self.kind, alloc_bytes=alloc.nbytes, fd=int(fd),
-                        gpu_uuid=alloc.gpu_uuid)
+            fd = cu.check(
+                drv.cuMemExportToShareableHandle(
+                    vmm.handle,
+                    drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                    0,
+                ),
+                "cuMemExportToShareableHandle",
+            )
+        return Exported(
+            kind=self.kind, alloc_bytes=alloc.nbytes, fd=int(fd), gpu_uuid=alloc.gpu_uuid
+        )
 
     def free(self, alloc: Allocation) -> None:
         """Unmap and release; importers that still map it keep the pages until they unmap."""
@@ -318,10 +335,13 @@ class CudaVmmBackend:
         try:
             ordinal = cu.visible_or_current(exported.gpu_uuid)
             with cu.on_device(ordinal) as drv:
-                handle = cu.check(drv.cuMemImportFromShareableHandle(
-                    exported.fd,
-                    drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
-                    "cuMemImportFromShareableHandle")
+                handle = cu.check(
+                    drv.cuMemImportFromShareableHandle(
+                        exported.fd,
+                        drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                    ),
+                    "cuMemImportFromShareableHandle",
+                )
         finally:
             exported.close()
         return VmmImport(handle, exported.alloc_bytes, exported.gpu_uuid)

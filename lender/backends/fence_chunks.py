@@ -5,6 +5,7 @@ stale tensors read (and write) this process's private memory, never the lender's
 The chunks are allocated once per device and process and shared by every fenced mapping
 there; nothing in them is meaningful (zeros at first, then whatever stale writers left).
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,8 @@ import threading
 from typing import Any
 
 from harvestd.errors import NoCapacity
+from harvestd.sizes import round_up
 from lender.backends import cuda_driver as cu
-from lender.backends.base import round_up
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,10 @@ def _fence_chunk(ordinal: int, size: int) -> Any:
         handle = _fence_chunks.get((ordinal, size))
         if handle is None:
             with cu.on_device(ordinal) as drv:
-                handle = cu.check(drv.cuMemCreate(size, cu.vmm_prop(drv, ordinal, False), 0),
-                                  "cuMemCreate (fence chunk)")
+                handle = cu.check(
+                    drv.cuMemCreate(size, cu.vmm_prop(drv, ordinal, False), 0),
+                    "cuMemCreate (fence chunk)",
+                )
                 va = cu.map_range(drv, handle, size, ordinal, size)
                 try:
                     cu.check(drv.cuMemsetD8(va, 0, size), "cuMemsetD8")

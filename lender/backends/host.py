@@ -6,6 +6,7 @@ address), and fences by mapping private anonymous pages over the very same addre
 tensors made before the fence stay valid Python objects, but from then on they read
 zeros that belong to this process, never the lender's pages.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -17,14 +18,21 @@ import weakref
 from typing import Any
 
 from harvestd.errors import BackendUnavailable, InvalidArgument
-from lender.backends.base import Allocation, BackendKind, Exported, round_up
+from harvestd.sizes import round_up
+from lender.backends.base import Allocation, BackendKind, Exported
 
 log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.fallocate.restype = ctypes.c_int
@@ -105,8 +113,7 @@ class HostMapping:
                 torch.cuda.synchronize()
                 torch.cuda.cudart().cudaHostUnregister(self._addr)
                 self._pinned = False
-            _mmap(self._addr, self.nbytes,
-                  mmap.MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_FIXED, -1)
+            _mmap(self._addr, self.nbytes, mmap.MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_FIXED, -1)
             self._fenced = True
 
     def close(self) -> None:
@@ -149,8 +156,12 @@ class HostBackend:
         Punching keeps the size, so a mapping still open elsewhere reads zeros rather
         than faulting (truncating would raise SIGBUS there).
         """
-        if _libc.fallocate(alloc.handle, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-                           0, alloc.nbytes) != 0:
+        if (
+            _libc.fallocate(
+                alloc.handle, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, alloc.nbytes
+            )
+            != 0
+        ):
             err = ctypes.get_errno()
             raise OSError(err, f"zeroing a host allocation failed: {os.strerror(err)}")
 

@@ -4,6 +4,7 @@ this test process (the client) imports, maps, reads and writes with torch, and f
 Run on a GPU machine with scripts/gpu_tests.sh; skipped where there is no GPU or no
 cuda-bindings. The lender side runs as a subprocess driven over a SOCK_SEQPACKET Unix
 socketpair, receiving commands and sending file descriptors with SCM_RIGHTS."""
+
 from __future__ import annotations
 
 import inspect
@@ -19,8 +20,10 @@ import pytest
 
 pytest.importorskip("cuda.bindings")
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                  reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 from harvestd.errors import BackendUnavailable, InvalidArgument  # noqa: E402
 from lender.backends import BackendKind, Exported, get_backend  # noqa: E402
@@ -29,14 +32,15 @@ REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 
-
 def pattern(n: int, seed: int, device) -> "torch.Tensor":
     """Bytes both processes can compute: the lender writes them, the client checks them.
     Values stay below 251, so markers 0xFB..0xFF never occur in a pattern by chance."""
     return ((torch.arange(n, device=device, dtype=torch.int64) * 131 + seed) % 251).to(torch.uint8)
 
 
-LENDER = inspect.getsource(pattern) + r"""
+LENDER = (
+    inspect.getsource(pattern)
+    + r"""
 import json, socket, sys, torch
 from lender.backends import get_backend
 sock = socket.socket(fileno=int(sys.argv[1]))
@@ -92,6 +96,7 @@ while True:
     except Exception as exc:
         sock.send(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode())
 """
+)
 
 
 class LenderProcess:
@@ -99,11 +104,18 @@ class LenderProcess:
 
     def __init__(self, kind: str, **options) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+            ),
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-c", LENDER, str(theirs.fileno()), kind, json.dumps(options)],
-            pass_fds=[theirs.fileno()], env=env, cwd=REPO)
+            pass_fds=[theirs.fileno()],
+            env=env,
+            cwd=REPO,
+        )
         theirs.close()
         self.sock = ours
         self.sock.settimeout(180)
@@ -121,8 +133,13 @@ class LenderProcess:
     def receive(self, name: str, kind: BackendKind):
         """Export ``name`` there, import it here: ``(client backend, imported, reply)``."""
         msg = self.call("export", name=name)
-        exported = Exported(kind=kind, alloc_bytes=msg["alloc_bytes"], fd=msg.get("fd"),
-                            ipc_handle=bytes.fromhex(msg["ipc"]), gpu_uuid=msg["uuid"])
+        exported = Exported(
+            kind=kind,
+            alloc_bytes=msg["alloc_bytes"],
+            fd=msg.get("fd"),
+            ipc_handle=bytes.fromhex(msg["ipc"]),
+            gpu_uuid=msg["uuid"],
+        )
         backend = get_backend(kind)
         return backend, backend.import_handle(exported), msg
 
@@ -189,11 +206,21 @@ print(json.dumps(out))
 
 
 def _remapped(visible: str) -> dict:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible,
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", ""))
-                                         if p)}
-    done = subprocess.run([sys.executable, "-c", REMAP], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": visible,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", REMAP],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -234,15 +261,15 @@ def test_vmm_two_processes_share_then_fence(vmm_lender):
     t[:MiB].fill_(0xFE)
     torch.cuda.synchronize()
     assert vmm_lender.call("count", name="a", lo=0, hi=2 * MiB, value=0xFE)["count"] == MiB
-    stale = t[MiB:2 * MiB]
+    stale = t[MiB : 2 * MiB]
     start = time.perf_counter()
     mapping.fence()
     print(f"fence of {n >> 20} MiB: {(time.perf_counter() - start) * 1e3:.2f} ms")
     assert mapping.fenced
     vmm_lender.call("fill", name="a", seed=9)  # the next holder's data
     seen = stale.clone()  # no fault: the range now holds this process's own chunk
-    assert not torch.equal(seen, pattern(n, 9, t.device)[MiB:2 * MiB])
-    assert not torch.equal(seen, pattern(n, 7, t.device)[MiB:2 * MiB])
+    assert not torch.equal(seen, pattern(n, 9, t.device)[MiB : 2 * MiB])
+    assert not torch.equal(seen, pattern(n, 7, t.device)[MiB : 2 * MiB])
     stale.fill_(0xFF)  # and stale writes land here, not in the lender
     torch.cuda.synchronize()
     assert vmm_lender.call("same", name="a", seed=9)["same"]
@@ -296,10 +323,14 @@ def test_blocks_move_in_one_launch_over_a_lease_and_pinned_host(vmm_lender):
     offsets = [16384 * i for i in (900, 3, 511, 0, 77)] + [12345]  # one unaligned
     out = torch.empty(len(offsets) * 16384, dtype=torch.uint8, device="cuda:0")
     gather(lease, offsets, 16384, out)
-    ref = torch.cat([lease[o:o + 16384] for o in offsets])
+    ref = torch.cat([lease[o : o + 16384] for o in offsets])
     assert torch.equal(out, ref)
-    scatter(lease, torch.full((2 * 16384,), 0xFD, dtype=torch.uint8, device="cuda:0"),
-            [16384, 16384 * 5], 16384)
+    scatter(
+        lease,
+        torch.full((2 * 16384,), 0xFD, dtype=torch.uint8, device="cuda:0"),
+        [16384, 16384 * 5],
+        16384,
+    )
     torch.cuda.synchronize()
     assert vmm_lender.call("count", name="d", lo=0, hi=n, value=0xFD)["count"] == 2 * 16384
     mapping.close()
@@ -313,8 +344,9 @@ def test_blocks_move_in_one_launch_over_a_lease_and_pinned_host(vmm_lender):
     h.copy_(pattern(h.numel(), 4, "cpu"))
     out = torch.empty(4 * 16384, dtype=torch.uint8, device="cuda:0")
     gather(h, torch.tensor([0, 32768, 65536, 16384 * 100], device="cuda:0"), 16384, out)
-    assert torch.equal(out.cpu(), torch.cat([h[o:o + 16384] for o in (0, 32768, 65536,
-                                                                       16384 * 100)]))
+    assert torch.equal(
+        out.cpu(), torch.cat([h[o : o + 16384] for o in (0, 32768, 65536, 16384 * 100)])
+    )
     scatter(h, torch.full((16384,), 0x77, dtype=torch.uint8, device="cuda:0"), [16384], 16384)
     torch.cuda.synchronize()
     assert bool((h[16384:32768] == 0x77).all())

@@ -1,30 +1,42 @@
 """The tiered cache on a GPU: objects in borrowed CUDA VMM slabs, read onto the GPU,
 right through a revocation and a refill."""
+
 from __future__ import annotations
 
-
 import pytest
-
 from conftest import started_node, wait_for
 
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def node():
-    with started_node("--backend", "cuda-vmm", "--cap", "1GiB",
-                      "--host-bytes", "256MiB", "--ttl", "5", "--grace", "1") as n:
+    with started_node(
+        "--backend",
+        "cuda-vmm",
+        "--cap",
+        "1GiB",
+        "--host-bytes",
+        "256MiB",
+        "--ttl",
+        "5",
+        "--grace",
+        "1",
+    ) as n:
         yield n
 
 
 def test_cache_serves_from_gpu_leases_and_survives_revocation(node):
     from client.cache import Tier, TieredCache
 
-    experts = {i: torch.randn(1024, 1024, device="cuda:0", dtype=torch.float16)
-               for i in range(16)}  # 2 MiB each
+    experts = {
+        i: torch.randn(1024, 1024, device="cuda:0", dtype=torch.float16) for i in range(16)
+    }  # 2 MiB each
     with node.connect() as client:
         cache = TieredCache(client, device="cuda:0", borrow_bytes=16 * MiB, slab_bytes=16 * MiB)
         for i, weight in experts.items():

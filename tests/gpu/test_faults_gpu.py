@@ -1,19 +1,21 @@
 """Faults on GPU leases (the GPU variants of tests/test_faults.py and tests/test_node.py):
 the lender's actor killed while a holder reads, and a stuck holder that never lets go.
 Run on a lent GPU machine with scripts/gpu_tests.sh."""
+
 from __future__ import annotations
 
 import os
 import signal
 
 import pytest
-
 from conftest import started_node, wait_for
 
 pytest.importorskip("cuda.bindings")
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 from test_node_gpu import GPU_HOLDER  # noqa: E402  (tests/gpu is on sys.path here)
 
@@ -40,8 +42,9 @@ time.sleep(600)
 
 @pytest.fixture(scope="module")
 def node():
-    with started_node("--backend", "cuda-vmm", "--gpus", "0", "--cap", "8GiB",
-                      "--ttl", "5", "--grace", "1") as n:
+    with started_node(
+        "--backend", "cuda-vmm", "--gpus", "0", "--cap", "8GiB", "--ttl", "5", "--grace", "1"
+    ) as n:
         yield n
 
 
@@ -69,9 +72,15 @@ def test_gpu_lender_killed_while_a_holder_reads(node):
         assert revoked["id"] == leased["id"] and "lender" in revoked["reason"]
         done = holder.expect("done", timeout=60)
         assert done["wrong"] == 0 and done["reads"] > 0
-        again = wait_for(lambda: [l for l in node.json("lenders") if l["id"] == lender["id"]
-                                  and l["pid"] != lender["pid"] and l["state"] == "up"],
-                         timeout=120, what="the lender's restart")[0]
+        again = wait_for(
+            lambda: [
+                l
+                for l in node.json("lenders")
+                if l["id"] == lender["id"] and l["pid"] != lender["pid"] and l["state"] == "up"
+            ],
+            timeout=120,
+            what="the lender's restart",
+        )[0]
         assert again["generation"] > lender["generation"] and again["granted"] == 0
     finally:
         holder.kill()
@@ -86,8 +95,13 @@ def test_stuck_gpu_holder_loses_its_lease_after_the_grace(node):
     try:
         lease_id = stuck.expect("leased", timeout=120)["id"]
         node.cli("revoke", lease_id, check=True)
-        wait_for(lambda: {l["id"]: l for l in node.json("leases", "--all")}[lease_id]["state"]
-                 == "revoked", timeout=30, what="the forced end")
+        wait_for(
+            lambda: (
+                {l["id"]: l for l in node.json("leases", "--all")}[lease_id]["state"] == "revoked"
+            ),
+            timeout=30,
+            what="the forced end",
+        )
         row = {l["id"]: l for l in node.json("leases", "--all")}[lease_id]
         assert "did not acknowledge" in row["reason"]
         wait_for(lambda: _gpu_lender(node)["granted"] == 0, timeout=30, what="granted back to 0")
@@ -108,8 +122,11 @@ def test_kill_holder_gets_gpu_memory_back_from_a_stuck_holder(node):
         assert f"holder pid {stuck.pid} killed" in result.stdout
         assert stuck.finish(30) == -signal.SIGKILL
         # Its import and its CUDA context go with it: at least the lease comes back.
-        wait_for(lambda: _free_bytes(uuid) >= held + int(0.9 * GiB), timeout=60,
-                 what="the stuck holder's GPU memory free again")
+        wait_for(
+            lambda: _free_bytes(uuid) >= held + int(0.9 * GiB),
+            timeout=60,
+            what="the stuck holder's GPU memory free again",
+        )
     finally:
         stuck.kill()
         stuck.finish()

@@ -5,39 +5,62 @@ KVBlockStore loads from GPU leases into a paged tensor on the GPU.
 Two block sizes: small blocks (one gather kernel per slab from either tier) and blocks of
 2 MiB and more (one copy each from host leases, on the copy engine; from GPU leases one
 gather kernel straight into the staging rows)."""
+
 from __future__ import annotations
 
-
 import pytest
-
 from conftest import started_node, wait_for
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 DEVICE = "cuda:0"
 
 
 @pytest.fixture(scope="module")
 def node():
-    with started_node("--backend", "cuda-vmm", "--cap", "1GiB",
-                      "--host-bytes", "512MiB", "--ttl", "5", "--grace", "1") as n:
+    with started_node(
+        "--backend",
+        "cuda-vmm",
+        "--cap",
+        "1GiB",
+        "--host-bytes",
+        "512MiB",
+        "--ttl",
+        "5",
+        "--grace",
+        "1",
+    ) as n:
         yield n
 
 
 def tiny_llama() -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=2048)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).to(DEVICE).eval()
 
 
 def tiny_opt() -> torch.nn.Module:
-    cfg = transformers.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 word_embed_proj_dim=64, max_position_embeddings=2048)
+    cfg = transformers.OPTConfig(
+        vocab_size=256,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        max_position_embeddings=2048,
+    )
     torch.manual_seed(0)
     return transformers.OPTForCausalLM(cfg).to(DEVICE).eval()
 
@@ -45,10 +68,16 @@ def tiny_opt() -> torch.nn.Module:
 def wide_llama() -> torch.nn.Module:
     """8 KV heads of 128 in bfloat16, as Llama-3-8B: a 256-token block of 2 sequences is
     2 MiB (K and V)."""
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=2048,
-                                   num_hidden_layers=2, num_attention_heads=8,
-                                   num_key_value_heads=8, head_dim=128,
-                                   max_position_embeddings=4096)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).to(DEVICE, torch.bfloat16).eval()
 
@@ -64,10 +93,17 @@ def generate(model, cache=None, prompt: int = 150, tokens: int = 40):
     torch.manual_seed(1)
     ids = torch.randint(3, 256, (2, prompt), device=DEVICE)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                             min_new_tokens=tokens, do_sample=False, pad_token_id=0,
-                             past_key_values=cache, output_logits=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=0,
+            past_key_values=cache,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     return out.sequences, torch.stack(out.logits)
 
 
@@ -80,8 +116,14 @@ def test_tokens_and_logits_equal_dynamic_cache(node, case, backend, tier):
     model = build()
     want_tokens, want_logits = generate(model, prompt=prompt)
     with node.connect() as client:
-        cache = HarvestCache(client, block_tokens=block, config=model.config,
-                             backends=(backend,), slab_bytes=32 << 20, borrow_bytes=256 << 20)
+        cache = HarvestCache(
+            client,
+            block_tokens=block,
+            config=model.config,
+            backends=(backend,),
+            slab_bytes=32 << 20,
+            borrow_bytes=256 << 20,
+        )
         tokens, logits = generate(model, cache, prompt=prompt)
         torch.cuda.synchronize()
         assert torch.equal(tokens, want_tokens)
@@ -100,8 +142,14 @@ def test_revocation_mid_generation_changes_no_token(node, backend):
     model = wide_llama()
     want_tokens, want_logits = generate(model, prompt=1000)
     with node.connect() as client:
-        cache = HarvestCache(client, block_tokens=256, config=model.config,
-                             backends=(backend,), slab_bytes=8 << 20, refill_every=None)
+        cache = HarvestCache(
+            client,
+            block_tokens=256,
+            config=model.config,
+            backends=(backend,),
+            slab_bytes=8 << 20,
+            refill_every=None,
+        )
         calls = {"n": 0}
 
         def revoke_all(module, args, output):
@@ -123,13 +171,19 @@ def test_revocation_mid_generation_changes_no_token(node, backend):
 
 def test_block_store_loads_from_gpu_leases_into_any_slots(node):
     from client.cache import Tier
-    from client.kv_blocks import KVBlockStore
+    from client.kv.blocks import KVBlockStore
 
     shape = (2, 16, 8, 128)  # a page: K and V of 16 tokens, 8 heads of 128 (64 KiB)
     page_bytes = 2 * 16 * 8 * 128 * 2
     with node.connect() as client:
-        store = KVBlockStore(client, page_bytes, device=DEVICE, backends=("cuda-vmm",),
-                             slab_bytes=4 << 20, refill_every=None)
+        store = KVBlockStore(
+            client,
+            page_bytes,
+            device=DEVICE,
+            backends=("cuda-vmm",),
+            slab_bytes=4 << 20,
+            refill_every=None,
+        )
         blocks = torch.randn((96, *shape), device=DEVICE).to(torch.bfloat16)
         store.put(range(96), blocks)
         assert {store.tier_of(b) for b in range(96)} == {Tier.GPU_LEASE}

@@ -1,33 +1,54 @@
 """MoE experts in borrowed GPU and host memory on a real GPU: the tokens out equal the
 all-resident model's, with a revocation mid-generation too."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
-
 from conftest import started_node, wait_for
 
 pytest.importorskip("cuda.bindings")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 
 @pytest.fixture(scope="module")
 def node():
-    with started_node("--backend", "cuda-vmm", "--cap", "2GiB",
-                      "--host-bytes", "1GiB", "--ttl", "10", "--grace", "1") as n:
+    with started_node(
+        "--backend",
+        "cuda-vmm",
+        "--cap",
+        "2GiB",
+        "--host-bytes",
+        "1GiB",
+        "--ttl",
+        "10",
+        "--grace",
+        "1",
+    ) as n:
         yield n
 
 
 def qwen_moe():
     cfg = transformers.Qwen2MoeConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-        shared_expert_intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
-        max_position_embeddings=512, experts_implementation="eager")
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=16,
+        num_experts_per_tok=4,
+        max_position_embeddings=512,
+        experts_implementation="eager",
+    )
     torch.manual_seed(0)
     with torch.device("cuda:0"):
         return transformers.Qwen2MoeForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -37,8 +58,14 @@ def generate(model, tokens: int = 16):
     torch.manual_seed(1)
     ids = torch.randint(0, 512, (4, 12), device="cuda:0")
     with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                              min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
 
 @pytest.mark.parametrize("backend,tier", [("cuda-vmm", "gpu-lease"), ("host", "host-lease")])
@@ -49,8 +76,9 @@ def test_experts_in_leases_give_the_resident_tokens(node, backend, tier):
     want = generate(reference)
     model = copy.deepcopy(reference)
     with node.connect() as client:
-        offload = offload_experts(model, client, fraction=0.5, backends=(backend,),
-                                  slab_bytes=8 << 20)
+        offload = offload_experts(
+            model, client, fraction=0.5, backends=(backend,), slab_bytes=8 << 20
+        )
         assert torch.equal(generate(model), want)
         assert set(offload.cache.stats.hits) == {tier}
         offload.close()
@@ -63,8 +91,14 @@ def test_revocation_mid_generation_on_gpu_leases(node):
     want = generate(reference, tokens=24)
     model = copy.deepcopy(reference)
     with node.connect() as client:
-        offload = offload_experts(model, client, fraction=0.5, backends=("cuda-vmm",),
-                                  slab_bytes=4 << 20, refill_every=None)
+        offload = offload_experts(
+            model,
+            client,
+            fraction=0.5,
+            backends=("cuda-vmm",),
+            slab_bytes=4 << 20,
+            refill_every=None,
+        )
         slabs = list(offload.cache._slabs.slabs)
         calls = {"n": 0}
 
@@ -96,14 +130,16 @@ def test_grouped_experts_in_leases_give_the_grouped_resident_tokens(node, backen
     base.set_experts_implementation("eager")
     with node.connect() as client:
         resident = copy.deepcopy(base)
-        ceiling = offload_experts(resident, client, fraction=0.0, backends=(backend,),
-                                  compute="grouped")
+        ceiling = offload_experts(
+            resident, client, fraction=0.0, backends=(backend,), compute="grouped"
+        )
         want = generate(resident)
         ceiling.close()
         assert torch.equal(want, transformers_grouped)
         model = copy.deepcopy(base)
-        offload = offload_experts(model, client, fraction=0.5, backends=(backend,),
-                                  slab_bytes=8 << 20, compute="grouped")
+        offload = offload_experts(
+            model, client, fraction=0.5, backends=(backend,), slab_bytes=8 << 20, compute="grouped"
+        )
         assert torch.equal(generate(model), want)
         assert set(offload.cache.stats.hits) == {tier}
         offload.close()

@@ -5,18 +5,20 @@ through the same calls. Run on a lent GPU machine with scripts/gpu_tests.sh.
 
 HARVEST_LENDER_GPU and HARVEST_CLIENT_GPU (CUDA ordinals, default 0 and 0) put the lender
 and the clients on two GPUs: scripts/multi_gpu_runs.sh runs these with 1 and 0."""
+
 from __future__ import annotations
 
 import os
 import time
 
 import pytest
-
 from conftest import started_node, wait_for
 
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 GiB, MiB = 1 << 30, 1 << 20
 RESERVE, CAP = 8 * GiB, 12 * GiB
@@ -100,9 +102,22 @@ def gpu_node():
 
     # One GPU lender: the holders' grants, the tenant's pressure and its reclaim all
     # concern that GPU, however many the machine has.
-    with started_node("--backend", "cuda-vmm", "--gpus", cuda_uuid(LENDER),
-                      "--reserve", str(RESERVE), "--cap", str(CAP), "--host-bytes", "2GiB",
-                      "--ttl", "3", "--grace", "1") as node:
+    with started_node(
+        "--backend",
+        "cuda-vmm",
+        "--gpus",
+        cuda_uuid(LENDER),
+        "--reserve",
+        str(RESERVE),
+        "--cap",
+        str(CAP),
+        "--host-bytes",
+        "2GiB",
+        "--ttl",
+        "3",
+        "--grace",
+        "1",
+    ) as node:
         yield node
 
 
@@ -174,10 +189,15 @@ def test_killed_client_memory_comes_back(gpu_node):
     leased = holder.expect("leased", timeout=120)
     holder.kill()
     holder.finish()
-    wait_for(lambda: _gpu_lender(gpu_node)["granted"] == 0, timeout=15,
-             what="the killed client's lease to expire and its memory to be freed")
+    wait_for(
+        lambda: _gpu_lender(gpu_node)["granted"] == 0,
+        timeout=15,
+        what="the killed client's lease to expire and its memory to be freed",
+    )
     row = {l["id"]: l for l in gpu_node.json("leases", "--all")}[leased["id"]]
     assert row["state"] == "expired"
-    with gpu_node.connect() as client, client.lease(GiB, backend="cuda-vmm",
-                                                    device=f"cuda:{CLIENT}") as lease:
+    with (
+        gpu_node.connect() as client,
+        client.lease(GiB, backend="cuda-vmm", device=f"cuda:{CLIENT}") as lease,
+    ):
         assert int(lease.as_bytes().count_nonzero()) == 0  # zeroed before hand-out

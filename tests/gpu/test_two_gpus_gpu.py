@@ -8,6 +8,7 @@ GPUs or more, a striped lease over two peers.
 HARVEST_LENDER_GPU and HARVEST_CLIENT_GPU (CUDA ordinals, default 1 and 0) pick the pair;
 skipped with fewer than two GPUs. Run by scripts/multi_gpu_runs.sh on a two-GPU machine.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,13 @@ RESERVE, CAP = 8 * GiB, 12 * GiB
 LENDER = int(os.environ.get("HARVEST_LENDER_GPU", "1"))
 CLIENT = int(os.environ.get("HARVEST_CLIENT_GPU", "0"))
 COUNT = torch.cuda.device_count() if torch.cuda.is_available() else 0
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    COUNT < 2 or LENDER == CLIENT or max(LENDER, CLIENT) >= COUNT,
-    reason=f"needs two GPUs: {LENDER} (lender) and {CLIENT} (client)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        COUNT < 2 or LENDER == CLIENT or max(LENDER, CLIENT) >= COUNT,
+        reason=f"needs two GPUs: {LENDER} (lender) and {CLIENT} (client)",
+    ),
+]
 
 # A borrower placed by topology (near its own GPU): fills its lease with its marker and
 # gathers it back until revoked or told to stop, counting reads that saw a wrong byte.
@@ -100,9 +105,13 @@ def uuid(ordinal: int) -> str:
 def spawn(node: Node, code: str, *args: str, **env: str) -> Holder:
     """A Python snippet in a new process, with this node's state dir and ``env``."""
     proc = subprocess.Popen(
-        [PY, "-u", "-c", textwrap.dedent(code), *args], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=_env(HARVEST_STATE_DIR=str(node.state_dir), **env))
+        [PY, "-u", "-c", textwrap.dedent(code), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(HARVEST_STATE_DIR=str(node.state_dir), **env),
+    )
     return Holder(proc)
 
 
@@ -113,9 +122,20 @@ def lender_on(node: Node, ordinal: int) -> dict:
 @pytest.fixture(scope="module")
 def pair_node():
     """A lender on each GPU of the pair (no host lender)."""
-    with started_node("--backend", "cuda-vmm", "--gpus", f"{uuid(LENDER)},{uuid(CLIENT)}",
-                      "--reserve", str(RESERVE), "--cap", str(CAP), "--ttl", "3",
-                      "--grace", "1") as node:
+    with started_node(
+        "--backend",
+        "cuda-vmm",
+        "--gpus",
+        f"{uuid(LENDER)},{uuid(CLIENT)}",
+        "--reserve",
+        str(RESERVE),
+        "--cap",
+        str(CAP),
+        "--ttl",
+        "3",
+        "--grace",
+        "1",
+    ) as node:
         yield node
 
 
@@ -138,8 +158,9 @@ def test_lease_across_gpus_maps_with_access_for_the_client_only():
                 location = drv.CUmemLocation()
                 location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
                 location.id = ordinal
-                return cu.flag(cu.check(drv.cuMemGetAccess(location, mapping.address),
-                                        "cuMemGetAccess"))
+                return cu.flag(
+                    cu.check(drv.cuMemGetAccess(location, mapping.address), "cuMemGetAccess")
+                )
 
         drv = cu.driver()
 
@@ -154,10 +175,10 @@ def test_lease_across_gpus_maps_with_access_for_the_client_only():
         t[:MiB].fill_(0xFB)
         torch.cuda.synchronize(CLIENT)
         assert lender.call("count", name="p", lo=0, hi=MiB, value=0xFB)["count"] == MiB
-        stale = t[MiB:2 * MiB]
+        stale = t[MiB : 2 * MiB]
         mapping.fence()
         lender.call("fill", name="p", seed=19)
-        assert not torch.equal(stale.clone(), pattern(n, 19, t.device)[MiB:2 * MiB])
+        assert not torch.equal(stale.clone(), pattern(n, 19, t.device)[MiB : 2 * MiB])
         mapping.close()
         del t, stale
         lender.call("free", name="p")
@@ -202,17 +223,21 @@ def test_tenant_on_the_lender_gpu_reclaims_there_only(pair_node):
     holders = []
     try:
         for marker, near in ((1, CLIENT), (2, CLIENT), (3, LENDER)):
-            holder = spawn(pair_node, PEER_HOLDER, str(2 * GiB), str(marker), "5",
-                           f"cuda:{near}")
+            holder = spawn(pair_node, PEER_HOLDER, str(2 * GiB), str(marker), "5", f"cuda:{near}")
             holders.append((holder, holder.expect("leased", timeout=180)))
         assert [l["lender_gpu"] for _, l in holders] == [uuid(LENDER)] * 2 + [uuid(CLIENT)]
         assert lender_on(pair_node, LENDER)["granted"] == 4 * GiB
         # Leave 4 GiB free on the lender's GPU: 4 + 4 - 8 = 0 may be lent there now.
-        tenant = spawn(pair_node, TENANT, gpu["gpu_uuid"], str(4 * GiB), str(RESERVE),
-                       HARVEST_LENDER_GPU=str(LENDER))
+        tenant = spawn(
+            pair_node,
+            TENANT,
+            gpu["gpu_uuid"],
+            str(4 * GiB),
+            str(RESERVE),
+            HARVEST_LENDER_GPU=str(LENDER),
+        )
         report = tenant.expect("tenant", timeout=180)
-        print(f"tenant on GPU {LENDER}: pressure to reserve free: "
-              f"{report['freed_s'] * 1e3:.1f} ms")
+        print(f"tenant on GPU {LENDER}: pressure to reserve free: {report['freed_s'] * 1e3:.1f} ms")
         assert report["recovered"]
         for holder, leased in holders[:2]:
             assert holder.expect("revoked")["id"] == leased["id"]
@@ -240,10 +265,15 @@ def test_killed_borrower_memory_comes_back_across_gpus(pair_node):
     assert leased["lender_gpu"] == uuid(LENDER)
     holder.kill()
     holder.finish()
-    wait_for(lambda: lender_on(pair_node, LENDER)["granted"] == 0, timeout=15,
-             what="the killed borrower's lease to expire and its memory to be freed")
-    with pair_node.connect() as client, client.lease(GiB, backend="cuda-vmm",
-                                                     near=f"cuda:{CLIENT}") as lease:
+    wait_for(
+        lambda: lender_on(pair_node, LENDER)["granted"] == 0,
+        timeout=15,
+        what="the killed borrower's lease to expire and its memory to be freed",
+    )
+    with (
+        pair_node.connect() as client,
+        client.lease(GiB, backend="cuda-vmm", near=f"cuda:{CLIENT}") as lease,
+    ):
         assert lease.gpu_uuid == uuid(LENDER)
         assert int(lease.as_bytes().count_nonzero()) == 0  # zeroed before hand-out
 
@@ -252,9 +282,23 @@ def test_killed_borrower_memory_comes_back_across_gpus(pair_node):
 def test_striped_lease_over_two_peer_gpus():
     others = [i for i in range(COUNT) if i != CLIENT][:2]
     node = Node(short_tmpdir())
-    result = node.cli("start", "--detach", "--backend", "cuda-vmm", "--gpus",
-                      ",".join(uuid(i) for i in [CLIENT, *others]), "--reserve", str(RESERVE),
-                      "--cap", str(CAP), "--ttl", "3", "--grace", "1", timeout=300)
+    result = node.cli(
+        "start",
+        "--detach",
+        "--backend",
+        "cuda-vmm",
+        "--gpus",
+        ",".join(uuid(i) for i in [CLIENT, *others]),
+        "--reserve",
+        str(RESERVE),
+        "--cap",
+        str(CAP),
+        "--ttl",
+        "3",
+        "--grace",
+        "1",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     try:
         with node.connect() as client:

@@ -1,5 +1,6 @@
 """Borrowed memory for a cache, in slabs: leases carved into equal slots, one slot size
 per slab, leased on demand within a budget (GPU lenders first, then host lenders)."""
+
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from harvestd.errors import HarvestError, NoCapacity
-from lender.backends.base import round_up
+from harvestd.sizes import round_up
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,16 @@ class SlabSet:
     # node would otherwise cost an RPC on every put and every refill pass.
     BACKOFF_S = 0.2
 
-    def __init__(self, client: Any, device: Any, budget: int, slab_bytes: int,
-                 backends: Sequence[str], ttl: float | None,
-                 on_revoke: Callable[[Slab], None]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        device: Any,
+        budget: int,
+        slab_bytes: int,
+        backends: Sequence[str],
+        ttl: float | None,
+        on_revoke: Callable[[Slab], None],
+    ) -> None:
         self.client = client
         self.device = device
         self.budget = budget
@@ -84,8 +92,9 @@ class SlabSet:
         """Whether a new slab for objects of ``nbytes`` fits the budget, and some lender
         kind is worth asking."""
         now = time.monotonic()
-        return (self.leased + self.slab_size(nbytes) <= self.budget
-                and any(self._full_until.get(b, 0.0) <= now for b in self.backends))
+        return self.leased + self.slab_size(nbytes) <= self.budget and any(
+            self._full_until.get(b, 0.0) <= now for b in self.backends
+        )
 
     def grow(self, nbytes: int) -> Slab | None:
         """Lease a new slab for objects of ``nbytes`` (call without the cache's lock)."""
@@ -95,9 +104,12 @@ class SlabSet:
             if self._full_until.get(backend, 0.0) > time.monotonic():
                 continue
             try:
-                lease = self.client.lease(size, ttl=self.ttl, backend=backend,
-                                          device=self.device if self.device.type == "cuda"
-                                          else None)
+                lease = self.client.lease(
+                    size,
+                    ttl=self.ttl,
+                    backend=backend,
+                    device=self.device if self.device.type == "cuda" else None,
+                )
             except NoCapacity:
                 self._full_until[backend] = time.monotonic() + self.BACKOFF_S
                 continue

@@ -14,7 +14,7 @@ The model (every term a per-layer figure): a link carries its tokens' K+V bytes,
 the activations when it is the one carrying them, at its bandwidth after a fixed
 latency; recomputation runs at ``recompute_tokens_per_s`` but its first chunk can start
 only once that chunk's activations have arrived, and its last chunk only once the last
-activations have. The executor (:mod:`client.kv_fetch`) sends activations first on their
+activations have. The executor (:mod:`client.kv.fetch`) sends activations first on their
 link, then K/V, so the arrival terms are exact. The paths run at once, so the fetch
 takes the longest of them: the planner finds the smallest time ``T`` at which the paths
 together can deliver every token (the capacity of each path at ``T`` is linear in ``T``,
@@ -23,146 +23,18 @@ Recomputation is never chosen when a token's activations weigh at least as much 
 K and V (grouped-query attention): shipping them would cost more link time than
 shipping K and V.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from client.kv.measure import measure_rates
+from client.kv.plan import FetchPlan, KVShape, Rates, Via, positive_int
 from harvestd.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
-
-Via = Literal["host", "peer"]
-
-
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidArgument(f"{what} must be a positive int, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class KVShape:
-    """One attention layer's K/V and activation sizes.
-
-    ``dtype_bytes`` may be given as a torch dtype; it is kept as its element size."""
-
-    hidden_size: int
-    kv_heads: int
-    head_dim: int
-    dtype_bytes: int = 2
-
-    def __post_init__(self) -> None:
-        size = self.dtype_bytes
-        if not isinstance(size, int):
-            size = getattr(size, "itemsize", None)
-            if not isinstance(size, int):
-                raise InvalidArgument(f"dtype_bytes must be an int or a torch dtype, got "
-                                      f"{self.dtype_bytes!r}")
-            object.__setattr__(self, "dtype_bytes", size)
-        for name in ("hidden_size", "kv_heads", "head_dim", "dtype_bytes"):
-            _positive_int(getattr(self, name), name)
-
-    @classmethod
-    def from_config(cls, config: Any, dtype: Any = None) -> "KVShape":
-        """From a transformers config: ``hidden_size``, ``num_attention_heads``,
-        ``num_key_value_heads`` (default: the attention heads), ``head_dim`` (default:
-        hidden / heads). ``dtype`` (bytes or torch dtype) defaults to the config's own
-        dtype, else 2 bytes."""
-        hidden = getattr(config, "hidden_size", None)
-        heads = getattr(config, "num_attention_heads", None)
-        if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
-            raise InvalidArgument("config needs integer hidden_size and num_attention_heads")
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or hidden // heads
-        if dtype is None:
-            # transformers 5 names it dtype (torch_dtype warns there); older ones torch_dtype
-            name = "dtype" if hasattr(config, "dtype") else "torch_dtype"
-            dtype = getattr(config, name, None)
-            if isinstance(dtype, str):  # configs loaded from JSON may keep the name
-                import torch
-
-                dtype = getattr(torch, dtype, None)
-        return cls(hidden, int(kv_heads), int(head_dim), dtype if dtype is not None else 2)
-
-    @property
-    def kv_dim(self) -> int:
-        """Elements of K (or of V) per token: ``kv_heads * head_dim``."""
-        return self.kv_heads * self.head_dim
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of one token's K and V together, in one layer."""
-        return 2 * self.kv_dim * self.dtype_bytes
-
-    @property
-    def act_bytes_per_token(self) -> int:
-        """Bytes of one token's activations (the attention input), in one layer."""
-        return self.hidden_size * self.dtype_bytes
-
-    @property
-    def recompute_pays(self) -> bool:
-        """Whether activations are lighter than K and V (multi-head attention)."""
-        return self.act_bytes_per_token < self.kv_bytes_per_token
-
-
-@dataclass(frozen=True)
-class Rates:
-    """What the device does per second: bytes over each link, tokens recomputed.
-
-    ``None`` or 0 means the path is not there. ``concurrent=False`` says the paths run
-    one after another (the CPU executor), so their times add up instead of overlapping.
-    """
-
-    peer_bps: float | None = None
-    host_bps: float | None = None
-    recompute_tokens_per_s: float | None = None
-    peer_latency_s: float = 0.0
-    host_latency_s: float = 0.0
-    recompute_latency_s: float = 0.0
-    concurrent: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("peer_bps", "host_bps", "recompute_tokens_per_s", "peer_latency_s",
-                     "host_latency_s", "recompute_latency_s"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    not math.isfinite(value) or value < 0:
-                raise InvalidArgument(f"{name} must be a finite number >= 0, got {value!r}")
-
-    def link(self, via: Via) -> tuple[float, float]:
-        """``(bytes/s, latency s)`` of a link; 0 bytes/s when it is not there."""
-        if via == "peer":
-            return float(self.peer_bps or 0.0), self.peer_latency_s
-        return float(self.host_bps or 0.0), self.host_latency_s
-
-
-@dataclass(frozen=True)
-class FetchPlan:
-    """Which tokens come from where: ``[0, recompute)`` recomputed from activations
-    (sent over ``activations_via``), then ``peer_tokens`` from the GPU lease, then
-    ``host_tokens`` from host memory."""
-
-    peer_tokens: int
-    host_tokens: int
-    recompute_tokens: int
-    activations_via: Via | None
-    predicted_s: float
-    reason: str
-
-    @property
-    def tokens(self) -> int:
-        """All tokens the plan fetches."""
-        return self.peer_tokens + self.host_tokens + self.recompute_tokens
-
-    def ranges(self) -> dict[str, tuple[int, int]]:
-        """``{"recompute": (0, r), "peer": (r, r + p), "host": (r + p, tokens)}``."""
-        r, p = self.recompute_tokens, self.peer_tokens
-        return {"recompute": (0, r), "peer": (r, r + p), "host": (r + p, self.tokens)}
 
 
 class FetchPlanner:
@@ -174,13 +46,20 @@ class FetchPlanner:
     Without it (1) token counts are exact integers."""
 
     def __init__(self, chunk_tokens: int = 1024, granularity: int = 1) -> None:
-        self.chunk_tokens = _positive_int(chunk_tokens, "chunk_tokens")
-        self.granularity = _positive_int(granularity, "granularity")
+        self.chunk_tokens = positive_int(chunk_tokens, "chunk_tokens")
+        self.granularity = positive_int(granularity, "granularity")
 
     # ------------------------------------------------------------ the model
 
-    def predict(self, shape: KVShape, rates: Rates, recompute: int, peer: int, host: int,
-                via: Via | None = "host") -> float:
+    def predict(
+        self,
+        shape: KVShape,
+        rates: Rates,
+        recompute: int,
+        peer: int,
+        host: int,
+        via: Via | None = "host",
+    ) -> float:
         """Seconds until a given split is on the device (``inf`` if a path it uses is
         not there)."""
         kv, act = shape.kv_bytes_per_token, shape.act_bytes_per_token
@@ -210,11 +89,20 @@ class FetchPlanner:
             return rates.recompute_latency_s + r / rate
         c = min(self.chunk_tokens, r)
         start = latency + rates.recompute_latency_s
-        return start + max(c * act / bps + r / rate,   # compute-bound after the first chunk
-                           r * act / bps + c / rate)   # arrival-bound, plus the last chunk
+        return start + max(
+            c * act / bps + r / rate,  # compute-bound after the first chunk
+            r * act / bps + c / rate,
+        )  # arrival-bound, plus the last chunk
 
-    def _capacity(self, t: float, shape: KVShape, rates: Rates, via: Via | None,
-                  use_peer: bool, recompute: bool) -> tuple[float, float, float]:
+    def _capacity(
+        self,
+        t: float,
+        shape: KVShape,
+        rates: Rates,
+        via: Via | None,
+        use_peer: bool,
+        recompute: bool,
+    ) -> tuple[float, float, float]:
         """``(r, p, h)``: the most tokens each path delivers by time ``t`` (continuous)."""
         kv, act = shape.kv_bytes_per_token, shape.act_bytes_per_token
         budget = {}
@@ -227,9 +115,14 @@ class FetchPlanner:
         if recompute and via is not None and rate > 0 and budget[via] > 0:
             bps, latency = rates.link(via)
             c, start = self.chunk_tokens, latency + rates.recompute_latency_s
-            r = max(0.0, min((t - start - c * act / bps) * rate,
-                             (t - start - c / rate) * bps / act,
-                             budget[via] / act))
+            r = max(
+                0.0,
+                min(
+                    (t - start - c * act / bps) * rate,
+                    (t - start - c / rate) * bps / act,
+                    budget[via] / act,
+                ),
+            )
             # Per byte of link, a recomputed token beats a sent one (act < kv), so
             # recomputation takes all it can and K/V get the rest of the link.
             budget[via] -= r * act
@@ -237,8 +130,14 @@ class FetchPlanner:
 
     # ------------------------------------------------------------ planning
 
-    def plan(self, tokens: int, shape: KVShape, rates: Rates, peer_available: bool | None = None,
-             allow_recompute: bool = True) -> FetchPlan:
+    def plan(
+        self,
+        tokens: int,
+        shape: KVShape,
+        rates: Rates,
+        peer_available: bool | None = None,
+        allow_recompute: bool = True,
+    ) -> FetchPlan:
         """The split of ``tokens`` that ends soonest under ``rates`` (see the module doc).
 
         ``peer_available``: use the peer link (default: when ``rates.peer_bps`` is set).
@@ -256,9 +155,11 @@ class FetchPlanner:
         if not rates.host_bps and not peer_available:
             raise InvalidArgument("no link to fetch from: rates have no host_bps and no peer")
         why_not = self._why_no_recompute(shape, rates, allow_recompute)
-        vias: list[Via] = [v for v in ("host", "peer")
-                           if why_not is None and rates.link(v)[0] > 0
-                           and (v == "host" or peer_available)]
+        vias: list[Via] = [
+            v
+            for v in ("host", "peer")
+            if why_not is None and rates.link(v)[0] > 0 and (v == "host" or peer_available)
+        ]
         candidates = self._vertices(tokens, peer_available, vias)
         candidates += self._solve(tokens, shape, rates, None, peer_available, False)
         for via in vias:
@@ -272,10 +173,14 @@ class FetchPlanner:
             raise InvalidArgument("no path can deliver these tokens with the given rates")
         best, best_t = self._fold_slivers(tokens, shape, rates, best, best_t)
         r, p, h, via = best
-        plan = FetchPlan(peer_tokens=p, host_tokens=h, recompute_tokens=r,
-                         activations_via=via if r else None, predicted_s=best_t,
-                         reason=self._reason(tokens, shape, rates, best, best_t, why_not,
-                                             peer_available))
+        plan = FetchPlan(
+            peer_tokens=p,
+            host_tokens=h,
+            recompute_tokens=r,
+            activations_via=via if r else None,
+            predicted_s=best_t,
+            reason=self._reason(tokens, shape, rates, best, best_t, why_not, peer_available),
+        )
         log.debug("plan for %d tokens: %s", tokens, plan)
         return plan
 
@@ -285,9 +190,14 @@ class FetchPlanner:
     # sliver goes to the biggest path when the model says that costs under this much.
     FOLD_TOLERANCE = 0.02
 
-    def _fold_slivers(self, tokens: int, shape: KVShape, rates: Rates,
-                      split: tuple[int, int, int, Via | None], t: float
-                      ) -> tuple[tuple[int, int, int, Via | None], float]:
+    def _fold_slivers(
+        self,
+        tokens: int,
+        shape: KVShape,
+        rates: Rates,
+        split: tuple[int, int, int, Via | None],
+        t: float,
+    ) -> tuple[tuple[int, int, int, Via | None], float]:
         r, p, h, via = split
         shares = {"recompute": r, "peer": p, "host": h}
         slivers = [k for k, n in shares.items() if 0 < n < min(self.chunk_tokens, tokens)]
@@ -298,29 +208,50 @@ class FetchPlanner:
             if k != main:
                 shares[main] += shares[k]
                 shares[k] = 0
-        folded = (shares["recompute"], shares["peer"], shares["host"],
-                  via if shares["recompute"] else None)
+        folded = (
+            shares["recompute"],
+            shares["peer"],
+            shares["host"],
+            via if shares["recompute"] else None,
+        )
         folded_t = self.predict(shape, rates, *folded)
         if folded_t <= t * (1 + self.FOLD_TOLERANCE):
             return folded, folded_t
         return split, t
 
-    def fixed(self, tokens: int, shape: KVShape, rates: Rates, *, recompute_tokens: int = 0,
-              peer_tokens: int = 0, activations_via: Via = "host") -> FetchPlan:
+    def fixed(
+        self,
+        tokens: int,
+        shape: KVShape,
+        rates: Rates,
+        *,
+        recompute_tokens: int = 0,
+        peer_tokens: int = 0,
+        activations_via: Via = "host",
+    ) -> FetchPlan:
         """A plan for a split chosen by the caller (host takes the rest), with the
         model's time for it: for baselines and sweeps."""
         host = tokens - recompute_tokens - peer_tokens
         if min(recompute_tokens, peer_tokens, host) < 0:
-            raise InvalidArgument(f"recompute {recompute_tokens} + peer {peer_tokens} "
-                                  f"tokens exceed the {tokens} tokens")
+            raise InvalidArgument(
+                f"recompute {recompute_tokens} + peer {peer_tokens} "
+                f"tokens exceed the {tokens} tokens"
+            )
         via = activations_via if recompute_tokens else None
         t = self.predict(shape, rates, recompute_tokens, peer_tokens, host, via)
-        return FetchPlan(peer_tokens, host, recompute_tokens, via, t,
-                         f"fixed split: recompute {recompute_tokens}, peer {peer_tokens}, "
-                         f"host {host} (chosen by the caller, not the planner)")
+        return FetchPlan(
+            peer_tokens,
+            host,
+            recompute_tokens,
+            via,
+            t,
+            f"fixed split: recompute {recompute_tokens}, peer {peer_tokens}, "
+            f"host {host} (chosen by the caller, not the planner)",
+        )
 
-    def _vertices(self, s: int, use_peer: bool, vias: list[Via]
-                  ) -> list[tuple[int, int, int, Via | None]]:
+    def _vertices(
+        self, s: int, use_peer: bool, vias: list[Via]
+    ) -> list[tuple[int, int, int, Via | None]]:
         """Every token from one source: the best split is never worse than these."""
         out: list[tuple[int, int, int, Via | None]] = [(0, 0, s, None)]
         if use_peer:
@@ -328,8 +259,9 @@ class FetchPlanner:
         out += [(s, 0, 0, v) for v in vias]
         return out
 
-    def _solve(self, s: int, shape: KVShape, rates: Rates, via: Via | None, use_peer: bool,
-               recompute: bool) -> list[tuple[int, int, int, Via | None]]:
+    def _solve(
+        self, s: int, shape: KVShape, rates: Rates, via: Via | None, use_peer: bool, recompute: bool
+    ) -> list[tuple[int, int, int, Via | None]]:
         """Integer splits around the continuous optimum for activations over ``via``."""
         if s == 0:
             return []
@@ -369,43 +301,58 @@ class FetchPlanner:
         if not allow:
             return "recomputation is not allowed by the caller"
         if not shape.recompute_pays:
-            return (f"recomputation cannot pay: one token's activations "
-                    f"({shape.act_bytes_per_token:,} B) outweigh its K and V "
-                    f"({shape.kv_bytes_per_token:,} B), so sending them costs more link time "
-                    f"than sending K and V")
+            return (
+                f"recomputation cannot pay: one token's activations "
+                f"({shape.act_bytes_per_token:,} B) outweigh its K and V "
+                f"({shape.kv_bytes_per_token:,} B), so sending them costs more link time "
+                f"than sending K and V"
+            )
         if not rates.recompute_tokens_per_s:
             return "no recompute rate is known"
         return None
 
-    def _reason(self, s: int, shape: KVShape, rates: Rates,
-                split: tuple[int, int, int, Via | None], t: float, why_not: str | None,
-                use_peer: bool) -> str:
+    def _reason(
+        self,
+        s: int,
+        shape: KVShape,
+        rates: Rates,
+        split: tuple[int, int, int, Via | None],
+        t: float,
+        why_not: str | None,
+        use_peer: bool,
+    ) -> str:
         r, p, h, via = split
         if r:
-            head = (f"activations ({shape.act_bytes_per_token:,} B/token) are lighter than "
-                    f"K and V ({shape.kv_bytes_per_token:,} B/token) and compute runs at "
-                    f"{rates.recompute_tokens_per_s:,.0f} tokens/s, so recomputing pays")
+            head = (
+                f"activations ({shape.act_bytes_per_token:,} B/token) are lighter than "
+                f"K and V ({shape.kv_bytes_per_token:,} B/token) and compute runs at "
+                f"{rates.recompute_tokens_per_s:,.0f} tokens/s, so recomputing pays"
+            )
         elif why_not is not None:
             head = why_not
         else:
-            head = (f"recomputing at {rates.recompute_tokens_per_s:,.0f} tokens/s would not "
-                    f"end sooner")
+            head = (
+                f"recomputing at {rates.recompute_tokens_per_s:,.0f} tokens/s would not end sooner"
+            )
         parts = [f"{r:,} recomputed (activations over the {via} link)"] if r else []
         parts.append(f"{p:,} from the peer GPU lease" if use_peer else "no peer")
         parts.append(f"{h:,} from host memory")
         mode = "together" if rates.concurrent else "one after another (no overlap here)"
-        alone = (f"{self.predict(shape, rates, 0, 0, s) * 1e3:.3f} ms" if rates.host_bps
-                 else "no host link")
-        return (f"{head}. Of {s:,} tokens: {', '.join(parts)}; the paths run {mode} and "
-                f"end after {t * 1e3:.3f} ms (host alone: {alone}).")
+        alone = (
+            f"{self.predict(shape, rates, 0, 0, s) * 1e3:.3f} ms"
+            if rates.host_bps
+            else "no host link"
+        )
+        return (
+            f"{head}. Of {s:,} tokens: {', '.join(parts)}; the paths run {mode} and "
+            f"end after {t * 1e3:.3f} ms (host alone: {alone})."
+        )
 
     # ------------------------------------------------------------ measuring
 
     @classmethod
     def profile(cls, shape: KVShape, device: Any = "cuda", **kwargs: Any) -> Rates:
         """Measure :class:`Rates` on ``device`` for ``shape``: see
-        :func:`client.kv_fetch.measure_rates` for the arguments (a host lease's and a
+        :func:`client.kv.measure.measure_rates` for the arguments (a host lease's and a
         GPU lease's tensors, sizes, repeats). Runs on the CPU too, with small sizes."""
-        from client.kv_fetch import measure_rates
-
         return measure_rates(shape, device, **kwargs)

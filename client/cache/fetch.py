@@ -9,6 +9,7 @@ read (a forced end), leaving ``use()`` raises ``LeaseRevoked`` and the rows read
 are read again from their authoritative source; :meth:`Fetch.wait` names them, so that a
 caller who already consumed them (through :meth:`Fetch.ready`) can redo that work.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,8 @@ import torch
 from harvestd.errors import HarvestError, LeaseRevoked
 
 if TYPE_CHECKING:
-    from client.cache import Entry
-    from client.slabs import Slab
+    from client.cache.entry import Entry
+    from client.cache.slabs import Slab
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,16 @@ class Fetch:
     """Objects of one size on their way into the rows of ``out``. Make it with
     :meth:`client.cache.TieredCache.fetch`; call :meth:`wait` exactly once."""
 
-    def __init__(self, rows: list[Row], out: torch.Tensor, stream: Any,
-                 read_source: Callable[["Entry", torch.Tensor], Any],
-                 tiers: Callable[["Slab"], Any], local_tier: Any,
-                 finished: Callable[["Fetch"], None]) -> None:
+    def __init__(
+        self,
+        rows: list[Row],
+        out: torch.Tensor,
+        stream: Any,
+        read_source: Callable[["Entry", torch.Tensor], Any],
+        tiers: Callable[["Slab"], Any],
+        local_tier: Any,
+        finished: Callable[["Fetch"], None],
+    ) -> None:
         self.rows = rows
         self.out = out
         self._bytes = out.view(len(rows), -1).view(torch.uint8) if rows else out
@@ -76,8 +83,11 @@ class Fetch:
     # ------------------------------------------------------------ launch
 
     def _ctx(self):
-        return torch.cuda.stream(self._stream) if self._stream is not None \
+        return (
+            torch.cuda.stream(self._stream)
+            if self._stream is not None
             else contextlib.nullcontext()
+        )
 
     def start(self) -> "Fetch":
         """Launch every copy (called by the cache)."""
@@ -119,8 +129,9 @@ class Fetch:
         with self._ctx():
             for row in self.rows:
                 if row.local is not None:
-                    self._bytes[row.index].copy_(row.local.reshape(-1).view(torch.uint8),
-                                                 non_blocking=True)
+                    self._bytes[row.index].copy_(
+                        row.local.reshape(-1).view(torch.uint8), non_blocking=True
+                    )
                     row.tier = self._local_tier
                     self._mark(row)
             for slab, _, rows in self._uses:
@@ -137,12 +148,15 @@ class Fetch:
         nbytes = self._bytes.shape[1]
         tier = self._tier_of_slab(slab)
         large = DMA_MIN_BYTES if src.device.type == "cpu" else DEVICE_COPY_MIN_BYTES
-        if (nbytes >= large and (src.device.type == "cpu" or len(rows) <= MAX_COPIES)) \
-                or len(rows) == 1 or self._bytes.device != src.device \
-                and self._bytes.device.type == "cpu":
+        if (
+            (nbytes >= large and (src.device.type == "cpu" or len(rows) <= MAX_COPIES))
+            or len(rows) == 1
+            or self._bytes.device != src.device
+            and self._bytes.device.type == "cpu"
+        ):
             for row in rows:
                 offset = row.slot[1]
-                self._bytes[row.index].copy_(src[offset: offset + nbytes], non_blocking=True)
+                self._bytes[row.index].copy_(src[offset : offset + nbytes], non_blocking=True)
                 row.tier = tier
                 self._mark(row)
             return
@@ -152,11 +166,15 @@ class Fetch:
         first = rows[0].index
         if rows[-1].index - first == len(rows) - 1:
             # Rows bound for consecutive rows of out: gather straight into them.
-            gather(src, [r.slot[1] for r in rows], nbytes,
-                   self._bytes[first: first + len(rows)], check=False)
+            gather(
+                src,
+                [r.slot[1] for r in rows],
+                nbytes,
+                self._bytes[first : first + len(rows)],
+                check=False,
+            )
         else:
-            block = torch.empty((len(rows), nbytes), dtype=torch.uint8,
-                                device=self._bytes.device)
+            block = torch.empty((len(rows), nbytes), dtype=torch.uint8, device=self._bytes.device)
             gather(src, [r.slot[1] for r in rows], nbytes, block, check=False)
             index = torch.tensor([r.index for r in rows], device=self._bytes.device)
             self._bytes.index_copy_(0, index, block)
@@ -205,8 +223,12 @@ class Fetch:
                 try:
                     use.__exit__(None, None, None)
                 except LeaseRevoked:
-                    log.info("lease %s fenced while %d rows were read from it: reading them "
-                             "from their source", slab.lease.id, len(rows))
+                    log.info(
+                        "lease %s fenced while %d rows were read from it: reading them "
+                        "from their source",
+                        slab.lease.id,
+                        len(rows),
+                    )
                     with self._ctx():
                         for row in rows:
                             row.tier = self._read_source(row.entry, self._bytes[row.index])

@@ -11,6 +11,7 @@ the uses end, and a revocation of an idle cache goes through at once. The consum
 later finds the fetch finished and only orders its stream after it. While decoding goes
 on the watchdog touches nothing, however long a layer's copy takes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,8 @@ from typing import Hashable, Sequence
 
 import torch
 
-from client.cache import TieredCache
-from client.fetch import Fetch
+from client.cache.fetch import Fetch
+from client.cache.tiered import TieredCache
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,10 @@ class LayerFetch:
     """One layer's first ``blocks`` full blocks, on their way into staging rows."""
 
     layer: int
-    epoch: int            # the layer's epoch at launch: a crop or reset starts a new one
+    epoch: int  # the layer's epoch at launch: a crop or reset starts a new one
     blocks: int
-    buffer: int           # which staging buffer
-    rows: torch.Tensor    # [blocks, block bytes] (uint8) in that buffer
+    buffer: int  # which staging buffer
+    rows: torch.Tensor  # [blocks, block bytes] (uint8) in that buffer
     fetch: Fetch
     finished: bool = False
     redone: list[int] = field(default_factory=list)
@@ -49,10 +50,10 @@ class FetchStats:
     blocks: int = 0
     bytes: int = 0
     launch_s: float = 0.0  # launching copies (on the CPU)
-    wait_s: float = 0.0    # blocked until copies were complete (not hidden behind compute)
-    redone_rows: int = 0   # rows read again from their source: a revocation overlapped
+    wait_s: float = 0.0  # blocked until copies were complete (not hidden behind compute)
+    redone_rows: int = 0  # rows read again from their source: a revocation overlapped
     released_idle: int = 0  # fetches the watchdog finished because nobody consumed them
-    discarded: int = 0      # fetches made stale (crop, reset, layers out of order)
+    discarded: int = 0  # fetches made stale (crop, reset, layers out of order)
 
 
 class Prefetcher:
@@ -80,16 +81,26 @@ class Prefetcher:
         """Bytes of the staging buffers."""
         return sum(b.numel() for b in self._buffers if b is not None)
 
-    def launch(self, layer: int, epoch: int, keys: Sequence[Hashable], row_bytes: int,
-               keep: int | None = None) -> LayerFetch:
+    def launch(
+        self,
+        layer: int,
+        epoch: int,
+        keys: Sequence[Hashable],
+        row_bytes: int,
+        keep: int | None = None,
+    ) -> LayerFetch:
         """Start fetching ``keys`` (a layer's first blocks, in order) into a staging buffer
         that does not hold the fetch of layer ``keep``; a fetch it replaces is finished
         and dropped. The same fetch in flight already is returned as it is."""
         with self._lock:
             self._active = time.monotonic()
             for pending in self._inflight:
-                if pending is not None and pending.layer == layer and pending.epoch == epoch \
-                        and pending.blocks == len(keys):
+                if (
+                    pending is not None
+                    and pending.layer == layer
+                    and pending.epoch == epoch
+                    and pending.blocks == len(keys)
+                ):
                     return pending
             buffer = self._free_buffer(layer, keep)
             old = self._inflight[buffer]
@@ -131,8 +142,11 @@ class Prefetcher:
     def _free_buffer(self, layer: int, keep: int | None) -> int:
         """A stale fetch of the same layer's buffer, else an empty one, else the one not
         holding ``keep``'s fetch."""
-        for wanted in (lambda p: p is not None and p.layer == layer, lambda p: p is None,
-                       lambda p: p.layer != keep):
+        for wanted in (
+            lambda p: p is not None and p.layer == layer,
+            lambda p: p is None,
+            lambda p: p.layer != keep,
+        ):
             for buffer, pending in enumerate(self._inflight):
                 if wanted(pending):
                     return buffer
@@ -169,8 +183,9 @@ class Prefetcher:
         if self.release_idle_s is None:
             return
         if self._watchdog is None:
-            self._watchdog = threading.Thread(target=self._run, name="harvest-kv-watchdog",
-                                              daemon=True)
+            self._watchdog = threading.Thread(
+                target=self._run, name="harvest-kv-watchdog", daemon=True
+            )
             self._watchdog.start()
         self._wake.set()
 

@@ -15,8 +15,9 @@ routed experts move in one batched fetch, on the cache's own stream, while the r
 experts compute. By default experts are computed in the order the eager implementation
 computes them, with the same operations, so the tokens out are identical to the model's
 own eager experts (``experts_implementation="eager"``); ``compute="grouped"`` uses grouped
-GEMMs instead (see :mod:`client.moe_compute`).
+GEMMs instead (see :mod:`client.moe.compute`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,10 +29,17 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from client.cache import TieredCache
-from client.fetch import Fetch
-from client.moe_compute import (Compute, Weights, eager_experts, eager_routes, grouped_experts,
-                                grouped_plan, stacked_rows)
+from client.cache.fetch import Fetch
+from client.cache.tiered import TieredCache
+from client.moe.compute import (
+    Compute,
+    Weights,
+    eager_experts,
+    eager_routes,
+    grouped_experts,
+    grouped_plan,
+    stacked_rows,
+)
 from harvestd.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -51,15 +59,26 @@ def find_experts(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for name, module in model.named_modules():
         gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-        if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
-                and gate_up.dim() == 3 and down.dim() == 3
-                and gate_up.shape[0] == down.shape[0] and hasattr(module, "act_fn")):
+        if not (
+            isinstance(gate_up, torch.Tensor)
+            and isinstance(down, torch.Tensor)
+            and gate_up.dim() == 3
+            and down.dim() == 3
+            and gate_up.shape[0] == down.shape[0]
+            and hasattr(module, "act_fn")
+        ):
             continue
-        layout = (getattr(module, "is_transposed", False), getattr(module, "has_bias", False),
-                  getattr(module, "has_gate", True), getattr(module, "is_concatenated", True))
+        layout = (
+            getattr(module, "is_transposed", False),
+            getattr(module, "has_bias", False),
+            getattr(module, "has_gate", True),
+            getattr(module, "is_concatenated", True),
+        )
         if layout != (False, False, True, True):
-            raise InvalidArgument(f"{name}: experts with layout (transposed, bias, gate, "
-                                  f"concatenated) = {layout} are not supported")
+            raise InvalidArgument(
+                f"{name}: experts with layout (transposed, bias, gate, "
+                f"concatenated) = {layout} are not supported"
+            )
         found[name] = module
     return found
 
@@ -90,8 +109,7 @@ class _Closer:
         self._pending = 0
         self._idle = threading.Condition()
         self._on_redone = on_redone
-        self._thread = threading.Thread(target=self._run, name="harvest-moe-closer",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="harvest-moe-closer", daemon=True)
         self._thread.start()
 
     def add(self, fetch: Fetch) -> None:
@@ -140,8 +158,7 @@ class ExpertOffload:
         # Cannot happen while the fetch's leases are held with device_work: their fence
         # waits for it. Should it ever, say so loudly: the layer was computed already.
         self.stats.unverified_layers += 1
-        log.error("a fence overlapped %d fetched experts after their layer was computed",
-                  len(rows))
+        log.error("a fence overlapped %d fetched experts after their layer was computed", len(rows))
 
     def finish(self, fetch: Fetch) -> list[int]:
         """End a layer's fetch: on a GPU, later, once its copies complete (the caller
@@ -151,13 +168,18 @@ class ExpertOffload:
             return []
         return fetch.wait()
 
-    def fetch(self, name: str, experts: Sequence[int], row_bytes: int) -> tuple[Fetch, torch.Tensor]:
+    def fetch(
+        self, name: str, experts: Sequence[int], row_bytes: int
+    ) -> tuple[Fetch, torch.Tensor]:
         """Start fetching ``experts`` of module ``name`` into staging rows (``[n, bytes]``)."""
         key = (row_bytes, torch.uint8)
         buf = self._staging.get(key)
         if buf is None or buf.shape[0] < len(experts):
-            buf = torch.empty((max(len(experts), 1 if buf is None else buf.shape[0]), row_bytes),
-                              dtype=torch.uint8, device=self.cache.device)
+            buf = torch.empty(
+                (max(len(experts), 1 if buf is None else buf.shape[0]), row_bytes),
+                dtype=torch.uint8,
+                device=self.cache.device,
+            )
             self._staging[key] = buf
         rows = buf[: len(experts)]
         self.stats.fetches += 1
@@ -176,8 +198,14 @@ class OffloadedExperts(nn.Module):
     """Stands in for a fused experts module: resident experts stay in ``gate_up_proj`` /
     ``down_proj`` (only those), offloaded ones are fetched per call."""
 
-    def __init__(self, original: nn.Module, name: str, offloaded: Sequence[int],
-                 owner: ExpertOffload, compute: Compute = Compute.EAGER) -> None:
+    def __init__(
+        self,
+        original: nn.Module,
+        name: str,
+        offloaded: Sequence[int],
+        owner: ExpertOffload,
+        compute: Compute = Compute.EAGER,
+    ) -> None:
         super().__init__()
         gate_up, down = original.gate_up_proj, original.down_proj
         self.num_experts = int(gate_up.shape[0])
@@ -201,28 +229,43 @@ class OffloadedExperts(nn.Module):
         self.row_bytes = self._gate_up_bytes + down[0].numel() * down.element_size()
         with torch.no_grad():
             index = torch.tensor(resident, dtype=torch.long, device=gate_up.device)
-            self.gate_up_proj = nn.Parameter(gate_up.detach().index_select(0, index),
-                                             requires_grad=False)
-            self.down_proj = nn.Parameter(down.detach().index_select(0, index),
-                                          requires_grad=False)
+            self.gate_up_proj = nn.Parameter(
+                gate_up.detach().index_select(0, index), requires_grad=False
+            )
+            self.down_proj = nn.Parameter(down.detach().index_select(0, index), requires_grad=False)
             for e in off:
-                row = torch.cat([gate_up.detach()[e].reshape(-1).view(torch.uint8),
-                                 down.detach()[e].reshape(-1).view(torch.uint8)])
+                row = torch.cat(
+                    [
+                        gate_up.detach()[e].reshape(-1).view(torch.uint8),
+                        down.detach()[e].reshape(-1).view(torch.uint8),
+                    ]
+                )
                 owner.cache.put((name, e), row)
 
     def _stacked(self, rows: torch.Tensor) -> Weights:
-        return stacked_rows(rows, self._gate_up_bytes, self._dtype, self._gate_up_shape,
-                            self._down_shape)
+        return stacked_rows(
+            rows, self._gate_up_bytes, self._dtype, self._gate_up_shape, self._down_shape
+        )
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         """The experts' output for the routed tokens, computed as ``self.compute`` says;
         offloaded experts are fetched as the router picks them."""
         if self.compute is Compute.GROUPED:
             plan = grouped_plan(top_k_index, self._slot_of, self.gate_up_proj.shape[0])
-            return self._run(plan.fetched, lambda fetched, ready: grouped_experts(
-                hidden_states, top_k_weights, plan, (self.gate_up_proj, self.down_proj),
-                fetched, self.act_fn, ready))
+            return self._run(
+                plan.fetched,
+                lambda fetched, ready: grouped_experts(
+                    hidden_states,
+                    top_k_weights,
+                    plan,
+                    (self.gate_up_proj, self.down_proj),
+                    fetched,
+                    self.act_fn,
+                    ready,
+                ),
+            )
         routes = eager_routes(top_k_index, self.num_experts)
 
         def eager(fetched: Weights | None, ready: Ready | None) -> torch.Tensor:
@@ -235,15 +278,21 @@ class OffloadedExperts(nn.Module):
                 i = position[expert]
                 return fetched[0][i], fetched[1][i]
 
-            return eager_experts(hidden_states, top_k_weights, routes, weights, self.act_fn,
-                                 None if ready is None else
-                                 lambda e: self._slot[e] < 0 and ready(position[e]))
+            return eager_experts(
+                hidden_states,
+                top_k_weights,
+                routes,
+                weights,
+                self.act_fn,
+                None if ready is None else lambda e: self._slot[e] < 0 and ready(position[e]),
+            )
 
         wanted = [e for e in routes if self._slot[e] < 0]
         return self._run(wanted, eager)
 
-    def _run(self, wanted: list[int],
-             compute: Callable[[Weights | None, Ready | None], torch.Tensor]) -> torch.Tensor:
+    def _run(
+        self, wanted: list[int], compute: Callable[[Weights | None, Ready | None], torch.Tensor]
+    ) -> torch.Tensor:
         """Fetch ``wanted`` (offloaded experts, ascending) and compute: ``compute(fetched,
         ready)`` gets the fetched weights stacked in ``wanted`` order and a ``ready(i)`` to
         call before it reads row ``i`` (``ready()``: every row)."""
@@ -266,12 +315,20 @@ class OffloadedExperts(nn.Module):
         return out
 
 
-def offload_experts(model: nn.Module, client: Any, fraction: float = 0.5, *,
-                    select: Select | None = None, local_bytes: int = 0,
-                    borrow_bytes: int | None = None, slab_bytes: int = 1 << 30,
-                    backends: Sequence[str] = ("cuda-vmm", "host"), ttl: float | None = None,
-                    refill_every: float | None = 0.25,
-                    compute: Compute | str = Compute.EAGER) -> ExpertOffload:
+def offload_experts(
+    model: nn.Module,
+    client: Any,
+    fraction: float = 0.5,
+    *,
+    select: Select | None = None,
+    local_bytes: int = 0,
+    borrow_bytes: int | None = None,
+    slab_bytes: int = 1 << 30,
+    backends: Sequence[str] = ("cuda-vmm", "host"),
+    ttl: float | None = None,
+    refill_every: float | None = 0.25,
+    compute: Compute | str = Compute.EAGER,
+) -> ExpertOffload:
     """Take ``fraction`` of every MoE layer's experts off the model's device into memory
     borrowed through ``client`` (a :func:`client.connect` client); the model then fetches
     them as its routers pick them. Returns the :class:`ExpertOffload` (its ``stats``, its
@@ -286,15 +343,20 @@ def offload_experts(model: nn.Module, client: Any, fraction: float = 0.5, *,
     ``compute`` is how routed experts are computed: ``"eager"`` (expert by expert, the
     tokens of transformers' eager experts) or ``"grouped"`` (grouped GEMMs, far fewer
     kernels at a serving batch; the tokens of the same module with ``fraction=0``)."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
-            or not 0.0 <= float(fraction) <= 1.0:
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0.0 <= float(fraction) <= 1.0
+    ):
         raise InvalidArgument(f"fraction must be in [0, 1], got {fraction!r}")
     compute = Compute.parse(compute)
     modules = find_experts(model)
     if not modules:
-        raise InvalidArgument("no MoE experts found in this model (supported: transformers' "
-                              "fused experts with gate_up_proj and down_proj, e.g. Mixtral, "
-                              "Qwen2-MoE, Qwen3-MoE, OLMoE)")
+        raise InvalidArgument(
+            "no MoE experts found in this model (supported: transformers' "
+            "fused experts with gate_up_proj and down_proj, e.g. Mixtral, "
+            "Qwen2-MoE, Qwen3-MoE, OLMoE)"
+        )
     choose = select or _last
     plan: dict[str, list[int]] = {}
     total = 0
@@ -302,14 +364,21 @@ def offload_experts(model: nn.Module, client: Any, fraction: float = 0.5, *,
         count = module.gate_up_proj.shape[0]
         share = max(1, round(float(fraction) * count)) if fraction > 0 else 0
         plan[name] = list(choose(name, count, share)) if share else []
-        row = (module.gate_up_proj[0].numel() + module.down_proj[0].numel()) \
-            * module.gate_up_proj.element_size()
+        row = (
+            module.gate_up_proj[0].numel() + module.down_proj[0].numel()
+        ) * module.gate_up_proj.element_size()
         total += row * len(plan[name])
     device = next(iter(modules.values())).gate_up_proj.device
-    cache = TieredCache(client, device=device, local_bytes=local_bytes,
-                        borrow_bytes=total + slab_bytes if borrow_bytes is None else borrow_bytes,
-                        slab_bytes=slab_bytes, backends=backends, ttl=ttl,
-                        refill_every=refill_every)
+    cache = TieredCache(
+        client,
+        device=device,
+        local_bytes=local_bytes,
+        borrow_bytes=total + slab_bytes if borrow_bytes is None else borrow_bytes,
+        slab_bytes=slab_bytes,
+        backends=backends,
+        ttl=ttl,
+        refill_every=refill_every,
+    )
     owner = ExpertOffload(cache)
     for name, module in modules.items():
         parent_name, _, attr = name.rpartition(".")
@@ -323,6 +392,11 @@ def offload_experts(model: nn.Module, client: Any, fraction: float = 0.5, *,
         owner.stats.expert_bytes[name] = replacement.row_bytes
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the offloaded experts' memory goes back to the device
-    log.info("offloaded %d of %d experts (%d bytes) from %d layers", owner.stats.experts_offloaded,
-             owner.stats.experts_total, owner.stats.bytes_offloaded, len(modules))
+    log.info(
+        "offloaded %d of %d experts (%d bytes) from %d layers",
+        owner.stats.experts_offloaded,
+        owner.stats.experts_total,
+        owner.stats.bytes_offloaded,
+        len(modules),
+    )
     return owner

@@ -1,5 +1,6 @@
 """One layer of a :class:`client.kv.HarvestCache` as transformers sees it, and the
 check that a model's layers are ones it can hold (full attention only)."""
+
 from __future__ import annotations
 
 import logging
@@ -12,25 +13,30 @@ from harvestd.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
-BEAMS = ("HarvestCache does not reorder its batch ({what}): beam search, contrastive "
-         "search and batch selection are not supported; decode greedily or by sampling")
+BEAMS = (
+    "HarvestCache does not reorder its batch ({what}): beam search, contrastive "
+    "search and batch selection are not supported; decode greedily or by sampling"
+)
 
 
 def check_config(config: Any) -> int:
     """Refuse a model whose layers are not all full attention; its layer count."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") \
-        else config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     if getattr(text, "is_encoder_decoder", False):
         raise InvalidArgument("HarvestCache is for decoder-only models")
     types, _ = get_layer_types_and_kwargs(text)
     other = sorted({t for t in types if t != "full_attention"})
     if other:
-        raise InvalidArgument(f"HarvestCache keeps full-attention K/V only; this model has "
-                              f"{', '.join(other)} layers (sliding-window, chunked and "
-                              f"linear-attention layers are not supported)")
+        raise InvalidArgument(
+            f"HarvestCache keeps full-attention K/V only; this model has "
+            f"{', '.join(other)} layers (sliding-window, chunked and "
+            f"linear-attention layers are not supported)"
+        )
     if getattr(text, "num_kv_shared_layers", 0):
-        raise InvalidArgument("HarvestCache does not support layers sharing another "
-                              "layer's K/V (num_kv_shared_layers)")
+        raise InvalidArgument(
+            "HarvestCache does not support layers sharing another "
+            "layer's K/V (num_kv_shared_layers)"
+        )
     return len(types)
 
 
@@ -49,7 +55,7 @@ class HarvestLayer(CacheLayerMixin):
         self.tokens = 0
         self.blocks = 0
         self.tail_len = 0
-        self.epoch = 0            # a crop or reset starts a new one: fetches in flight go stale
+        self.epoch = 0  # a crop or reset starts a new one: fetches in flight go stale
         self.tail: torch.Tensor | None = None  # [2, batch, heads, block_tokens, head_dim]
         self.shape: tuple[int, int, int] | None = None  # (batch, kv_heads, head_dim)
         self.dtype: torch.dtype | None = None
@@ -60,8 +66,9 @@ class HarvestLayer(CacheLayerMixin):
         batch, heads, _, dim = key_states.shape
         self.shape = (int(batch), int(heads), int(dim))
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.tail = torch.empty((2, batch, heads, self.block_tokens, dim), dtype=self.dtype,
-                                device=self.device)
+        self.tail = torch.empty(
+            (2, batch, heads, self.block_tokens, dim), dtype=self.dtype, device=self.device
+        )
         self.is_initialized = True
 
     @property
@@ -70,8 +77,9 @@ class HarvestLayer(CacheLayerMixin):
         batch, heads, dim = self.shape
         return 2 * batch * heads * self.block_tokens * dim * self.dtype.itemsize
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Not on its own: the cache updates its layers (it fetches across them)."""
         raise FailedPrecondition("a HarvestLayer is updated through its HarvestCache")
 

@@ -1,6 +1,6 @@
 """KV blocks by id in borrowed memory, for a paged-attention server.
 
-    from client.kv_blocks import KVBlockStore
+    from client.kv.blocks import KVBlockStore
     store = KVBlockStore(client, block_bytes=2 * 16 * 8 * 128 * 2, device="cuda:0")
     store.put([7, 8], kv_cache[[3, 4]])        # blocks leave the paged cache: one batched write
     store.load([7, 8], kv_cache, slots=[0, 5])  # and come back into any slots: one batched fetch
@@ -14,6 +14,7 @@ paged tensor ``[num_slots, ...]`` whose rows are blocks; rows ``slots`` receive 
 blocks: straight from borrowed memory when the slots are consecutive, else through one
 staging buffer and one ``index_copy_`` (never a copy per block).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,8 +27,9 @@ from typing import Any, Sequence
 
 import torch
 
-from client.cache import CacheStats, Tier, TieredCache
-from client.fetch import Fetch
+from client.cache.entry import CacheStats, Tier
+from client.cache.fetch import Fetch
+from client.cache.tiered import TieredCache
 from harvestd.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,10 @@ def _rows(t: Any, what: str, block_bytes: int, rows: int | None = None) -> torch
         raise InvalidArgument(f"{what} has {t.shape[0]} rows; {rows} are needed, one per block")
     row_bytes = t[0].numel() * t.element_size() if t.shape[0] else 0
     if t.shape[0] and row_bytes != block_bytes:
-        raise InvalidArgument(f"{what}: a row of {tuple(t.shape[1:])} {t.dtype} is {row_bytes} "
-                              f"bytes; blocks of this store are {block_bytes}")
+        raise InvalidArgument(
+            f"{what}: a row of {tuple(t.shape[1:])} {t.dtype} is {row_bytes} "
+            f"bytes; blocks of this store are {block_bytes}"
+        )
     flat = t.view(t.shape[0], -1)
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
@@ -103,8 +107,9 @@ class KVLoad:
     """Blocks on their way into a paged tensor (see :meth:`KVBlockStore.start_load`);
     call :meth:`wait` once before reading them."""
 
-    def __init__(self, fetch: Fetch, scatter: tuple[torch.Tensor, torch.Tensor,
-                                                    torch.Tensor] | None) -> None:
+    def __init__(
+        self, fetch: Fetch, scatter: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    ) -> None:
         self._fetch = fetch
         self._scatter = scatter
         self._done = False
@@ -133,24 +138,44 @@ class KVBlockStore:
     its own with ``borrow_bytes``, ``slab_bytes``, ``backends``, ``ttl`` and
     ``refill_every``. Thread-safe as far as the cache is; ids are the caller's."""
 
-    def __init__(self, client: Any, block_bytes: int, device: Any = "cpu", *,
-                 cache: TieredCache | None = None, borrow_bytes: int = 4 << 30,
-                 slab_bytes: int = 256 << 20, backends: Sequence[str] = ("cuda-vmm", "host"),
-                 ttl: float | None = None, refill_every: float | None = 0.25) -> None:
+    def __init__(
+        self,
+        client: Any,
+        block_bytes: int,
+        device: Any = "cpu",
+        *,
+        cache: TieredCache | None = None,
+        borrow_bytes: int = 4 << 30,
+        slab_bytes: int = 256 << 20,
+        backends: Sequence[str] = ("cuda-vmm", "host"),
+        ttl: float | None = None,
+        refill_every: float | None = 0.25,
+    ) -> None:
         if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes <= 0:
             raise InvalidArgument(f"block_bytes must be a positive int, got {block_bytes!r}")
         self.block_bytes = block_bytes
         self._owns = cache is None
-        self.cache = cache if cache is not None else TieredCache(
-            client, device=device, borrow_bytes=borrow_bytes, slab_bytes=slab_bytes,
-            backends=backends, ttl=ttl, refill_every=refill_every)
+        self.cache = (
+            cache
+            if cache is not None
+            else TieredCache(
+                client,
+                device=device,
+                borrow_bytes=borrow_bytes,
+                slab_bytes=slab_bytes,
+                backends=backends,
+                ttl=ttl,
+                refill_every=refill_every,
+            )
+        )
         self.device = self.cache.device
         self._uid = next(_IDS)
         self._ids: set[int] = set()
         self._lock = threading.Lock()
         self._closed = False
-        self._finalizer = weakref.finalize(self, _release, self.cache, self._owns, self._uid,
-                                           self._ids)
+        self._finalizer = weakref.finalize(
+            self, _release, self.cache, self._owns, self._uid, self._ids
+        )
 
     def _key(self, block_id: int) -> tuple[str, int, int]:
         return _key(self._uid, block_id)
@@ -161,8 +186,10 @@ class KVBlockStore:
         with self._lock:
             missing = [b for b in block_ids if b not in self._ids]
         if missing:
-            raise KeyError(f"no block {missing[0]} in this store"
-                           + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise KeyError(
+                f"no block {missing[0]} in this store"
+                + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
 
     def put(self, block_ids: Ids, blocks: torch.Tensor) -> None:
         """Store row ``i`` of ``blocks`` (``[n, ...]``, ``block_bytes`` a row, on any
@@ -199,7 +226,7 @@ class KVBlockStore:
         keys = [self._key(b) for b in ids]
         if not ids or where == list(range(where[0], where[0] + len(where))):
             first = where[0] if where else 0
-            return KVLoad(self.cache.fetch(keys, table[first: first + len(ids)]), None)
+            return KVLoad(self.cache.fetch(keys, table[first : first + len(ids)]), None)
         staging = torch.empty((len(ids), self.block_bytes), dtype=torch.uint8, device=self.device)
         if self.cache.stream is not None:
             # Written on the cache's stream: were the load dropped unwaited, the allocator
@@ -245,8 +272,9 @@ class KVBlockStore:
         for block in ids:
             tier = self.cache.tier_of(self._key(block)).value
             tiers[tier] = tiers.get(tier, 0) + 1
-        return BlockStoreStats(len(ids), self.block_bytes, tiers, self.cache.borrowed_bytes,
-                               self.cache.stats)
+        return BlockStoreStats(
+            len(ids), self.block_bytes, tiers, self.cache.borrowed_bytes, self.cache.stats
+        )
 
     def close(self) -> None:
         """Give the borrowed memory back (a shared cache only loses this store's blocks)."""

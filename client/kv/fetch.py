@@ -1,4 +1,4 @@
-"""Carry out a :class:`client.planner.FetchPlan`: one layer's K and V onto the device.
+"""Carry out a :class:`client.kv.plan.FetchPlan`: one layer's K and V onto the device.
 
 Layout: token-major. ``out_k`` and ``out_v`` are ``[tokens, kv_heads * head_dim]`` (or
 ``[tokens, kv_heads, head_dim]``, the same bytes); batch is folded into tokens. Stored
@@ -14,16 +14,15 @@ chunk, each chunk's two GEMMs waiting only for that chunk, while K/V follow them
 link and the other link carries its own K/V. The caller's stream then waits for all
 three. On the CPU the same work runs one path after another.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
-import statistics
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from client.planner import FetchPlan, KVShape, Rates
+from client.kv.plan import FetchPlan
 from harvestd.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -66,38 +65,55 @@ def _store(store: Any, what: str) -> KVStore:
     raise InvalidArgument(f"{what} must be a KVStore or a (k, v) pair")
 
 
-def _check_store(store: KVStore, lo: int, hi: int, like: "torch.Tensor", what: str
-                 ) -> tuple["torch.Tensor", "torch.Tensor"]:
+def _check_store(
+    store: KVStore, lo: int, hi: int, like: "torch.Tensor", what: str
+) -> tuple["torch.Tensor", "torch.Tensor"]:
     """The ``[lo, hi)`` rows of the store's K and V, checked against the output."""
     k, v = _rows(store.k, f"{what}.k"), _rows(store.v, f"{what}.v")
     first = store.first_token
-    if k.shape != v.shape or k.shape[1] != like.shape[1] or k.dtype != like.dtype or \
-            v.dtype != like.dtype:
-        raise InvalidArgument(f"{what}: K and V must be [tokens, {like.shape[1]}] "
-                              f"{like.dtype}, got {tuple(k.shape)} {k.dtype} and "
-                              f"{tuple(v.shape)} {v.dtype}")
+    if (
+        k.shape != v.shape
+        or k.shape[1] != like.shape[1]
+        or k.dtype != like.dtype
+        or v.dtype != like.dtype
+    ):
+        raise InvalidArgument(
+            f"{what}: K and V must be [tokens, {like.shape[1]}] "
+            f"{like.dtype}, got {tuple(k.shape)} {k.dtype} and "
+            f"{tuple(v.shape)} {v.dtype}"
+        )
     if lo < first or hi > first + k.shape[0]:
-        raise InvalidArgument(f"{what} holds tokens [{first}, {first + k.shape[0]}); the plan "
-                              f"reads [{lo}, {hi})")
-    return k[lo - first: hi - first], v[lo - first: hi - first]
+        raise InvalidArgument(
+            f"{what} holds tokens [{first}, {first + k.shape[0]}); the plan reads [{lo}, {hi})"
+        )
+    return k[lo - first : hi - first], v[lo - first : hi - first]
 
 
 def _check_weights(w: Any, b: Any, hidden: int, out: "torch.Tensor", what: str) -> None:
     import torch
 
     if not isinstance(w, torch.Tensor) or tuple(w.shape) != (out.shape[1], hidden):
-        raise InvalidArgument(f"{what} must be a [{out.shape[1]}, {hidden}] tensor (an "
-                              f"nn.Linear weight), got {getattr(w, 'shape', type(w))}")
+        raise InvalidArgument(
+            f"{what} must be a [{out.shape[1]}, {hidden}] tensor (an "
+            f"nn.Linear weight), got {getattr(w, 'shape', type(w))}"
+        )
     if w.dtype != out.dtype or w.device != out.device:
         raise InvalidArgument(f"{what} must be {out.dtype} on {out.device}")
-    if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (out.shape[1],)
-                          or b.dtype != out.dtype or b.device != out.device):
-        raise InvalidArgument(f"the bias of {what} must be a [{out.shape[1]}] {out.dtype} "
-                              f"tensor on {out.device}, or None")
+    if b is not None and (
+        not isinstance(b, torch.Tensor)
+        or tuple(b.shape) != (out.shape[1],)
+        or b.dtype != out.dtype
+        or b.device != out.device
+    ):
+        raise InvalidArgument(
+            f"the bias of {what} must be a [{out.shape[1]}] {out.dtype} "
+            f"tensor on {out.device}, or None"
+        )
 
 
-def _project(x: "torch.Tensor", w: "torch.Tensor", b: "torch.Tensor | None",
-             out: "torch.Tensor") -> None:
+def _project(
+    x: "torch.Tensor", w: "torch.Tensor", b: "torch.Tensor | None", out: "torch.Tensor"
+) -> None:
     """``out = x @ w.T + b``, written in place."""
     import torch
 
@@ -117,14 +133,22 @@ def _streams(device: "torch.device") -> tuple[Any, Any, Any]:
     return _STREAMS[index]
 
 
-def fetch_kv(plan: FetchPlan, *, out_k: "torch.Tensor", out_v: "torch.Tensor",
-             peer_kv: KVStore | tuple[Any, Any] | None = None,
-             host_kv: KVStore | tuple[Any, Any] | None = None,
-             activations: "torch.Tensor | None" = None,
-             w_k: "torch.Tensor | None" = None, b_k: "torch.Tensor | None" = None,
-             w_v: "torch.Tensor | None" = None, b_v: "torch.Tensor | None" = None,
-             chunk_tokens: int = DEFAULT_CHUNK_TOKENS, leases: Sequence["Lease"] = (),
-             synchronize: bool = True) -> None:
+def fetch_kv(
+    plan: FetchPlan,
+    *,
+    out_k: "torch.Tensor",
+    out_v: "torch.Tensor",
+    peer_kv: KVStore | tuple[Any, Any] | None = None,
+    host_kv: KVStore | tuple[Any, Any] | None = None,
+    activations: "torch.Tensor | None" = None,
+    w_k: "torch.Tensor | None" = None,
+    b_k: "torch.Tensor | None" = None,
+    w_v: "torch.Tensor | None" = None,
+    b_v: "torch.Tensor | None" = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    leases: Sequence["Lease"] = (),
+    synchronize: bool = True,
+) -> None:
     """Fill rows ``[0, plan.tokens)`` of ``out_k``/``out_v`` as ``plan`` says (layout in
     the module doc).
 
@@ -145,22 +169,26 @@ def fetch_kv(plan: FetchPlan, *, out_k: "torch.Tensor", out_v: "torch.Tensor",
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
         raise InvalidArgument(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     if leases and not synchronize:
-        raise InvalidArgument("leases are held only while fetch_kv waits: pass "
-                              "synchronize=True, or hold lease.use() yourself")
+        raise InvalidArgument(
+            "leases are held only while fetch_kv waits: pass "
+            "synchronize=True, or hold lease.use() yourself"
+        )
     ok, ov = _rows(out_k, "out_k"), _rows(out_v, "out_v")
     if ok.shape != ov.shape or ok.dtype != ov.dtype or ok.device != ov.device:
         raise InvalidArgument("out_k and out_v must have one shape, dtype and device")
     if ok.shape[0] < plan.tokens:
-        raise InvalidArgument(f"out_k has {ok.shape[0]} rows; the plan fetches {plan.tokens} "
-                              f"tokens")
+        raise InvalidArgument(
+            f"out_k has {ok.shape[0]} rows; the plan fetches {plan.tokens} tokens"
+        )
     ranges = plan.ranges()
     copies = []
     for name, store in (("peer", peer_kv), ("host", host_kv)):
         lo, hi = ranges[name]
         if hi > lo:
             if store is None:
-                raise InvalidArgument(f"the plan reads {hi - lo} tokens from {name}_kv; "
-                                      f"none was given")
+                raise InvalidArgument(
+                    f"the plan reads {hi - lo} tokens from {name}_kv; none was given"
+                )
             src_k, src_v = _check_store(_store(store, f"{name}_kv"), lo, hi, ok, f"{name}_kv")
             copies.append((name, src_k, src_v, lo, hi))
     r = plan.recompute_tokens
@@ -168,14 +196,19 @@ def fetch_kv(plan: FetchPlan, *, out_k: "torch.Tensor", out_v: "torch.Tensor",
     if r:
         x = _rows(activations, "activations") if activations is not None else None
         if x is None or x.shape[0] < r or x.dtype != ok.dtype:
-            raise InvalidArgument(f"recomputing {r} tokens needs activations of at least "
-                                  f"{r} rows of {ok.dtype}")
+            raise InvalidArgument(
+                f"recomputing {r} tokens needs activations of at least {r} rows of {ok.dtype}"
+            )
         _check_weights(w_k, b_k, x.shape[1], ok, "w_k")
         _check_weights(w_v, b_v, x.shape[1], ok, "w_v")
         via = "host" if x.device.type == "cpu" else "peer"
         if plan.activations_via and via != plan.activations_via:
-            log.warning("the plan sends activations over the %s link, but they are on %s: "
-                        "its predicted time will be off", plan.activations_via, x.device)
+            log.warning(
+                "the plan sends activations over the %s link, but they are on %s: "
+                "its predicted time will be off",
+                plan.activations_via,
+                x.device,
+            )
     with contextlib.ExitStack() as held:
         for lease in leases:
             held.enter_context(lease.use(device_work=ok.device.type == "cuda"))
@@ -187,8 +220,7 @@ def fetch_kv(plan: FetchPlan, *, out_k: "torch.Tensor", out_v: "torch.Tensor",
             _run_serial(r, x, (w_k, b_k, w_v, b_v), copies, ok, ov, chunk_tokens)
 
 
-def _run_serial(r: int, x: Any, weights: tuple, copies: list, ok: Any, ov: Any,
-                chunk: int) -> None:
+def _run_serial(r: int, x: Any, weights: tuple, copies: list, ok: Any, ov: Any, chunk: int) -> None:
     """The same work, one path after another (no streams on the CPU)."""
     w_k, b_k, w_v, b_v = weights
     for lo in range(0, r, chunk):
@@ -208,8 +240,7 @@ def _pageable(t: Any) -> bool:
         return True
 
 
-def _run_cuda(r: int, x: Any, weights: tuple, copies: list, ok: Any, ov: Any,
-              chunk: int) -> None:
+def _run_cuda(r: int, x: Any, weights: tuple, copies: list, ok: Any, ov: Any, chunk: int) -> None:
     """Three streams; the caller's current stream waits for all of them on return."""
     import torch
 
@@ -221,8 +252,10 @@ def _run_cuda(r: int, x: Any, weights: tuple, copies: list, ok: Any, ov: Any,
     for stream in (rec_s, peer_s, host_s):
         stream.wait_stream(current)  # the outputs and weights may still be in the making
     if any(_pageable(t) for t in [c[1] for c in copies] + ([x] if r else [])):
-        log.warning("a host source is pageable: its copies run synchronously and slowly "
-                    "(map host leases for the GPU so they are pinned)")
+        log.warning(
+            "a host source is pageable: its copies run synchronously and slowly "
+            "(map host leases for the GPU so they are pinned)"
+        )
     chunks = []
     if r:
         # Activations go first on their link, so recomputation starts after one chunk
@@ -252,97 +285,3 @@ def _run_cuda(r: int, x: Any, weights: tuple, copies: list, ok: Any, ov: Any,
 
 
 # ---------------------------------------------------------------- measuring Rates
-
-
-def timer(device: "torch.device", warmup: int, repeats: int
-          ) -> Callable[[Callable[[], Any]], float]:
-    """A function timing a callable: median seconds of ``repeats`` runs after ``warmup``
-    (CUDA events on the current stream, or the wall clock on the CPU)."""
-    import torch
-
-    def run(fn: Callable[[], Any]) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                    enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                began = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - began)
-        return max(statistics.median(times), 1e-9)
-    return run
-
-
-def _link(src: Any, dst: Any, nbytes: int, time_it: Callable) -> tuple[float, float]:
-    """``(bytes/s, latency s)`` of copies from ``src`` into ``dst``: a large copy for the
-    bandwidth, a 64 KiB one for the fixed cost."""
-    import torch
-
-    src = src.reshape(-1).view(torch.uint8)
-    n = min(nbytes, src.numel(), dst.numel())
-    if n <= 0:
-        raise InvalidArgument("a link source to measure must not be empty")
-    big = time_it(lambda: dst[:n].copy_(src[:n], non_blocking=True))
-    small_n = min(n, 64 << 10)
-    small = time_it(lambda: dst[:small_n].copy_(src[:small_n], non_blocking=True))
-    bps = n / big
-    return bps, max(0.0, small - small_n / bps)
-
-
-def measure_rates(shape: KVShape, device: Any = "cuda", *, host: Any = None, peer: Any = None,
-                  dtype: Any = None, nbytes: int | None = None,
-                  chunk_tokens: int = DEFAULT_CHUNK_TOKENS, repeats: int = 5,
-                  warmup: int = 2) -> Rates:
-    """Measure :class:`Rates` on ``device`` the way :func:`fetch_kv` moves and computes.
-
-    ``host``: a pinned CPU tensor to read from (a host lease's ``as_bytes()``); without
-    one a pinned buffer is made. ``peer``: a tensor on the GPU lease (``as_bytes()``);
-    without one there is no peer. ``nbytes``: bytes per bandwidth copy (256 MiB on CUDA,
-    4 MiB on the CPU). The recompute rate times both GEMMs on ``chunk_tokens``-row
-    chunks of ``dtype`` (default: bf16 for 2-byte shapes, float32 for 4). On the CPU the
-    sizes are small and the rates say the paths run one after another."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    cuda = device.type == "cuda"
-    if dtype is None:
-        dtype = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}.get(shape.dtype_bytes)
-        if dtype is None:
-            raise InvalidArgument(f"no GEMM dtype of {shape.dtype_bytes} bytes: pass dtype")
-    nbytes = nbytes or ((256 << 20) if cuda else (4 << 20))
-    time_it = timer(device, warmup, repeats)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    if host is None:
-        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
-    host_bps, host_lat = _link(host, dst, nbytes, time_it)
-    peer_bps = peer_lat = None
-    if peer is not None:
-        peer_bps, peer_lat = _link(peer, dst, nbytes, time_it)
-    rows = chunk_tokens if cuda else min(chunk_tokens, 64)
-    reps = 8 if cuda else 2
-    x = torch.randn(rows, shape.hidden_size, device=device).to(dtype)
-    w_k, w_v = (torch.randn(shape.kv_dim, shape.hidden_size, device=device).to(dtype)
-                for _ in range(2))
-    b = torch.randn(shape.kv_dim, device=device).to(dtype)
-    out_k, out_v = (torch.empty(rows, shape.kv_dim, device=device, dtype=dtype)
-                    for _ in range(2))
-
-    def gemms() -> None:
-        for _ in range(reps):
-            _project(x, w_k, b, out_k)
-            _project(x, w_v, b, out_v)
-    rate = rows * reps / time_it(gemms)
-    rates = Rates(peer_bps=peer_bps, host_bps=host_bps, recompute_tokens_per_s=rate,
-                  peer_latency_s=peer_lat or 0.0, host_latency_s=host_lat, concurrent=cuda)
-    log.info("measured on %s for %s: %s", device, shape, rates)
-    return rates

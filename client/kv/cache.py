@@ -33,6 +33,7 @@ K and V of different shapes (MLA), beam search and anything else that reorders t
 (``reorder_cache``, ``batch_select_indices``, ``batch_repeat_interleave``),
 ``torch.compile``. ``crop`` is supported.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -44,9 +45,10 @@ from typing import Any, Hashable, Sequence
 import torch
 from transformers.cache_utils import Cache
 
-from client.cache import Tier, TieredCache
-from client.kv_layer import BEAMS, HarvestLayer, check_config
-from client.kv_prefetch import LayerFetch, Prefetcher
+from client.cache.entry import Tier
+from client.cache.tiered import TieredCache
+from client.kv.layer import BEAMS, HarvestLayer, check_config
+from client.kv.prefetch import LayerFetch, Prefetcher
 from harvestd.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -61,18 +63,18 @@ class KVStats:
     layers: int = 0
     tokens: int = 0
     block_tokens: int = 0
-    blocks: int = 0                   # full blocks stored, all layers
-    stored_bytes: int = 0             # their K/V bytes
+    blocks: int = 0  # full blocks stored, all layers
+    stored_bytes: int = 0  # their K/V bytes
     tier_bytes: dict[str, int] = field(default_factory=dict)  # where those bytes are now
-    leased_bytes: int = 0             # borrowed by this cache's slabs
-    device_bytes: int = 0             # tails, staging and work buffers
+    leased_bytes: int = 0  # borrowed by this cache's slabs
+    device_bytes: int = 0  # tails, staging and work buffers
     fetches: int = 0
     blocks_fetched: int = 0
     bytes_fetched: int = 0
-    fetch_launch_s: float = 0.0       # launching the copies
-    fetch_wait_s: float = 0.0         # waiting for copies (what compute did not hide)
-    redone_rows: int = 0              # blocks read again because a revocation overlapped
-    released_idle: int = 0            # unconsumed fetches the watchdog finished
+    fetch_launch_s: float = 0.0  # launching the copies
+    fetch_wait_s: float = 0.0  # waiting for copies (what compute did not hide)
+    redone_rows: int = 0  # blocks read again because a revocation overlapped
+    released_idle: int = 0  # unconsumed fetches the watchdog finished
     reads: dict[str, int] = field(default_factory=dict)  # bytes read, by tier
     revocations: int = 0
 
@@ -121,20 +123,34 @@ class HarvestCache(Cache):
     come, so that it holds no lease in use (``None``: never; a revocation of an idle
     cache then waits out its grace period)."""
 
-    def __init__(self, client: Any, *, block_tokens: int = 512, config: Any = None,
-                 cache: TieredCache | None = None, borrow_bytes: int = 16 << 30,
-                 slab_bytes: int = 256 << 20, backends: Sequence[str] = ("cuda-vmm", "host"),
-                 ttl: float | None = None, refill_every: float | None = 0.25,
-                 prefetch: bool = True, release_idle_s: float | None = 0.05) -> None:
-        if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) \
-                or block_tokens <= 0:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        block_tokens: int = 512,
+        config: Any = None,
+        cache: TieredCache | None = None,
+        borrow_bytes: int = 16 << 30,
+        slab_bytes: int = 256 << 20,
+        backends: Sequence[str] = ("cuda-vmm", "host"),
+        ttl: float | None = None,
+        refill_every: float | None = 0.25,
+        prefetch: bool = True,
+        release_idle_s: float | None = 0.05,
+    ) -> None:
+        if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens <= 0:
             raise InvalidArgument(f"block_tokens must be a positive int, got {block_tokens!r}")
         super().__init__(layers=[])
         self.block_tokens = block_tokens
         self._num_layers = check_config(config) if config is not None else None
         self._client = client
-        self._options = dict(borrow_bytes=borrow_bytes, slab_bytes=slab_bytes,
-                             backends=tuple(backends), ttl=ttl, refill_every=refill_every)
+        self._options = dict(
+            borrow_bytes=borrow_bytes,
+            slab_bytes=slab_bytes,
+            backends=tuple(backends),
+            ttl=ttl,
+            refill_every=refill_every,
+        )
         self._prefetch = prefetch
         self._release_idle_s = release_idle_s
         self._uid = next(_IDS)
@@ -145,8 +161,10 @@ class HarvestCache(Cache):
             self._owned.prefetcher = Prefetcher(cache, release_idle_s)
 
     def __repr__(self) -> str:
-        return (f"HarvestCache(layers={len(self.layers)}, tokens={self.get_seq_length()}, "
-                f"block_tokens={self.block_tokens})")
+        return (
+            f"HarvestCache(layers={len(self.layers)}, tokens={self.get_seq_length()}, "
+            f"block_tokens={self.block_tokens})"
+        )
 
     # ------------------------------------------------------------ the tiered cache
 
@@ -164,8 +182,9 @@ class HarvestCache(Cache):
             self._owned.cache = TieredCache(self._client, device=device, **self._options)
             self._owned.prefetcher = Prefetcher(self._owned.cache, self._release_idle_s)
         elif self._owned.cache.device != device:
-            raise InvalidArgument(f"K/V on {device}, but the cache serves "
-                                  f"{self._owned.cache.device}")
+            raise InvalidArgument(
+                f"K/V on {device}, but the cache serves {self._owned.cache.device}"
+            )
         return self._owned.cache
 
     def block_keys(self, layer_idx: int) -> list[Hashable]:
@@ -175,29 +194,44 @@ class HarvestCache(Cache):
 
     # ------------------------------------------------------------ update
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the new tokens' K/V to layer ``layer_idx``; return all its K/V
         (``[batch, kv_heads, tokens, head_dim]`` each, views valid until the next update)."""
         layer = self._layer(key_states, value_states, layer_idx)
         fetched = self._fetch_blocks(layer)
         return self._assemble(layer, fetched, key_states, value_states)
 
-    def _layer(self, key_states: torch.Tensor, value_states: torch.Tensor,
-               layer_idx: int) -> HarvestLayer:
+    def _layer(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+    ) -> HarvestLayer:
         if not isinstance(key_states, torch.Tensor) or key_states.dim() != 4:
-            raise InvalidArgument("key_states must be a [batch, kv_heads, tokens, head_dim] "
-                                  "tensor")
-        if not isinstance(value_states, torch.Tensor) or value_states.shape != key_states.shape \
-                or value_states.dtype != key_states.dtype \
-                or value_states.device != key_states.device:
-            raise InvalidArgument("K and V must have the same shape, dtype and device "
-                                  "(K/V of different head sizes, as in MLA, are not supported)")
+            raise InvalidArgument("key_states must be a [batch, kv_heads, tokens, head_dim] tensor")
+        if (
+            not isinstance(value_states, torch.Tensor)
+            or value_states.shape != key_states.shape
+            or value_states.dtype != key_states.dtype
+            or value_states.device != key_states.device
+        ):
+            raise InvalidArgument(
+                "K and V must have the same shape, dtype and device "
+                "(K/V of different head sizes, as in MLA, are not supported)"
+            )
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
             raise InvalidArgument(f"layer_idx must be a non-negative int, got {layer_idx!r}")
         self._open(key_states.device)
-        if layer_idx == 0 and self._num_layers is None and len(self.layers) > 1 \
-                and self.layers[0].tokens:
+        if (
+            layer_idx == 0
+            and self._num_layers is None
+            and len(self.layers) > 1
+            and self.layers[0].tokens
+        ):
             self._num_layers = len(self.layers)  # a second pass begins: the count is known
         while len(self.layers) <= layer_idx:
             self.layers.append(HarvestLayer(len(self.layers), self.block_tokens))
@@ -206,9 +240,11 @@ class HarvestCache(Cache):
             layer.lazy_initialization(key_states, value_states)
         batch, heads, _, dim = key_states.shape
         if (batch, heads, dim) != layer.shape or key_states.dtype != layer.dtype:
-            raise InvalidArgument(f"layer {layer_idx} holds K/V of batch, heads, head size "
-                                  f"{layer.shape} in {layer.dtype}; got {(batch, heads, dim)} "
-                                  f"in {key_states.dtype} (reset() the cache for a new batch)")
+            raise InvalidArgument(
+                f"layer {layer_idx} holds K/V of batch, heads, head size "
+                f"{layer.shape} in {layer.dtype}; got {(batch, heads, dim)} "
+                f"in {key_states.dtype} (reset() the cache for a new batch)"
+            )
         return layer
 
     def _next_layer(self, index: int) -> HarvestLayer | None:
@@ -225,15 +261,25 @@ class HarvestCache(Cache):
         prefetcher = self._owned.prefetcher
         following = self._next_layer(layer.index) if self._prefetch else None
         if following is not None and following.blocks and following is not layer:
-            prefetcher.launch(following.index, following.epoch, self.block_keys(following.index),
-                              following.row_bytes, keep=layer.index)
+            prefetcher.launch(
+                following.index,
+                following.epoch,
+                self.block_keys(following.index),
+                following.row_bytes,
+                keep=layer.index,
+            )
         if not layer.blocks:
             prefetcher.take(layer.index, layer.epoch, 0)  # drop a stale one, if any
             return None
         fetched = prefetcher.take(layer.index, layer.epoch, layer.blocks)
         if fetched is None:
-            prefetcher.launch(layer.index, layer.epoch, self.block_keys(layer.index),
-                              layer.row_bytes, keep=following.index if following else None)
+            prefetcher.launch(
+                layer.index,
+                layer.epoch,
+                self.block_keys(layer.index),
+                layer.row_bytes,
+                keep=following.index if following else None,
+            )
             fetched = prefetcher.take(layer.index, layer.epoch, layer.blocks)
         return fetched
 
@@ -241,8 +287,12 @@ class HarvestCache(Cache):
         """The first ``numel`` elements of the K (0) or V (1) work buffer, grown by
         doubling. Only this stream uses it, so one of each serves every layer."""
         buf = self._work[which]
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype \
-                or buf.device != like.device:
+        if (
+            buf is None
+            or buf.numel() < numel
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
             grow = buf is not None and buf.dtype == like.dtype and buf.device == like.device
             size = max(numel, 2 * buf.numel() if grow else 0)
             self._work[which] = None
@@ -250,9 +300,13 @@ class HarvestCache(Cache):
             self._work[which] = buf
         return buf[:numel]
 
-    def _assemble(self, layer: HarvestLayer, fetched: LayerFetch | None,
-                  key_states: torch.Tensor, value_states: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _assemble(
+        self,
+        layer: HarvestLayer,
+        fetched: LayerFetch | None,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks, tail and new tokens into the work buffers; seal the blocks that filled."""
         batch, heads, dim = layer.shape
         size = self.block_tokens
@@ -263,21 +317,22 @@ class HarvestCache(Cache):
         keys = self._work_buffer(0, key_states, numel).view(batch, heads, total, dim)
         values = self._work_buffer(1, value_states, numel).view(batch, heads, total, dim)
         if fetched is not None:
-            staged = fetched.rows.view(layer.dtype).view(
-                layer.blocks, 2, batch, heads, size, dim)
+            staged = fetched.rows.view(layer.dtype).view(layer.blocks, 2, batch, heads, size, dim)
             for out, half in ((keys, 0), (values, 1)):
                 out[:, :, :stored].view(batch, heads, layer.blocks, size, dim).copy_(
-                    staged[:, half].permute(1, 2, 0, 3, 4))
+                    staged[:, half].permute(1, 2, 0, 3, 4)
+                )
         if layer.tail_len:
-            keys[:, :, stored:start].copy_(layer.tail[0, :, :, :layer.tail_len])
-            values[:, :, stored:start].copy_(layer.tail[1, :, :, :layer.tail_len])
+            keys[:, :, stored:start].copy_(layer.tail[0, :, :, : layer.tail_len])
+            values[:, :, stored:start].copy_(layer.tail[1, :, :, : layer.tail_len])
         keys[:, :, start:].copy_(key_states)
         values[:, :, start:].copy_(value_states)
         self._seal(layer, keys, values, total)
         return keys, values
 
-    def _seal(self, layer: HarvestLayer, keys: torch.Tensor, values: torch.Tensor,
-              total: int) -> None:
+    def _seal(
+        self, layer: HarvestLayer, keys: torch.Tensor, values: torch.Tensor, total: int
+    ) -> None:
         """Write the blocks that filled to the tiered cache (one batched write); keep the
         rest as the tail."""
         batch, heads, dim = layer.shape
@@ -285,16 +340,20 @@ class HarvestCache(Cache):
         stored = layer.blocks * size
         full = (total - stored) // size
         if full:
-            blocks = torch.empty((full, 2, batch, heads, size, dim), dtype=layer.dtype,
-                                 device=layer.device)
+            blocks = torch.empty(
+                (full, 2, batch, heads, size, dim), dtype=layer.dtype, device=layer.device
+            )
             for half, src in ((0, keys), (1, values)):
-                blocks[:, half].copy_(src[:, :, stored: stored + full * size]
-                                      .view(batch, heads, full, size, dim).permute(2, 0, 1, 3, 4))
+                blocks[:, half].copy_(
+                    src[:, :, stored : stored + full * size]
+                    .view(batch, heads, full, size, dim)
+                    .permute(2, 0, 1, 3, 4)
+                )
             new = [(self._uid, layer.index, layer.blocks + j) for j in range(full)]
             self._owned.cache.put_many(new, blocks)
             self._owned.keys.update(new)
             layer.blocks += full
-        kept = (layer.blocks * size)
+        kept = layer.blocks * size
         if full:
             rest = total - kept
             layer.tail[0, :, :, :rest].copy_(keys[:, :, kept:total])
@@ -302,8 +361,8 @@ class HarvestCache(Cache):
         else:
             rest = total - stored
             old = layer.tail_len
-            layer.tail[0, :, :, old:rest].copy_(keys[:, :, stored + old:total])
-            layer.tail[1, :, :, old:rest].copy_(values[:, :, stored + old:total])
+            layer.tail[0, :, :, old:rest].copy_(keys[:, :, stored + old : total])
+            layer.tail[1, :, :, old:rest].copy_(values[:, :, stored + old : total])
         layer.tail_len = rest
         layer.tokens = total
 
@@ -327,8 +386,7 @@ class HarvestCache(Cache):
         blocks, rest = divmod(keep, size)
         if blocks < layer.blocks:
             if rest:
-                self._owned.cache.get((self._uid, layer.index, blocks),
-                                      out=layer.tail.view(1, -1))
+                self._owned.cache.get((self._uid, layer.index, blocks), out=layer.tail.view(1, -1))
             for block in range(blocks, layer.blocks):
                 key = (self._uid, layer.index, block)
                 self._owned.cache.evict(key)
@@ -364,8 +422,10 @@ class HarvestCache(Cache):
 
     def update_conv_state(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Unsupported: linear-attention layers."""
-        raise InvalidArgument("HarvestCache holds attention K/V only: linear-attention "
-                              "(conv and recurrent state) layers are not supported")
+        raise InvalidArgument(
+            "HarvestCache holds attention K/V only: linear-attention "
+            "(conv and recurrent state) layers are not supported"
+        )
 
     update_recurrent_state = update_conv_state
 
@@ -378,8 +438,9 @@ class HarvestCache(Cache):
     @property
     def stats(self) -> KVStats:
         """Where the K/V are now, and what fetching them cost so far."""
-        stats = KVStats(layers=len(self.layers), tokens=self.get_seq_length(),
-                        block_tokens=self.block_tokens)
+        stats = KVStats(
+            layers=len(self.layers), tokens=self.get_seq_length(), block_tokens=self.block_tokens
+        )
         cache, prefetcher = self._owned.cache, self._owned.prefetcher
         for layer in self.layers:
             if not layer.is_initialized:
@@ -390,13 +451,15 @@ class HarvestCache(Cache):
             for key in self.block_keys(layer.index):
                 tier = cache.tier_of(key).value
                 stats.tier_bytes[tier] = stats.tier_bytes.get(tier, 0) + layer.row_bytes
-        stats.device_bytes += sum(b.numel() * b.element_size() for b in self._work
-                                  if b is not None)
+        stats.device_bytes += sum(b.numel() * b.element_size() for b in self._work if b is not None)
         if prefetcher is not None:
             moved = prefetcher.stats
             stats.device_bytes += prefetcher.device_bytes
-            stats.fetches, stats.blocks_fetched, stats.bytes_fetched = \
-                moved.fetches, moved.blocks, moved.bytes
+            stats.fetches, stats.blocks_fetched, stats.bytes_fetched = (
+                moved.fetches,
+                moved.blocks,
+                moved.bytes,
+            )
             stats.fetch_launch_s, stats.fetch_wait_s = moved.launch_s, moved.wait_s
             stats.redone_rows, stats.released_idle = moved.redone_rows, moved.released_idle
         if cache is not None:

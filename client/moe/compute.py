@@ -15,6 +15,7 @@ the same way:
 Routing is worked out on the CPU after one copy of the router's choice per layer, so
 that the kernels queue without a device sync each.
 """
+
 from __future__ import annotations
 
 import enum
@@ -42,8 +43,9 @@ class Compute(str, enum.Enum):
         try:
             return cls(value)
         except (TypeError, ValueError):
-            raise InvalidArgument(f"compute must be one of {[c.value for c in cls]}, "
-                                  f"got {value!r}") from None
+            raise InvalidArgument(
+                f"compute must be one of {[c.value for c in cls]}, got {value!r}"
+            ) from None
 
 
 # ---------------------------------------------------------------------- eager
@@ -64,15 +66,20 @@ def eager_routes(top_k_index: torch.Tensor, num_experts: int) -> Routes:
     start = 0
     for expert, count in enumerate(counts[:num_experts]):
         if count:
-            chosen = on_device[start: start + count]
+            chosen = on_device[start : start + count]
             routes[expert] = (chosen // tokens, chosen % tokens)
         start += count
     return routes
 
 
-def eager_experts(hidden_states: torch.Tensor, top_k_weights: torch.Tensor, routes: Routes,
-                  weights: Callable[[int], Weights], act_fn: Callable,
-                  ready: Callable[[int], None] | None) -> torch.Tensor:
+def eager_experts(
+    hidden_states: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    routes: Routes,
+    weights: Callable[[int], Weights],
+    act_fn: Callable,
+    ready: Callable[[int], None] | None,
+) -> torch.Tensor:
     """The experts' output, expert by expert; ``ready(e)`` (if given) is called before
     expert ``e``'s weights are read."""
     final = torch.zeros_like(hidden_states)
@@ -91,23 +98,23 @@ def eager_experts(hidden_states: torch.Tensor, top_k_weights: torch.Tensor, rout
 
 # ---------------------------------------------------------------------- grouped
 
+
 @dataclass(frozen=True)
 class GroupedPlan:
     """One layer's routed (token, slot) pairs ordered for two grouped GEMMs: first the
     pairs of resident experts, grouped by resident slot, then those of fetched experts,
     grouped by their position in ``fetched``."""
 
-    order: torch.Tensor           # [S] on the device: flat (token * k + slot) index, in group order
+    order: torch.Tensor  # [S] on the device: flat (token * k + slot) index, in group order
     resident_offsets: torch.Tensor  # [R] int32 on the device: cumulative rows per resident slot
-    fetched_offsets: torch.Tensor   # [len(fetched)] int32 on the device
+    fetched_offsets: torch.Tensor  # [len(fetched)] int32 on the device
     resident_rows: int
-    fetched: list[int]            # offloaded experts routed to, ascending
-    resident_ends: list[int]      # the offsets on the CPU, for grouped_mm's fallback
+    fetched: list[int]  # offloaded experts routed to, ascending
+    resident_ends: list[int]  # the offsets on the CPU, for grouped_mm's fallback
     fetched_ends: list[int]
 
 
-def grouped_plan(top_k_index: torch.Tensor, slot_of: torch.Tensor, resident: int
-                 ) -> GroupedPlan:
+def grouped_plan(top_k_index: torch.Tensor, slot_of: torch.Tensor, resident: int) -> GroupedPlan:
     """Plan a layer: ``slot_of[e]`` is expert ``e``'s row in the resident weights, or -1
     (a CPU tensor); ``resident`` is how many resident experts there are."""
     flat = top_k_index.reshape(-1).to("cpu")  # token-major, as transformers' grouped_mm: one sync
@@ -127,14 +134,20 @@ def grouped_plan(top_k_index: torch.Tensor, slot_of: torch.Tensor, resident: int
     size = order.numel()
     offsets_dev = packed[size:].to(torch.int32)
     ends = offsets.tolist()
-    return GroupedPlan(order=packed[:size], resident_offsets=offsets_dev[:resident],
-                       fetched_offsets=offsets_dev[resident:],
-                       resident_rows=int(counts[:resident].sum()), fetched=fetched,
-                       resident_ends=ends[:resident], fetched_ends=ends[resident:])
+    return GroupedPlan(
+        order=packed[:size],
+        resident_offsets=offsets_dev[:resident],
+        fetched_offsets=offsets_dev[resident:],
+        resident_rows=int(counts[:resident].sum()),
+        fetched=fetched,
+        resident_ends=ends[:resident],
+        fetched_ends=ends[resident:],
+    )
 
 
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
-               ends: Sequence[int] | None = None) -> torch.Tensor:
+def grouped_mm(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, ends: Sequence[int] | None = None
+) -> torch.Tensor:
     """``x`` [S, K] times ``weight`` [G, K, N], rows ``offsets[g-1]:offsets[g]`` with group
     ``g``: torch's grouped GEMM where it has one for this device and dtype (on a GPU,
     bf16 only), else one matmul per group (``ends``, the offsets on the CPU, spare that
@@ -156,19 +169,33 @@ def _aligned(t: torch.Tensor) -> bool:
     # torch's grouped GEMM wants 16-byte aligned data and strides (its TMA loads on a GPU).
     size = t.element_size()
     return t.data_ptr() % 16 == 0 and all(
-        stride == 1 or stride * size % 16 == 0 for stride in t.stride())
+        stride == 1 or stride * size % 16 == 0 for stride in t.stride()
+    )
 
 
-def _grouped_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                 offsets: torch.Tensor, ends: list[int], act_fn: Callable) -> torch.Tensor:
-    gate, up = grouped_mm(x.to(gate_up.dtype), gate_up.transpose(-2, -1), offsets,
-                          ends).chunk(2, dim=-1)
+def _grouped_ffn(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    offsets: torch.Tensor,
+    ends: list[int],
+    act_fn: Callable,
+) -> torch.Tensor:
+    gate, up = grouped_mm(x.to(gate_up.dtype), gate_up.transpose(-2, -1), offsets, ends).chunk(
+        2, dim=-1
+    )
     return grouped_mm(act_fn(gate) * up, down.transpose(-2, -1), offsets, ends)
 
 
-def grouped_experts(hidden_states: torch.Tensor, top_k_weights: torch.Tensor,
-                    plan: GroupedPlan, resident: Weights, fetched: Weights | None,
-                    act_fn: Callable, ready: Callable[[], None] | None) -> torch.Tensor:
+def grouped_experts(
+    hidden_states: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    plan: GroupedPlan,
+    resident: Weights,
+    fetched: Weights | None,
+    act_fn: Callable,
+    ready: Callable[[], None] | None,
+) -> torch.Tensor:
     """The experts' output from two grouped GEMMs per projection: ``resident`` holds every
     resident expert (``[R, 2I, H]``, ``[R, H, I]``), ``fetched`` the fetched ones in
     ``plan.fetched`` order; ``ready()`` (if given) is called before they are read."""
@@ -176,15 +203,25 @@ def grouped_experts(hidden_states: torch.Tensor, top_k_weights: torch.Tensor,
     x = hidden_states[plan.order // k]
     parts: list[torch.Tensor] = []
     if plan.resident_rows:
-        parts.append(_grouped_ffn(x[: plan.resident_rows], *resident, plan.resident_offsets,
-                                  plan.resident_ends, act_fn))
+        parts.append(
+            _grouped_ffn(
+                x[: plan.resident_rows],
+                *resident,
+                plan.resident_offsets,
+                plan.resident_ends,
+                act_fn,
+            )
+        )
     if plan.fetched:
         if fetched is None:
             raise ValueError("the plan routes to fetched experts but none were given")
         if ready is not None:
             ready()
-        parts.append(_grouped_ffn(x[plan.resident_rows:], *fetched, plan.fetched_offsets,
-                                  plan.fetched_ends, act_fn))
+        parts.append(
+            _grouped_ffn(
+                x[plan.resident_rows :], *fetched, plan.fetched_offsets, plan.fetched_ends, act_fn
+            )
+        )
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     weighted = out * top_k_weights.reshape(-1)[plan.order].unsqueeze(-1)
     # Back to (token, slot) order, then the same sum over slots as transformers' grouped_mm.
@@ -193,8 +230,13 @@ def grouped_experts(hidden_states: torch.Tensor, top_k_weights: torch.Tensor,
     return restored.view(tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
-def stacked_rows(rows: torch.Tensor, gate_up_bytes: int, dtype: torch.dtype,
-                 gate_up_shape: Sequence[int], down_shape: Sequence[int]) -> Weights:
+def stacked_rows(
+    rows: torch.Tensor,
+    gate_up_bytes: int,
+    dtype: torch.dtype,
+    gate_up_shape: Sequence[int],
+    down_shape: Sequence[int],
+) -> Weights:
     """Views of fetched staging rows (``[n, bytes]``: each expert's ``gate_up`` then its
     ``down`` bytes) as stacked weights ``[n, 2I, H]`` and ``[n, H, I]``; no copy."""
     n = rows.shape[0]

@@ -10,74 +10,27 @@ a background pass (``refill_every``) moves objects that lost their borrowed copy
 when lenders have room again, and swaps a much-used object that found no room for the
 least-used one of its size (use counts decay, so recency counts too). A revoked lease
 takes its objects down to their source at once; a read that a revocation overlapped is
-read again from the source (see :mod:`client.fetch`).
+read again from the source (see :mod:`client.cache.fetch`).
 """
+
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 
 from client import metrics
-from client.fetch import DMA_MIN_BYTES, Fetch, Row
-from client.slabs import Slab, SlabSet
+from client.cache.entry import CacheStats, Entry, Tier
+from client.cache.fetch import DMA_MIN_BYTES, Fetch, Row
+from client.cache.slabs import Slab, SlabSet
 from harvestd.errors import InvalidArgument, LeaseRevoked
 
 log = logging.getLogger(__name__)
-
-
-class Tier(str, enum.Enum):
-    """Where a read was served from."""
-
-    LOCAL = "local"
-    GPU_LEASE = "gpu-lease"
-    HOST_LEASE = "host-lease"
-    HOST = "host"
-    RECOMPUTE = "recompute"
-
-
-@dataclass(eq=False)
-class Entry:
-    """One cached object."""
-
-    key: Hashable
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-    host: torch.Tensor | None                     # authoritative copy (uint8, flat)
-    recompute: Callable[[], torch.Tensor] | None  # or a way to make it again
-    slot: tuple[Slab, int] | None = None          # borrowed copy: slab, byte offset
-    local: torch.Tensor | None = None             # copy on this process's device
-    hits: float = 0.0                             # uses, decaying (see rebalance)
-    last_used: float = field(default_factory=time.monotonic)
-    readers: int = 0                              # fetches reading it now
-    dropped: bool = False                         # evicted or replaced while read
-
-
-@dataclass
-class CacheStats:
-    """Reads and bytes served, by tier."""
-
-    hits: dict[str, int] = field(default_factory=dict)
-    bytes: dict[str, int] = field(default_factory=dict)
-    revocations: int = 0
-    fallbacks: int = 0   # reads meant for borrowed memory, served from the source instead
-    swaps: int = 0       # objects moved into borrowed memory by use
-    refills: int = 0     # objects moved back into borrowed memory by the background pass
-
-    def add(self, tier: Tier, nbytes: int, n: int = 1) -> None:
-        """Count ``n`` reads of ``nbytes`` in all from ``tier``."""
-        self.hits[tier.value] = self.hits.get(tier.value, 0) + n
-        self.bytes[tier.value] = self.bytes.get(tier.value, 0) + nbytes
-        metrics.CACHE_READS.labels(tier=tier.value).inc(n)
-        metrics.CACHE_BYTES.labels(tier=tier.value).inc(nbytes)
 
 
 class TieredCache:
@@ -92,11 +45,19 @@ class TieredCache:
     ``REFILL_HOLDOFF_S``).
     """
 
-    def __init__(self, client: Any, device: Any = "cpu", local_bytes: int = 0,
-                 borrow_bytes: int = 1 << 30, slab_bytes: int = 64 << 20,
-                 backends: Sequence[str] = ("cuda-vmm", "host"), ttl: float | None = None,
-                 pin_host: bool | None = None, refill_every: float | None = None,
-                 refill_holdoff: float | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        device: Any = "cpu",
+        local_bytes: int = 0,
+        borrow_bytes: int = 1 << 30,
+        slab_bytes: int = 64 << 20,
+        backends: Sequence[str] = ("cuda-vmm", "host"),
+        ttl: float | None = None,
+        pin_host: bool | None = None,
+        refill_every: float | None = None,
+        refill_holdoff: float | None = None,
+    ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -108,8 +69,9 @@ class TieredCache:
         self._local_used = 0
         self._pending: dict[Hashable, tuple[Fetch, torch.Tensor]] = {}
         self._pin = self.device.type == "cuda" if pin_host is None else pin_host
-        self._slabs = SlabSet(client, self.device, borrow_bytes, slab_bytes, backends, ttl,
-                              on_revoke=self._on_revoke)
+        self._slabs = SlabSet(
+            client, self.device, borrow_bytes, slab_bytes, backends, ttl, on_revoke=self._on_revoke
+        )
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._fill_stream = torch.cuda.Stream(self.device) if self.stream is not None else None
         self._stop = threading.Event()
@@ -118,15 +80,25 @@ class TieredCache:
         self.refill_holdoff = self.REFILL_HOLDOFF_S if refill_holdoff is None else refill_holdoff
         self._refiller: threading.Thread | None = None
         if refill_every is not None:
-            self._refiller = threading.Thread(target=self._refill_loop, args=(refill_every,),
-                                              name="harvest-cache-refill", daemon=True)
+            self._refiller = threading.Thread(
+                target=self._refill_loop,
+                args=(refill_every,),
+                name="harvest-cache-refill",
+                daemon=True,
+            )
             self._refiller.start()
 
     # ------------------------------------------------------------ writing
 
-    def put(self, key: Hashable, value: torch.Tensor | None = None, *,
-            recompute: Callable[[], torch.Tensor] | None = None,
-            shape: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> Tier:
+    def put(
+        self,
+        key: Hashable,
+        value: torch.Tensor | None = None,
+        *,
+        recompute: Callable[[], torch.Tensor] | None = None,
+        shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tier:
         """Cache ``value`` under ``key`` (its authoritative copy is kept on the host), or
         register ``recompute`` as its source; returns the fastest tier it now sits in."""
         if value is None and recompute is None:
@@ -138,8 +110,14 @@ class TieredCache:
             host = value.detach().to("cpu", copy=True).contiguous().view(-1).view(torch.uint8)
             if self._pin:
                 host = host.pin_memory()
-        entry = Entry(key, tuple(shape or value.shape), dtype or value.dtype,
-                      value.numel() * value.element_size(), host, recompute)
+        entry = Entry(
+            key,
+            tuple(shape or value.shape),
+            dtype or value.dtype,
+            value.numel() * value.element_size(),
+            host,
+            recompute,
+        )
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
@@ -167,8 +145,10 @@ class TieredCache:
         # One host buffer for all: entries keep views of its rows (it lives while any does).
         host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=self._pin)
         host.copy_(flat)
-        entries = [Entry(key, tuple(values.shape[1:]), values.dtype, flat.shape[1], host[i],
-                         None) for i, key in enumerate(keys)]
+        entries = [
+            Entry(key, tuple(values.shape[1:]), values.dtype, flat.shape[1], host[i], None)
+            for i, key in enumerate(keys)
+        ]
         with self._lock:
             for entry in entries:
                 old = self._entries.pop(entry.key, None)
@@ -185,11 +165,18 @@ class TieredCache:
         for i, slot in enumerate(slots):
             by_slab.setdefault(id(slot[0]), (slot[0], []))[1].append(i)
         for slab, index in by_slab.values():
-            self._fill_rows(slab, [entries[i] for i in index], [slots[i][1] for i in index],
-                            flat, index)
+            self._fill_rows(
+                slab, [entries[i] for i in index], [slots[i][1] for i in index], flat, index
+            )
 
-    def _fill_rows(self, slab: Slab, entries: list[Entry], offsets: list[int],
-                   flat: torch.Tensor, index: list[int]) -> int:
+    def _fill_rows(
+        self,
+        slab: Slab,
+        entries: list[Entry],
+        offsets: list[int],
+        flat: torch.Tensor,
+        index: list[int],
+    ) -> int:
         """Copy rows ``index`` of ``flat`` into one slab's slots and give the entries
         those slots; how many entries got theirs (an entry replaced meanwhile, or a slab
         revoked, gives its slot back)."""
@@ -198,8 +185,11 @@ class TieredCache:
         try:
             with slab.lease.use(device_work=self.stream is not None):
                 dst = slab.lease.as_bytes()
-                ctx = torch.cuda.stream(self._fill_stream) if self.stream is not None \
+                ctx = (
+                    torch.cuda.stream(self._fill_stream)
+                    if self.stream is not None
                     else contextlib.nullcontext()
+                )
                 if self.stream is not None:
                     # Its own stream: a fill must not queue behind (or hold up) the
                     # model's work on the default stream.
@@ -207,13 +197,19 @@ class TieredCache:
                 with ctx:
                     if nbytes >= DMA_MIN_BYTES or len(index) == 1:
                         for i, offset in zip(index, offsets, strict=True):
-                            dst[offset: offset + nbytes].copy_(flat[i], non_blocking=True)
+                            dst[offset : offset + nbytes].copy_(flat[i], non_blocking=True)
                     else:
                         from client.blocks import scatter
 
-                        scatter(dst, flat[index[0]: index[-1] + 1]
-                                if index[-1] - index[0] == len(index) - 1 else flat[index],
-                                offsets, nbytes, check=False)
+                        scatter(
+                            dst,
+                            flat[index[0] : index[-1] + 1]
+                            if index[-1] - index[0] == len(index) - 1
+                            else flat[index],
+                            offsets,
+                            nbytes,
+                            check=False,
+                        )
                 if self.stream is not None:
                     self._fill_stream.synchronize()  # complete before use() ends
             written = True
@@ -222,8 +218,12 @@ class TieredCache:
         given = 0
         with self._lock:
             for entry, offset in zip(entries, offsets, strict=True):
-                if written and self._entries.get(entry.key) is entry and slab.alive \
-                        and entry.slot is None:
+                if (
+                    written
+                    and self._entries.get(entry.key) is entry
+                    and slab.alive
+                    and entry.slot is None
+                ):
                     entry.slot = (slab, offset)
                     given += 1
                 else:
@@ -295,7 +295,7 @@ class TieredCache:
         """Start reading objects of one size into the rows of ``out``
         (``[len(keys), ...]``, contiguous): borrowed objects with one gather per slab
         (or one copy each when large), on the cache's own CUDA stream. Returns the
-        :class:`~client.fetch.Fetch`; its ``wait()`` finishes it."""
+        :class:`~client.cache.fetch.Fetch`; its ``wait()`` finishes it."""
         self._finish_pending(keys)
         if not out.is_contiguous() or out.dim() == 0 or out.shape[0] != len(keys):
             raise InvalidArgument(f"out must be contiguous with {len(keys)} rows, one per key")
@@ -306,16 +306,18 @@ class TieredCache:
             for i, key in enumerate(keys):
                 entry = self._entry(key)
                 if entry.nbytes != row_bytes:
-                    raise InvalidArgument(f"{entry.key!r} has {entry.nbytes} bytes; rows of "
-                                          f"out have {row_bytes}")
+                    raise InvalidArgument(
+                        f"{entry.key!r} has {entry.nbytes} bytes; rows of out have {row_bytes}"
+                    )
                 entry.hits += 1
                 entry.last_used = now
                 entry.readers += 1
                 if entry.local is not None:
                     self._local.move_to_end(key)
                 rows.append(Row(i, entry, entry.local, entry.slot))
-        return Fetch(rows, out, self.stream, self._read_source, self._slab_tier, Tier.LOCAL,
-                     self._fetched).start()
+        return Fetch(
+            rows, out, self.stream, self._read_source, self._slab_tier, Tier.LOCAL, self._fetched
+        ).start()
 
     def _read_source(self, entry: Entry, flat: torch.Tensor) -> Tier:
         if entry.host is not None:
@@ -399,8 +401,12 @@ class TieredCache:
         for key in keys:
             with self._lock:
                 entry = self._entries.get(key)
-                if entry is None or entry.local is not None or key in self._pending \
-                        or entry.nbytes > self.local_bytes:
+                if (
+                    entry is None
+                    or entry.local is not None
+                    or key in self._pending
+                    or entry.nbytes > self.local_bytes
+                ):
                     continue
             buf = torch.empty(entry.shape, dtype=entry.dtype, device=self.device)
             fetch = self.fetch([key], buf.view(1, -1))
@@ -423,25 +429,28 @@ class TieredCache:
     def _on_revoke(self, slab: Slab) -> None:
         """A slab's lease is gone: its entries fall to their source, now."""
         with self._lock:
-            lost = [e for e in self._entries.values()
-                    if e.slot is not None and e.slot[0] is slab]
+            lost = [e for e in self._entries.values() if e.slot is not None and e.slot[0] is slab]
             for entry in lost:
                 entry.slot = None
             self.stats.revocations += 1
             self._last_revocation = time.monotonic()
         metrics.CACHE_REVOCATIONS.inc()
         self._wake.set()
-        log.info("slab %s revoked: %d entries fall back to their source", slab.lease.id,
-                 len(lost))
+        log.info("slab %s revoked: %d entries fall back to their source", slab.lease.id, len(lost))
 
     def refill(self) -> int:
         """Put entries that lost their borrowed copy back into borrowed memory, as far as
         the budget and the lenders allow, most used first; returns how many moved up."""
         moved = 0
         with self._lock:
-            waiting = sorted((e for e in self._entries.values()
-                              if e.slot is None and e.local is None and e.host is not None),
-                             key=lambda e: (-e.hits, -e.last_used))
+            waiting = sorted(
+                (
+                    e
+                    for e in self._entries.values()
+                    if e.slot is None and e.local is None and e.host is not None
+                ),
+                key=lambda e: (-e.hits, -e.last_used),
+            )
         for entry in waiting:
             if self._entries.get(entry.key) is not entry:
                 continue
@@ -457,15 +466,22 @@ class TieredCache:
         fades. Returns how many objects moved up."""
         swapped = 0
         with self._lock:
-            outside = sorted((e for e in self._entries.values()
-                              if e.slot is None and e.local is None and e.host is not None),
-                             key=lambda e: -e.hits)
-            inside = sorted((e for e in self._entries.values()
-                             if e.slot is not None and e.readers == 0),
-                            key=lambda e: (e.hits, e.last_used))
+            outside = sorted(
+                (
+                    e
+                    for e in self._entries.values()
+                    if e.slot is None and e.local is None and e.host is not None
+                ),
+                key=lambda e: -e.hits,
+            )
+            inside = sorted(
+                (e for e in self._entries.values() if e.slot is not None and e.readers == 0),
+                key=lambda e: (e.hits, e.last_used),
+            )
         for hot in outside:
-            cold = next((e for e in inside if e.nbytes == hot.nbytes
-                         and hot.hits > 2 * e.hits + 1), None)
+            cold = next(
+                (e for e in inside if e.nbytes == hot.nbytes and hot.hits > 2 * e.hits + 1), None
+            )
             if cold is None:
                 continue
             inside.remove(cold)
