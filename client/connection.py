@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Protocol
 
 import grpc
 
@@ -38,6 +38,14 @@ class ReclaimResult:
     reclaimed: int
     freed: bool
     elapsed_s: float
+
+
+class _EventStream(Protocol):
+    """The broker's Watch call as gRPC returns it: its events, and a way to end it."""
+
+    def __iter__(self) -> Iterator[pb.LeaseEvent]: ...
+
+    def cancel(self) -> bool: ...
 
 
 class Client:
@@ -71,7 +79,7 @@ class Client:
         self._unclaimed: dict[str, tuple[set[int], list[pb.LeaseEvent]]] = {}
         self._closed = threading.Event()
         self._watching = threading.Event()
-        self._stream = None
+        self._stream: _EventStream | None = None
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
@@ -157,7 +165,7 @@ class Client:
                     near_gpu=near_uuid,
                     priority=priority,
                     holder_pid=os.getpid(),
-                    backend=kind.pb if kind else 0,
+                    backend=kind.pb if kind else pb.BACKEND_UNSPECIFIED,
                     avoid_lenders=avoid,
                 ),
             )

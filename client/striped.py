@@ -21,6 +21,7 @@ The arithmetic (layout, plans, how many stripes) is in :mod:`client.striping`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import operator
 import threading
@@ -383,6 +384,8 @@ class StripedLease:
         out_b, plan = self._blocks(out, "out", offsets, block_bytes, check)
         if plan.n == 0:
             return out
+        local = plan.local
+        assert local is not None  # a plan with blocks has their offsets
         import torch
 
         staging = (
@@ -408,7 +411,7 @@ class StripedLease:
             else:
                 gather(
                     src,
-                    plan.local[start : start + count],
+                    local[start : start + count],
                     block_bytes,
                     staging[rows],
                     check=not plan.aligned,
@@ -440,6 +443,8 @@ class StripedLease:
         src_b, plan = self._blocks(src, "src", offsets, block_bytes, check)
         if plan.n == 0:
             return
+        local = plan.local
+        assert local is not None  # a plan with blocks has their offsets
 
         def piece(dst: "torch.Tensor", start: int, count: int) -> None:
             if plan.order is None:
@@ -448,9 +453,7 @@ class StripedLease:
                 rows = _rows(src_b, plan.n, block_bytes, _word(block_bytes, src_b)).index_select(
                     0, plan.order[start : start + count]
                 )
-            scatter(
-                dst, rows, plan.local[start : start + count], block_bytes, check=not plan.aligned
-            )
+            scatter(dst, rows, local[start : start + count], block_bytes, check=not plan.aligned)
 
         with self.use():
             self._launch(src_b.device, self._pieces(plan, piece))
@@ -481,13 +484,12 @@ class StripedLease:
         self, plan: StripePlan, piece: Callable[["torch.Tensor", int, int], None]
     ) -> list[tuple[int, Callable[[], None]]]:
         """``(stripe, work)`` for every stripe with blocks in ``plan`` (inside use())."""
-        work, start = [], 0
+        work: list[tuple[int, Callable[[], None]]] = []
+        start = 0
         for stripe, count in enumerate(plan.counts):
             if count:
                 src = self.stripes[stripe].as_bytes()
-                work.append(
-                    (stripe, lambda src=src, start=start, count=count: piece(src, start, count))
-                )
+                work.append((stripe, functools.partial(piece, src, start, count)))
             start += count
         return work
 

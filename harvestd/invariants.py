@@ -214,47 +214,47 @@ def check_store(path: str, *, capacity_bound: bool = True) -> list[str]:
 
     held: dict[str, int] = defaultdict(int)
     for lease in leases:
-        lender = lenders.get(lease.lender_id)
+        owner = lenders.get(lease.lender_id)
         active = lease.state in (LeaseState.GRANTED, LeaseState.REVOKING)
         # 5
         if active:
-            if lender is None:
+            if owner is None:
                 problems.append(
                     f"active lease {lease.id} belongs to unknown lender {lease.lender_id!r}"
                 )
-            elif lease.lender_generation != lender.generation:
+            elif lease.lender_generation != owner.generation:
                 problems.append(
-                    f"active lease {lease.id} is of lender {lender.id}'s "
+                    f"active lease {lease.id} is of lender {owner.id}'s "
                     f"registration {lease.lender_generation}, not its current "
-                    f"{lender.generation}"
+                    f"{owner.generation}"
                 )
             if lease.freed:
                 problems.append(f"active lease {lease.id} is marked freed")
         if lease.freed:
             continue
         # 6
-        if lender is None:
+        if owner is None:
             problems.append(
                 f"unfreed lease {lease.id} belongs to unknown lender {lease.lender_id!r}"
             )
             continue
-        if lease.lender_generation != lender.generation:
+        if lease.lender_generation != owner.generation:
             problems.append(
                 f"unfreed lease {lease.id} ({LeaseState(lease.state).label}) is "
-                f"of lender {lender.id}'s old registration "
-                f"{lease.lender_generation} (current {lender.generation}): its "
+                f"of lender {owner.id}'s old registration "
+                f"{lease.lender_generation} (current {owner.generation}): its "
                 f"memory will never be confirmed free"
             )
             continue
         # 7
         if lease.charged < lease.nbytes or (
-            lender.granularity > 0 and lease.charged % lender.granularity
+            owner.granularity > 0 and lease.charged % owner.granularity
         ):
             problems.append(
                 f"lease {lease.id}: charged {lease.charged} for {lease.nbytes} "
-                f"bytes at granularity {lender.granularity}"
+                f"bytes at granularity {owner.granularity}"
             )
-        held[lender.id] += lease.charged
+        held[owner.id] += lease.charged
     # 8
     if capacity_bound:
         for lender_id, nbytes in sorted(held.items()):

@@ -8,11 +8,14 @@ drift from the truth.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from harvestd.table import LeaseTable
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ LATENCIES = {
 class BrokerMetrics:
     """Counters, histograms and table gauges in one registry of their own."""
 
-    def __init__(self, read_table: Callable[[], object]) -> None:
+    def __init__(self, read_table: Callable[[], LeaseTable]) -> None:
         self.registry = CollectorRegistry()
         self._counters = {}
         for event, (name, doc, by_lender) in EVENTS.items():
@@ -138,7 +141,7 @@ class BrokerMetrics:
 class TableCollector(Collector):
     """Gauges read from the lease table at each scrape."""
 
-    def __init__(self, read_table: Callable[[], object]) -> None:
+    def __init__(self, read_table: Callable[[], LeaseTable]) -> None:
         self._table = read_table
 
     def collect(self):

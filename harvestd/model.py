@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, cast
 
 from protos import harvest_pb2 as pb
 
@@ -93,10 +93,11 @@ class LenderRecord:
 
     def to_pb(self) -> pb.Lender:
         """Wire form."""
+        # The wire enums are plain ints at run time; their stubs give each a type of its own.
         return pb.Lender(
             id=self.id,
             node=self.node,
-            backend=self.backend,
+            backend=cast(pb.Backend, self.backend),
             gpu_uuid=self.gpu_uuid,
             gpu_index=self.gpu_index,
             links=[pb.GpuLink(peer_uuid=k, nvlinks=v) for k, v in sorted(self.links.items())],
@@ -105,7 +106,7 @@ class LenderRecord:
             reclaimed=self.reclaimed,
             granted=self.held,
             generation=self.generation,
-            state=int(self.state),
+            state=cast(pb.LenderState, int(self.state)),
             last_report=self.last_report,
             pid=self.pid,
             granularity=self.granularity,
@@ -162,7 +163,7 @@ class LeaseRecord:
             id=self.id,
             lender_id=self.lender_id,
             nbytes=self.nbytes,
-            state=int(self.state),
+            state=cast(pb.LeaseState, int(self.state)),
             ttl_s=self.ttl_s,
             expires_at=self.expires_at,
             generation=self.generation,
@@ -179,7 +180,7 @@ class LeaseRecord:
             msg.token = self.token
         if lender is not None:
             msg.pickup_address = lender.pickup_address
-            msg.backend = lender.backend
+            msg.backend = cast(pb.Backend, lender.backend)
             msg.gpu_uuid = lender.gpu_uuid
         return msg
 

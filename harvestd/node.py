@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable, TypedDict
 
 import grpc
 
@@ -60,6 +61,28 @@ class NodeOptions:
     log_format: str = "text"
     log_level: str = "info"
     ray_node_id: str = ""  # pin the lenders to this Ray node (default: the driver's)
+
+
+class _LenderCommon(TypedDict):
+    """The settings every lender of a node shares."""
+
+    state_dir: str
+    broker_address: str
+    node: str
+    cuda_visible_devices: str | None
+    log_format: str
+    log_level: str
+
+
+class _RayInit(TypedDict, total=False):
+    """What the daemon passes to ``ray.init`` either way (``_node_ip_address`` for a
+    cluster on loopback)."""
+
+    namespace: str
+    log_to_driver: bool
+    configure_logging: bool
+    runtime_env: dict[str, Any]
+    _node_ip_address: str
 
 
 def _is_loopback(address: str) -> bool:
@@ -123,7 +146,7 @@ def plan_lenders(opts: NodeOptions, node: str) -> list[LenderConfig]:
             backend = "cuda-vmm" if gpus else "host"
         elif not gpus:
             raise InvalidArgument(f"--backend {backend} needs a GPU; none was found")
-    common = dict(
+    common = _LenderCommon(
         state_dir=opts.state_dir,
         broker_address="",
         node=node,
@@ -169,9 +192,11 @@ class Node:
         self.opts = opts
         self.state = StateDir.resolve(opts.state_dir).create()
         self.node = opts.node or local_node_name()
-        self.broker_actor = None
+        # Ray actor handles: their methods exist at run time only (Ray types a handle's
+        # attributes as Never), so they are Any here.
+        self.broker_actor: Any = None
         self.broker_process: subprocess.Popen | None = None
-        self.lender_actors: dict[str, object] = {}
+        self.lender_actors: dict[str, Any] = {}
         self.ray_started_here = False
         self.joined = False
 
@@ -194,7 +219,7 @@ class Node:
                 p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p
             )
         }
-        init = dict(
+        init = _RayInit(
             namespace=RAY_NAMESPACE,
             log_to_driver=False,
             configure_logging=False,
@@ -262,8 +287,8 @@ class Node:
         import ray
 
         try:
-            actor = ray.get_actor(BROKER_ACTOR_NAME, namespace=RAY_NAMESPACE)
-            address = ray.get(actor.address.remote(), timeout=30)
+            actor: Any = ray.get_actor(BROKER_ACTOR_NAME, namespace=RAY_NAMESPACE)
+            address: str = ray.get(actor.address.remote(), timeout=30)
         except (ValueError, ray.exceptions.RayError):
             return ""
         self.joined = True
@@ -358,7 +383,7 @@ class Node:
         log.info("node %s stopped", self.node)
 
 
-def run_node(opts: NodeOptions, ready: "callable | None" = None) -> None:
+def run_node(opts: NodeOptions, ready: Callable[[NodeInfo], object] | None = None) -> None:
     """Run a node in this process until SIGTERM or SIGINT (the daemon's main loop)."""
     done = threading.Event()
 

@@ -109,9 +109,9 @@ class LeaseTable:
             # renew stops on its own clock regardless.
             if lease.state is LeaseState.GRANTED:
                 lease.expires_at = max(lease.expires_at, now + lease.ttl_s)
-            lender = self.lenders.get(lease.lender_id)
-            if lender is not None:
-                lender.held += lease.charged
+            owner = self.lenders.get(lease.lender_id)
+            if owner is not None:
+                owner.held += lease.charged
         log.info(
             "lease table loaded: generation %d, %d lenders, %d live leases",
             self.generation,

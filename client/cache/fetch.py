@@ -51,6 +51,12 @@ class Row:
     tier: Any = None  # client.cache.Tier, once read
 
 
+def _offset(row: Row) -> int:
+    """The byte offset of a row read from a slab (such a row has its slot)."""
+    assert row.slot is not None
+    return row.slot[1]
+
+
 class Fetch:
     """Objects of one size on their way into the rows of ``out``. Make it with
     :meth:`client.cache.TieredCache.fetch`; call :meth:`wait` exactly once."""
@@ -75,7 +81,7 @@ class Fetch:
         self._finished = finished
         self._uses: list[tuple["Slab", Any, list[Row]]] = []
         self._ready: dict[int, Any] = {}
-        self._done = None
+        self._done: torch.cuda.Event | None = None
         self.started = time.perf_counter()
         self.redone: list[int] = []
         self._waited = False
@@ -155,7 +161,7 @@ class Fetch:
             and self._bytes.device.type == "cpu"
         ):
             for row in rows:
-                offset = row.slot[1]
+                offset = _offset(row)
                 self._bytes[row.index].copy_(src[offset : offset + nbytes], non_blocking=True)
                 row.tier = tier
                 self._mark(row)
@@ -168,14 +174,14 @@ class Fetch:
             # Rows bound for consecutive rows of out: gather straight into them.
             gather(
                 src,
-                [r.slot[1] for r in rows],
+                [_offset(r) for r in rows],
                 nbytes,
                 self._bytes[first : first + len(rows)],
                 check=False,
             )
         else:
             block = torch.empty((len(rows), nbytes), dtype=torch.uint8, device=self._bytes.device)
-            gather(src, [r.slot[1] for r in rows], nbytes, block, check=False)
+            gather(src, [_offset(r) for r in rows], nbytes, block, check=False)
             index = torch.tensor([r.index for r in rows], device=self._bytes.device)
             self._bytes.index_copy_(0, index, block)
         for row in rows:

@@ -101,9 +101,9 @@ class TieredCache:
     ) -> Tier:
         """Cache ``value`` under ``key`` (its authoritative copy is kept on the host), or
         register ``recompute`` as its source; returns the fastest tier it now sits in."""
-        if value is None and recompute is None:
-            raise InvalidArgument("put needs a value or a recompute function")
         if value is None:
+            if recompute is None:
+                raise InvalidArgument("put needs a value or a recompute function")
             value = recompute()
         host = None
         if recompute is None:
@@ -185,15 +185,16 @@ class TieredCache:
         try:
             with slab.lease.use(device_work=self.stream is not None):
                 dst = slab.lease.as_bytes()
+                fill_stream = self._fill_stream  # there is one where there is self.stream
                 ctx = (
-                    torch.cuda.stream(self._fill_stream)
-                    if self.stream is not None
+                    torch.cuda.stream(fill_stream)
+                    if fill_stream is not None
                     else contextlib.nullcontext()
                 )
-                if self.stream is not None:
+                if fill_stream is not None:
                     # Its own stream: a fill must not queue behind (or hold up) the
                     # model's work on the default stream.
-                    self._fill_stream.wait_stream(torch.cuda.current_stream(self.device))
+                    fill_stream.wait_stream(torch.cuda.current_stream(self.device))
                 with ctx:
                     if nbytes >= DMA_MIN_BYTES or len(index) == 1:
                         for i, offset in zip(index, offsets, strict=True):
@@ -210,8 +211,8 @@ class TieredCache:
                             nbytes,
                             check=False,
                         )
-                if self.stream is not None:
-                    self._fill_stream.synchronize()  # complete before use() ends
+                if fill_stream is not None:
+                    fill_stream.synchronize()  # complete before use() ends
             written = True
         except LeaseRevoked:
             pass  # the slab went while we wrote: these entries stay on their source
@@ -323,6 +324,7 @@ class TieredCache:
         if entry.host is not None:
             flat.copy_(entry.host, non_blocking=True)
             return Tier.HOST
+        assert entry.recompute is not None  # an entry has a host copy or a recompute
         flat.copy_(entry.recompute().contiguous().view(-1).view(torch.uint8))
         return Tier.RECOMPUTE
 
@@ -454,6 +456,7 @@ class TieredCache:
         for entry in waiting:
             if self._entries.get(entry.key) is not entry:
                 continue
+            assert entry.host is not None  # chosen for having one (it never changes)
             slot = self._take_slot(entry.nbytes)
             if slot is None:
                 break
@@ -479,6 +482,7 @@ class TieredCache:
                 key=lambda e: (e.hits, e.last_used),
             )
         for hot in outside:
+            assert hot.host is not None  # chosen for having one (it never changes)
             cold = next(
                 (e for e in inside if e.nbytes == hot.nbytes and hot.hits > 2 * e.hits + 1), None
             )

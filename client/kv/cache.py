@@ -40,7 +40,7 @@ import itertools
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Sequence, TypedDict, cast
 
 import torch
 from transformers.cache_utils import Cache
@@ -89,6 +89,16 @@ class _Owned:
     prefetcher: Prefetcher | None = None
     keys: set[Hashable] = field(default_factory=set)
     closed: bool = False
+
+
+class _CacheOptions(TypedDict):
+    """What a HarvestCache passes on to the TieredCache it makes."""
+
+    borrow_bytes: int
+    slab_bytes: int
+    backends: tuple[str, ...]
+    ttl: float | None
+    refill_every: float | None
 
 
 def _release(owned: _Owned) -> None:
@@ -144,7 +154,7 @@ class HarvestCache(Cache):
         self.block_tokens = block_tokens
         self._num_layers = check_config(config) if config is not None else None
         self._client = client
-        self._options = dict(
+        self._options = _CacheOptions(
             borrow_bytes=borrow_bytes,
             slab_bytes=slab_bytes,
             backends=tuple(backends),
@@ -165,6 +175,12 @@ class HarvestCache(Cache):
             f"HarvestCache(layers={len(self.layers)}, tokens={self.get_seq_length()}, "
             f"block_tokens={self.block_tokens})"
         )
+
+    @property
+    def _layers(self) -> list[HarvestLayer]:
+        """``self.layers``, as what they are: only :meth:`_layer` adds layers, and it adds
+        HarvestLayers (transformers types the list for every kind of layer)."""
+        return cast("list[HarvestLayer]", self.layers)
 
     # ------------------------------------------------------------ the tiered cache
 
@@ -189,7 +205,7 @@ class HarvestCache(Cache):
 
     def block_keys(self, layer_idx: int) -> list[Hashable]:
         """The tiered cache's keys of a layer's full blocks, in token order."""
-        layer = self.layers[layer_idx]
+        layer = self._layers[layer_idx]
         return [(self._uid, layer_idx, block) for block in range(layer.blocks)]
 
     # ------------------------------------------------------------ update
@@ -230,12 +246,12 @@ class HarvestCache(Cache):
             layer_idx == 0
             and self._num_layers is None
             and len(self.layers) > 1
-            and self.layers[0].tokens
+            and self._layers[0].tokens
         ):
             self._num_layers = len(self.layers)  # a second pass begins: the count is known
         while len(self.layers) <= layer_idx:
             self.layers.append(HarvestLayer(len(self.layers), self.block_tokens))
-        layer = self.layers[layer_idx]
+        layer = self._layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
         batch, heads, _, dim = key_states.shape
@@ -250,15 +266,16 @@ class HarvestCache(Cache):
     def _next_layer(self, index: int) -> HarvestLayer | None:
         """The layer updated after ``index``: the next one, or layer 0 after the last."""
         if index + 1 < len(self.layers):
-            return self.layers[index + 1]
+            return self._layers[index + 1]
         if self._num_layers is not None and index + 1 == self._num_layers > 1:
-            return self.layers[0]
+            return self._layers[0]
         return None
 
     def _fetch_blocks(self, layer: HarvestLayer) -> LayerFetch | None:
         """This layer's blocks in staging rows (fetched now if no prefetch brought them),
         with the next layer's fetch launched first, to run while this one computes."""
         prefetcher = self._owned.prefetcher
+        assert prefetcher is not None  # _layer opened the cache, which makes the prefetcher
         following = self._next_layer(layer.index) if self._prefetch else None
         if following is not None and following.blocks and following is not layer:
             prefetcher.launch(
@@ -293,8 +310,10 @@ class HarvestCache(Cache):
             or buf.dtype != like.dtype
             or buf.device != like.device
         ):
-            grow = buf is not None and buf.dtype == like.dtype and buf.device == like.device
-            size = max(numel, 2 * buf.numel() if grow else 0)
+            grown = 0  # a buffer of the same dtype and device grows by doubling
+            if buf is not None and buf.dtype == like.dtype and buf.device == like.device:
+                grown = 2 * buf.numel()
+            size = max(numel, grown)
             self._work[which] = None
             buf = torch.empty(size, dtype=like.dtype, device=like.device)
             self._work[which] = buf
@@ -308,6 +327,8 @@ class HarvestCache(Cache):
         value_states: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks, tail and new tokens into the work buffers; seal the blocks that filled."""
+        # _layer initialized the layer: it has its shape, dtype and tail.
+        assert layer.shape is not None and layer.dtype is not None and layer.tail is not None
         batch, heads, dim = layer.shape
         size = self.block_tokens
         stored = layer.blocks * size
@@ -335,6 +356,7 @@ class HarvestCache(Cache):
     ) -> None:
         """Write the blocks that filled to the tiered cache (one batched write); keep the
         rest as the tail."""
+        assert layer.shape is not None and layer.tail is not None  # initialized by _layer
         batch, heads, dim = layer.shape
         size = self.block_tokens
         stored = layer.blocks * size
@@ -350,6 +372,7 @@ class HarvestCache(Cache):
                     .permute(2, 0, 1, 3, 4)
                 )
             new = [(self._uid, layer.index, layer.blocks + j) for j in range(full)]
+            assert self._owned.cache is not None  # _layer opened it
             self._owned.cache.put_many(new, blocks)
             self._owned.keys.update(new)
             layer.blocks += full
@@ -372,7 +395,7 @@ class HarvestCache(Cache):
         """Remove ``-tokens_to_remove`` tokens from every layer (a positive value, as in
         transformers, is the length to keep). A block that becomes the tail again is read
         back to the device."""
-        for layer in self.layers:
+        for layer in self._layers:
             length = layer.tokens
             if tokens_to_remove > 0:
                 keep = min(tokens_to_remove, length)
@@ -385,11 +408,14 @@ class HarvestCache(Cache):
         size = self.block_tokens
         blocks, rest = divmod(keep, size)
         if blocks < layer.blocks:
+            # The layer holds full blocks: an update opened the cache and initialized it.
+            cache = self._owned.cache
+            assert cache is not None and layer.tail is not None
             if rest:
-                self._owned.cache.get((self._uid, layer.index, blocks), out=layer.tail.view(1, -1))
+                cache.get((self._uid, layer.index, blocks), out=layer.tail.view(1, -1))
             for block in range(blocks, layer.blocks):
                 key = (self._uid, layer.index, block)
-                self._owned.cache.evict(key)
+                cache.evict(key)
                 self._owned.keys.discard(key)
             layer.blocks = blocks
         layer.tail_len = rest
@@ -398,9 +424,10 @@ class HarvestCache(Cache):
 
     def reset(self) -> None:
         """Forget every token (the layers stay; a new batch size is accepted after)."""
-        for layer in self.layers:
+        for layer in self._layers:
             if not self._owned.closed:
                 for key in self.block_keys(layer.index):
+                    assert self._owned.cache is not None  # the layer's blocks are in it
                     self._owned.cache.evict(key)
                     self._owned.keys.discard(key)
             layer.blocks = layer.tokens = layer.tail_len = 0
@@ -442,13 +469,15 @@ class HarvestCache(Cache):
             layers=len(self.layers), tokens=self.get_seq_length(), block_tokens=self.block_tokens
         )
         cache, prefetcher = self._owned.cache, self._owned.prefetcher
-        for layer in self.layers:
+        for layer in self._layers:
             if not layer.is_initialized:
                 continue
+            assert layer.tail is not None  # an initialized layer has its tail
             stats.blocks += layer.blocks
             stats.stored_bytes += layer.blocks * layer.row_bytes
             stats.device_bytes += layer.tail.numel() * layer.tail.element_size()
             for key in self.block_keys(layer.index):
+                assert cache is not None  # the layer's blocks are in it
                 tier = cache.tier_of(key).value
                 stats.tier_bytes[tier] = stats.tier_bytes.get(tier, 0) + layer.row_bytes
         stats.device_bytes += sum(b.numel() * b.element_size() for b in self._work if b is not None)
@@ -470,8 +499,9 @@ class HarvestCache(Cache):
 
     def tier_of(self, layer_idx: int, block: int) -> Tier:
         """The fastest tier holding a layer's full block now."""
-        if not 0 <= layer_idx < len(self.layers) or not 0 <= block < self.layers[layer_idx].blocks:
+        if not 0 <= layer_idx < len(self.layers) or not 0 <= block < self._layers[layer_idx].blocks:
             raise KeyError(f"layer {layer_idx} has no full block {block}")
+        assert self._owned.cache is not None  # the block is in it
         return self._owned.cache.tier_of((self._uid, layer_idx, block))
 
     def close(self) -> None:

@@ -129,7 +129,11 @@ def _streams(device: "torch.device") -> tuple[Any, Any, Any]:
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _STREAMS:
-        _STREAMS[index] = tuple(torch.cuda.Stream(device=index) for _ in range(3))
+        _STREAMS[index] = (
+            torch.cuda.Stream(device=index),
+            torch.cuda.Stream(device=index),
+            torch.cuda.Stream(device=index),
+        )
     return _STREAMS[index]
 
 

@@ -73,7 +73,8 @@ class HarvestLayer(CacheLayerMixin):
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one block (K and V)."""
+        """Bytes of one block (K and V); of an initialized layer."""
+        assert self.shape is not None and self.dtype is not None, "layer not initialized"
         batch, heads, dim = self.shape
         return 2 * batch * heads * self.block_tokens * dim * self.dtype.itemsize
 

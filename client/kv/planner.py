@@ -65,15 +65,15 @@ class FetchPlanner:
         kv, act = shape.kv_bytes_per_token, shape.act_bytes_per_token
         if recompute and via is None:
             raise InvalidArgument("recomputed tokens need activations_via 'host' or 'peer'")
-        link_bytes = {"peer": peer * kv, "host": host * kv}
-        if recompute:
+        link_bytes: dict[Via, int] = {"peer": peer * kv, "host": host * kv}
+        if recompute and via is not None:  # (via is never None here: refused above)
             link_bytes[via] += recompute * act
         times = []
         for name, nbytes in link_bytes.items():
             if nbytes:
-                bps, latency = rates.link(name)  # type: ignore[arg-type]
+                bps, latency = rates.link(name)
                 times.append(latency + nbytes / bps if bps > 0 else math.inf)
-        if recompute:
+        if recompute and via is not None:
             times.append(self._recompute_s(shape, rates, recompute, via))
         if not times:
             return 0.0
@@ -107,7 +107,7 @@ class FetchPlanner:
         kv, act = shape.kv_bytes_per_token, shape.act_bytes_per_token
         budget = {}
         for name in ("peer", "host"):
-            bps, latency = rates.link(name)  # type: ignore[arg-type]
+            bps, latency = rates.link(name)
             usable = bps > 0 and (name == "host" or use_peer)
             budget[name] = max(0.0, t - latency) * bps if usable else 0.0
         r = 0.0
@@ -162,8 +162,8 @@ class FetchPlanner:
         ]
         candidates = self._vertices(tokens, peer_available, vias)
         candidates += self._solve(tokens, shape, rates, None, peer_available, False)
-        for via in vias:
-            candidates += self._solve(tokens, shape, rates, via, peer_available, True)
+        for link in vias:
+            candidates += self._solve(tokens, shape, rates, link, peer_available, True)
         best, best_t = None, math.inf
         for cand in candidates:  # ties keep the earlier: fewer paths, activations via host
             t = self.predict(shape, rates, *cand)

@@ -190,6 +190,7 @@ class Prefetcher:
         self._wake.set()
 
     def _run(self) -> None:
+        assert self.release_idle_s is not None  # _watch starts this thread only with one
         idle = float(self.release_idle_s)
         while not self._stopped.is_set():
             self._wake.wait()

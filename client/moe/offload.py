@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, cast
 
 import torch
 from torch import nn
@@ -45,8 +45,13 @@ from harvestd.errors import InvalidArgument
 log = logging.getLogger(__name__)
 
 Select = Callable[[str, int, int], Sequence[int]]
-# Orders the caller's stream after fetched row ``i`` (``None``: after every row).
-Ready = Callable[[int | None], None]
+
+
+class Ready(Protocol):
+    """Orders the caller's stream after fetched row ``i`` (``None``, or no argument:
+    after every row)."""
+
+    def __call__(self, index: int | None = None, /) -> None: ...
 
 
 def _last(name: str, num_experts: int, count: int) -> list[int]:
@@ -81,6 +86,12 @@ def find_experts(model: nn.Module) -> dict[str, nn.Module]:
             )
         found[name] = module
     return found
+
+
+def _fused_weights(module: nn.Module) -> Weights:
+    """A fused experts module's ``gate_up_proj`` and ``down_proj`` (tensors: that is what
+    :func:`find_experts` looks for; ``nn.Module`` types its attributes as either)."""
+    return cast(torch.Tensor, module.gate_up_proj), cast(torch.Tensor, module.down_proj)
 
 
 @dataclass
@@ -198,6 +209,10 @@ class OffloadedExperts(nn.Module):
     """Stands in for a fused experts module: resident experts stay in ``gate_up_proj`` /
     ``down_proj`` (only those), offloaded ones are fetched per call."""
 
+    gate_up_proj: nn.Parameter
+    down_proj: nn.Parameter
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+
     def __init__(
         self,
         original: nn.Module,
@@ -207,11 +222,11 @@ class OffloadedExperts(nn.Module):
         compute: Compute = Compute.EAGER,
     ) -> None:
         super().__init__()
-        gate_up, down = original.gate_up_proj, original.down_proj
+        gate_up, down = _fused_weights(original)
         self.num_experts = int(gate_up.shape[0])
         self.name = name
         self.compute = compute
-        self.act_fn = original.act_fn
+        self.act_fn = cast(Callable[[torch.Tensor], torch.Tensor], original.act_fn)
         self._owner = owner
         off = sorted(set(int(e) for e in offloaded))
         if any(e < 0 or e >= self.num_experts for e in off):
@@ -276,7 +291,12 @@ class OffloadedExperts(nn.Module):
                 if slot >= 0:
                     return self.gate_up_proj[slot], self.down_proj[slot]
                 i = position[expert]
+                assert fetched is not None  # an offloaded expert is routed to: it was fetched
                 return fetched[0][i], fetched[1][i]
+
+            def ready_expert(expert: int) -> None:
+                if self._slot[expert] < 0 and ready is not None:
+                    ready(position[expert])
 
             return eager_experts(
                 hidden_states,
@@ -284,7 +304,7 @@ class OffloadedExperts(nn.Module):
                 routes,
                 weights,
                 self.act_fn,
-                None if ready is None else lambda e: self._slot[e] < 0 and ready(position[e]),
+                None if ready is None else ready_expert,
             )
 
         wanted = [e for e in routes if self._slot[e] < 0]
@@ -361,14 +381,13 @@ def offload_experts(
     plan: dict[str, list[int]] = {}
     total = 0
     for name, module in modules.items():
-        count = module.gate_up_proj.shape[0]
+        gate_up, down = _fused_weights(module)
+        count = gate_up.shape[0]
         share = max(1, round(float(fraction) * count)) if fraction > 0 else 0
         plan[name] = list(choose(name, count, share)) if share else []
-        row = (
-            module.gate_up_proj[0].numel() + module.down_proj[0].numel()
-        ) * module.gate_up_proj.element_size()
+        row = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
         total += row * len(plan[name])
-    device = next(iter(modules.values())).gate_up_proj.device
+    device = _fused_weights(next(iter(modules.values())))[0].device
     cache = TieredCache(
         client,
         device=device,

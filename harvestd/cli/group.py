@@ -57,7 +57,14 @@ class _Cli(click.Group):
             # Some errors list several problems, one per line (a settings file's).
             _fail("; ".join(str(err).splitlines()) or type(err).__name__)
         except UnicodeError as err:
-            _fail(f"an argument is not valid text ({err.reason})")
+            # Decoding and encoding errors have a reason; a plain UnicodeError (the idna
+            # codec's, for a bad host name) has only its message.
+            reason = (
+                err.reason
+                if isinstance(err, (UnicodeDecodeError, UnicodeEncodeError, UnicodeTranslateError))
+                else str(err)
+            )
+            _fail(f"an argument is not valid text ({reason})")
         except KeyboardInterrupt:
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)

@@ -213,7 +213,7 @@ def top(state_dir, interval) -> None:
 @cli.command()
 @state_dir_option
 @json_option
-def doctor(state_dir, as_json) -> None:
+def doctor(state_dir, as_json) -> int:
     """Check what Harvest needs here: driver, CUDA, VMM and fd handles, NVLink, Ray, state dir."""
     from harvestd.doctor import run_checks
 

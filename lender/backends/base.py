@@ -25,7 +25,7 @@ class BackendKind(str, enum.Enum):
     CUDA_IPC = "cuda-ipc"
 
     @property
-    def pb(self) -> int:
+    def pb(self) -> pb.Backend:
         """The wire enum value."""
         return _TO_PB[self]
 

@@ -322,7 +322,9 @@ _LIVE: dict[int, tuple[Any, Any, Any]] = {}
 
 @_DELETER
 def _release_capsule(managed: Any) -> None:
-    _LIVE.pop(ctypes.cast(managed, ctypes.c_void_p).value, None)
+    address = ctypes.cast(managed, ctypes.c_void_p).value
+    if address is not None:  # (a NULL pointer is no tensor of ours)
+        _LIVE.pop(address, None)
 
 
 _capsule_new = ctypes.pythonapi.PyCapsule_New

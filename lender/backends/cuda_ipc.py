@@ -200,6 +200,8 @@ class CudaIpcBackend:
     def tensor(self, alloc: Allocation) -> Any:
         """The lender's own ``torch.uint8`` view of an allocation (tests, benchmarks)."""
         ipc: IpcAllocation = alloc.handle
+        if ipc.ptr is None:
+            raise InvalidArgument("the allocation was freed")
         return cu.tensor_over(ipc.ptr, ipc.size, ipc.ordinal, alloc)
 
     def export(self, alloc: Allocation) -> Exported:

@@ -66,7 +66,7 @@ class HostMapping:
         # tensor made from it, and the finalizer unmaps only when the last one is gone.
         self._buffer = (ctypes.c_ubyte * nbytes).from_address(self._addr)
         weakref.finalize(self._buffer, _libc.munmap, self._addr, nbytes)
-        self._tensor = torch.frombuffer(self._buffer, dtype=torch.uint8)
+        self._tensor: torch.Tensor | None = torch.frombuffer(self._buffer, dtype=torch.uint8)
         self._device = torch.device("cpu")
         self._pinned = False
         if device is not None and torch.device(device).type == "cuda":
