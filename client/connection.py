@@ -406,6 +406,7 @@ class Client:
                 self._ack_id(event.lease.id)
             return
         if event.kind == pb.LeaseEvent.REVOKE:
+            lease.timeline.setdefault("told", time.monotonic())
             wait = max(0.0, event.lease.revoke_deadline - time.time() - 0.2)
             threading.Thread(
                 target=lease._end, args=("revoked", event.lease.reason, True, wait), daemon=True

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from harvestd.broker_metrics import BrokerMetrics
 from harvestd.errors import InvalidArgument
-from harvestd.metrics import BrokerMetrics
 from harvestd.paths import StateDir
 from harvestd.service import BrokerService, EventHub
 from harvestd.store import SqliteStore

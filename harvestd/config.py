@@ -70,6 +70,16 @@ def _seconds(value: Any) -> float:
     return seconds
 
 
+def _window(value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"expected seconds, got {value!r}") from None
+    if not 0 <= seconds < 1e7:
+        raise InvalidArgument(f"must be 0 or a positive number of seconds, got {value!r}")
+    return seconds
+
+
 def _reserve(value: Any) -> str:
     text = str(value).strip()
     if text.endswith("%"):
@@ -82,14 +92,6 @@ def _reserve(value: Any) -> str:
         return text
     _size(text)
     return text
-
-
-def reserve_parts(text: str) -> tuple[int, float]:
-    """``(bytes, fraction)`` of a validated reserve setting."""
-    text = text.strip()
-    if text.endswith("%"):
-        return 0, float(text[:-1]) / 100
-    return parse_size(text), 0.0
 
 
 def _choice(*options: str) -> Callable[[Any], str]:
@@ -161,6 +163,19 @@ SETTINGS: dict[str, Setting] = {
         Setting("gpus", _gpus, [], "GPUs that lend (default: all)"),
         Setting("reserve", _reserve, "10%", "GPU memory kept for its tenant: bytes or percent"),
         Setting("cap", _size, 0, "lend at most this much per GPU (0: no cap)"),
+        Setting(
+            "peak_window",
+            _window,
+            300.0,
+            "seconds the tenant's peak use keeps memory out of lending (0: its use now only)",
+        ),
+        Setting(
+            "host_device",
+            _string,
+            "",
+            "host lender: lend from this host device file, shared with a tenant "
+            "(the CPU twin of a GPU; made with --host-bytes as its size if missing)",
+        ),
         Setting("ttl", _seconds, 30.0, "default lease TTL in seconds"),
         Setting("grace", _seconds, 5.0, "seconds a holder has to acknowledge a revocation"),
         Setting("listen", _string, "", "also serve gRPC on this loopback HOST:PORT"),

@@ -63,6 +63,9 @@ class LenderRecord:
     device_total: int = 0
     device_free: int = 0
     ray_node_id: str = ""
+    tenant_bytes: int = 0  # the device's tenant at the last report: its use now,
+    tenant_peak: int = 0  # its peak over the lender's window (kept out of lending),
+    peak_window_s: float = 0.0  # and that window (0: no tenant watched)
     held: int = 0  # bytes of leases not yet freed; derived, never stored
 
     @property
@@ -113,6 +116,9 @@ class LenderRecord:
             device_total=self.device_total,
             device_free=self.device_free,
             ray_node_id=self.ray_node_id,
+            tenant_bytes=self.tenant_bytes,
+            tenant_peak=self.tenant_peak,
+            peak_window_s=self.peak_window_s,
         )
 
 

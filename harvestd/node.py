@@ -24,12 +24,14 @@ from typing import Any, Callable, TypedDict
 import grpc
 
 from harvestd.broker import BROKER_ACTOR_NAME, RAY_NAMESPACE, BrokerConfig, broker_actor_class
-from harvestd.config import reserve_parts
 from harvestd.errors import FailedPrecondition, HarvestError, InvalidArgument, Unavailable
 from harvestd.paths import NodeInfo, StateDir, local_node_name
+from harvestd.sizes import reserve_parts
 from harvestd.table import Timing
 from lender.config import LenderConfig
+from lender.host_device import HostDevice
 from lender.lender import LENDER_ACTOR_PREFIX, lender_actor_class
+from lender.tenant import DEFAULT_PEAK_WINDOW_S
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
 
@@ -51,6 +53,8 @@ class NodeOptions:
     reserve_bytes: int = 0
     reserve_fraction: float = 0.1
     cap_bytes: int = 0
+    peak_window_s: float = DEFAULT_PEAK_WINDOW_S
+    host_device: str = ""  # the host lender lends from this HostDevice (CPU twin of a GPU)
     ttl_s: float = Timing.default_ttl
     grace_s: float = Timing.grace
     listen: str = ""
@@ -72,6 +76,7 @@ class _LenderCommon(TypedDict):
     cuda_visible_devices: str | None
     log_format: str
     log_level: str
+    peak_window_s: float
 
 
 class _RayInit(TypedDict, total=False):
@@ -153,6 +158,7 @@ def plan_lenders(opts: NodeOptions, node: str) -> list[LenderConfig]:
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
         log_format=opts.log_format,
         log_level=opts.log_level,
+        peak_window_s=opts.peak_window_s,
     )
     plans: list[LenderConfig] = []
     for g in gpus if backend != "host" else []:
@@ -178,7 +184,22 @@ def plan_lenders(opts: NodeOptions, node: str) -> list[LenderConfig]:
         if opts.host_bytes is not None
         else (DEFAULT_HOST_BYTES if backend == "host" else 0)
     )
-    if host_bytes:
+    if host_bytes and opts.host_device:
+        if not os.path.exists(opts.host_device):
+            HostDevice.create(opts.host_device, host_bytes).close()
+        plans.append(
+            LenderConfig(
+                lender_id=f"{node}-host0",
+                backend="host",
+                host_bytes=host_bytes,
+                host_device=os.path.abspath(opts.host_device),
+                reserve_bytes=opts.reserve_bytes,
+                reserve_fraction=opts.reserve_fraction,
+                cap_bytes=opts.cap_bytes,
+                **common,
+            )
+        )
+    elif host_bytes:
         plans.append(
             LenderConfig(lender_id=f"{node}-host0", backend="host", host_bytes=host_bytes, **common)
         )

@@ -209,12 +209,15 @@ class BrokerService(pb_grpc.BrokerServicer):
         """A lender's periodic capacity report."""
         if request.capacity > MAX_LEASE_BYTES:
             raise InvalidArgument(f"capacity must be at most {MAX_LEASE_BYTES}")
+        if not math.isfinite(request.peak_window_s) or request.peak_window_s < 0:
+            raise InvalidArgument(f"peak window must be >= 0 seconds, got {request.peak_window_s}")
         lender = self.table.report_lender(
             _require(request.lender_id, "lender_id"),
             request.generation,
             request.capacity,
             request.device_total,
             request.device_free,
+            (request.tenant_bytes, request.tenant_peak, request.peak_window_s),
         )
         return pb.ReportLenderReply(reclaimed=lender.reclaimed)
 

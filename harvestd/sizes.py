@@ -61,3 +61,11 @@ def format_size(nbytes: int) -> str:
 def round_up(nbytes: int, granularity: int) -> int:
     """``nbytes`` rounded up to a whole multiple of ``granularity``."""
     return -(-nbytes // granularity) * granularity
+
+
+def reserve_parts(text: str) -> tuple[int, float]:
+    """``(bytes, fraction)`` of a validated reserve setting."""
+    text = text.strip()
+    if text.endswith("%"):
+        return 0, float(text[:-1]) / 100
+    return parse_size(text), 0.0

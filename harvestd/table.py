@@ -237,13 +237,16 @@ class LeaseTable:
         capacity: int,
         device_total: int = 0,
         device_free: int = 0,
+        tenant: tuple[int, int, float] = (0, 0, 0.0),
     ) -> LenderRecord:
-        """A lender's periodic report of what it can lend (and of its GPU, if any)."""
+        """A lender's report of what it can lend (and of its device and the device's
+        tenant, if any: ``tenant`` is its use, its peak and the lender's peak window)."""
         with self.lock:
             lender = self._current_lender(lender_id, generation)
             lender.capacity = capacity
             lender.device_total = device_total
             lender.device_free = device_free
+            lender.tenant_bytes, lender.tenant_peak, lender.peak_window_s = tenant
             lender.last_report = self.clock()
             if lender.state is LenderState.DOWN:
                 lender.state = LenderState.UP

@@ -15,17 +15,28 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 
-from harvestd.errors import HarvestError, LeaseRevoked, NotFound, PermissionDenied, from_rpc_error
+from harvestd.errors import (
+    FailedPrecondition,
+    HarvestError,
+    LeaseRevoked,
+    NotFound,
+    PermissionDenied,
+    from_rpc_error,
+)
 from harvestd.paths import StateDir, node_name
 from lender.backends import Allocation, BackendKind, get_backend
 from lender.capacity import Capacity, capacity_for
 from lender.config import LenderConfig
+from lender.host_device import HostDevice
 from lender.metrics import LenderMetrics
 from lender.pickup import Peer, PickupServer
 from lender.pool import Pool
+from lender.tenant_watch import ReclaimTrace, TenantWatch
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
 
@@ -45,13 +56,26 @@ class Lender:
         self.node = config.node or node_name(config.state_dir)
         self.kind = BackendKind(config.backend)
         self.state = StateDir.resolve(config.state_dir).create()
-        self.backend = get_backend(
-            self.kind, **({"gpu_uuid": config.gpu_uuid} if self.kind.is_gpu else {})
+        device = HostDevice(config.host_device) if config.host_device else None
+        options: dict[str, Any] = (
+            {"gpu_uuid": config.gpu_uuid} if self.kind.is_gpu else {"device": device}
         )
-        self.capacity: Capacity = capacity_for(config)
+        self.backend = get_backend(self.kind, **options)
+        self.capacity: Capacity = capacity_for(config, device)
         self.pool = Pool(self.backend, keep_bytes=self.capacity.pool_bytes())
         self.generation = 0
         self.last_reclaim_s = 0.0
+        self.tenant_watch: TenantWatch | None = None
+        if self.capacity.watches_tenant:
+            self.tenant_watch = TenantWatch(
+                self.capacity,
+                self.pool,
+                _BrokerCalls(self),
+                self.held,
+                config.pressure_interval_s,
+                self.id,
+            )
+            self.tenant_watch.on_reclaim = self._reclaimed
         self._lock = threading.Lock()
         self._allocations: dict[str, Allocation] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()  # FREEs seen before a pick-up
@@ -63,15 +87,19 @@ class Lender:
         # FREE events go from the watch stream to the thread that frees and confirms:
         # under load it confirms many in one RPC instead of one RPC per ended lease.
         self._frees: queue.SimpleQueue[pb.LenderEvent] = queue.SimpleQueue()
+        self._releaser = ThreadPoolExecutor(max_workers=8, thread_name_prefix="harvest-release")
         self._threads = [
             threading.Thread(target=self._watch, name="harvest-lender-watch", daemon=True),
             threading.Thread(target=self._confirm, name="harvest-lender-free", daemon=True),
             threading.Thread(target=self._report, name="harvest-lender-report", daemon=True),
         ]
-        if self.capacity.watches_tenant:
+        if self.tenant_watch is not None:
             self._threads.append(
                 threading.Thread(
-                    target=self._watch_tenant, name="harvest-lender-tenant", daemon=True
+                    target=self.tenant_watch.run,
+                    args=(self._stop,),
+                    name="harvest-lender-tenant",
+                    daemon=True,
                 )
             )
 
@@ -98,6 +126,7 @@ class Lender:
         for alloc in allocations:
             self.pool.give_back(alloc, clean=False)
         self.pool.close()
+        self._releaser.shutdown(wait=False)
         self.log.info("lender %s stopped", self.id)
 
     def _register(self) -> None:
@@ -138,12 +167,17 @@ class Lender:
         return self.pool.out_bytes + self.pool.idle_bytes
 
     def memory_bytes(self) -> dict[str, int]:
-        """This lender's memory by kind, as its metrics show it."""
-        return {
+        """This lender's memory by kind, as its metrics show it (the tenant's use and
+        peak where a tenant is watched)."""
+        out = {
             "handed_out": self.pool.out_bytes,
             "pooled": self.pool.idle_bytes,
             "lendable": self.capacity.lendable(self.held()),
         }
+        tenant = self.capacity.tenant()
+        if tenant is not None:
+            out.update(tenant=tenant.now, tenant_peak=tenant.peak)
+        return out
 
     def info(self) -> dict:
         """A summary for the daemon and tests."""
@@ -160,11 +194,22 @@ class Lender:
             "out_bytes": self.pool.out_bytes,
             "idle_bytes": self.pool.idle_bytes,
             "last_reclaim_s": self.last_reclaim_s,
+            "last_reclaim": (
+                self.tenant_watch.last.as_dict()
+                if self.tenant_watch is not None and self.tenant_watch.last is not None
+                else None
+            ),
         }
+
+    def _reclaimed(self, trace: ReclaimTrace) -> None:
+        self.last_reclaim_s = trace.done_s
+        self.metrics.tenant_latency.observe(trace.done_s)
 
     # ------------------------------------------------------------ pick-up
 
     def _hand_out(self, request: pb.PickupRequest, peer: Peer):
+        if request.room:
+            return self._make_room(request), None
         start = time.perf_counter()
         try:
             reply = self._hand_out_checked(request, peer)
@@ -174,6 +219,16 @@ class Lender:
         self.metrics.pickups.inc()
         self.metrics.pickup_latency.observe(time.perf_counter() - start)
         return reply
+
+    def _make_room(self, request: pb.PickupRequest) -> pb.PickupReply:
+        """The device's tenant asks for room (:class:`client.tenant.Tenant`)."""
+        if self.tenant_watch is None:
+            raise FailedPrecondition(
+                f"lender {self.id} lends a fixed budget and watches no tenant: "
+                "reclaim through the broker (harvestd reclaim)"
+            )
+        elapsed, lendable = self.tenant_watch.make_room(request.room, request.timeout_s or 30.0)
+        return pb.PickupReply(ok=True, elapsed_s=elapsed, lendable=lendable)
 
     def _hand_out_checked(self, request: pb.PickupRequest, peer: Peer):
         checked = self._call(
@@ -210,7 +265,7 @@ class Lender:
     # ------------------------------------------------------------ following the broker
 
     def _free(self, events: list[pb.LenderEvent]) -> None:
-        done = []
+        done, back = [], []
         for event in events:
             with self._lock:
                 alloc = self._allocations.pop(event.lease_id, None)
@@ -219,14 +274,25 @@ class Lender:
                     while len(self._ended) > 100_000:
                         self._ended.popitem(last=False)
             if alloc is not None:
-                self.pool.give_back(alloc, clean=event.clean)
-                self.metrics.freed(event.clean)
+                back.append((alloc, event.clean))
             done.append(event.lease_id)
+        # Releasing (or zeroing) device memory takes a while per allocation, and a
+        # reclaim waits for all of it: release them side by side.
+        if len(back) > 1:
+            list(self._releaser.map(lambda item: self._give_back(*item), back))
+        elif back:
+            self._give_back(*back[0])
         self._call(
             self._broker.ConfirmFree,
             pb.ConfirmFreeRequest(lender_id=self.id, generation=self.generation, lease_ids=done),
         )
         self.log.debug("freed %d leases", len(done))
+
+    def _give_back(self, alloc: Allocation, clean: bool) -> None:
+        self.pool.give_back(alloc, clean=clean)
+        self.metrics.freed(clean)
+        if self.tenant_watch is not None:
+            self.tenant_watch.freed()
 
     def _confirm(self) -> None:
         """Free what the broker says ended, and confirm it: everything queued at once."""
@@ -286,65 +352,49 @@ class Lender:
     def _report(self) -> None:
         while not self._stop.wait(self.config.report_interval_s):
             try:
-                total, free = self.capacity.device_memory()
-                self._call(
-                    self._broker.ReportLender,
-                    pb.ReportLenderRequest(
-                        lender_id=self.id,
-                        generation=self.generation,
-                        capacity=self.capacity.lendable(self.held()),
-                        device_total=total,
-                        device_free=free,
-                    ),
-                )
+                self.report_capacity(self.capacity.lendable(self.held()))
             except HarvestError as err:
                 if not self._stop.is_set():
                     self.log.info("report failed: %s", err)
 
-    def _watch_tenant(self) -> None:
-        """Look at the GPU's tenant often: when it grows into the reserve, give memory
-        back before its next allocation needs it."""
-        while not self._stop.wait(self.config.pressure_interval_s):
-            try:
-                lendable = self.capacity.lendable(self.held())
-                # Under pressure, memory coming back is freed at once (not zeroed and kept).
-                self.pool.keep_bytes = min(
-                    self.capacity.pool_bytes(), max(0, lendable - self.pool.out_bytes)
-                )
-                if self.held() > lendable:
-                    self._give_tenant_room(lendable)
-            except HarvestError as err:
-                if not self._stop.is_set():
-                    self.log.info("tenant watch failed: %s", err)
-            except Exception:  # noqa: BLE001 - NVML hiccups must not stop the watch
-                self.log.exception("tenant watch failed")
-
-    def _give_tenant_room(self, lendable: int) -> None:
-        """Free the idle pool first (no borrower notices); if that is not enough, tell the
-        broker what we may lend now and have it revoke leases down to it, then free
-        their memory."""
-        start = time.monotonic()
-        self.pool.trim(max(0, lendable - self.pool.out_bytes))
-        if self.pool.out_bytes <= lendable:
-            return
+    def report_capacity(self, capacity: int) -> None:
+        """Tell the broker what this lender may hold now, with its device and tenant."""
+        total, free = self.capacity.device_memory()
+        tenant = self.capacity.tenant()
         self._call(
             self._broker.ReportLender,
             pb.ReportLenderRequest(
-                lender_id=self.id, generation=self.generation, capacity=lendable
+                lender_id=self.id,
+                generation=self.generation,
+                capacity=capacity,
+                device_total=total,
+                device_free=free,
+                tenant_bytes=tenant.now if tenant else 0,
+                tenant_peak=tenant.peak if tenant else 0,
+                peak_window_s=self.capacity.peak_window_s,
             ),
         )
-        reply = self._call(
-            self._broker.Reclaim, pb.ReclaimRequest(lender_id=self.id, nbytes=0), timeout=60.0
-        )
-        self.pool.trim(max(0, lendable - self.pool.out_bytes))
-        self.last_reclaim_s = time.monotonic() - start
-        self.metrics.tenant_latency.observe(self.last_reclaim_s)
-        self.log.info(
-            "tenant pressure on %s: %d leases revoked, memory free=%s in %.1f ms",
-            self.id,
-            len(reply.revoked),
-            reply.freed,
-            self.last_reclaim_s * 1e3,
+        if self.tenant_watch is not None:
+            self.tenant_watch.reported = capacity
+
+
+class _BrokerCalls:
+    """A lender's broker calls for its :class:`~lender.tenant_watch.TenantWatch`."""
+
+    def __init__(self, lender: Lender) -> None:
+        self._lender = lender
+
+    def report(self, capacity: int) -> None:
+        """See :class:`lender.tenant_watch.Broker`."""
+        self._lender.report_capacity(capacity)
+
+    def reclaim(self) -> Any:
+        """See :class:`lender.tenant_watch.Broker`."""
+        lender = self._lender
+        return lender._call(
+            lender._broker.Reclaim,
+            pb.ReclaimRequest(lender_id=lender.id, nbytes=0),
+            timeout=60.0,
         )
 
 

@@ -1,4 +1,5 @@
-"""The pick-up protocol: a client fetches a granted allocation from its lender.
+"""The pick-up protocol: a client fetches a granted allocation from its lender (and the
+device's own tenant asks the lender for room, :func:`ask_room`).
 
 Over the lender's Unix socket the client sends a ``PickupRequest`` (lease id, token,
 generation); the lender checks the caller's uid (SO_PEERCRED) and, with the broker, the
@@ -155,6 +156,22 @@ def pick_up(
     path: str, lease_id: str, token: bytes, generation: int, timeout_s: float = 10.0
 ) -> tuple[pb.PickupReply, int | None]:
     """Client side: fetch a lease's allocation; returns the reply and the received fd."""
+    request = pb.PickupRequest(lease_id=lease_id, token=token, generation=generation)
+    return _exchange(path, request, timeout_s)
+
+
+def ask_room(path: str, nbytes: int, timeout_s: float = 30.0) -> pb.PickupReply:
+    """The device's tenant asks its lender for ``nbytes`` of room, and waits for it."""
+    request = pb.PickupRequest(room=nbytes, timeout_s=timeout_s)
+    reply, fd = _exchange(path, request, timeout_s)
+    if fd is not None:  # a room request carries no memory; never leak what came anyway
+        os.close(fd)
+    return reply
+
+
+def _exchange(
+    path: str, request: pb.PickupRequest, timeout_s: float
+) -> tuple[pb.PickupReply, int | None]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
     try:
@@ -162,9 +179,7 @@ def pick_up(
             sock.connect(path)
         except OSError as exc:
             raise Unavailable(f"lender socket {path} does not answer: {exc}") from exc
-        sock.sendall(
-            _frame(pb.PickupRequest(lease_id=lease_id, token=token, generation=generation))
-        )
+        sock.sendall(_frame(request))
         header, fds, _, _ = socket.recv_fds(sock, _HEADER.size, 1)
         if len(header) < _HEADER.size:
             header += _recv_exact(sock, _HEADER.size - len(header))

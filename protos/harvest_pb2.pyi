@@ -53,7 +53,7 @@ class GpuLink(_message.Message):
     def __init__(self, peer_uuid: _Optional[str] = ..., nvlinks: _Optional[int] = ...) -> None: ...
 
 class Lender(_message.Message):
-    __slots__ = ("id", "node", "backend", "gpu_uuid", "gpu_index", "links", "pickup_address", "capacity", "reclaimed", "granted", "generation", "state", "last_report", "pid", "granularity", "device_total", "device_free", "ray_node_id")
+    __slots__ = ("id", "node", "backend", "gpu_uuid", "gpu_index", "links", "pickup_address", "capacity", "reclaimed", "granted", "generation", "state", "last_report", "pid", "granularity", "device_total", "device_free", "ray_node_id", "tenant_bytes", "tenant_peak", "peak_window_s")
     ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,9 @@ class Lender(_message.Message):
     DEVICE_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FREE_FIELD_NUMBER: _ClassVar[int]
     RAY_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TENANT_PEAK_FIELD_NUMBER: _ClassVar[int]
+    PEAK_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     id: str
     node: str
     backend: Backend
@@ -90,7 +93,10 @@ class Lender(_message.Message):
     device_total: int
     device_free: int
     ray_node_id: str
-    def __init__(self, id: _Optional[str] = ..., node: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., gpu_uuid: _Optional[str] = ..., gpu_index: _Optional[int] = ..., links: _Optional[_Iterable[_Union[GpuLink, _Mapping]]] = ..., pickup_address: _Optional[str] = ..., capacity: _Optional[int] = ..., reclaimed: _Optional[int] = ..., granted: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[_Union[LenderState, str]] = ..., last_report: _Optional[float] = ..., pid: _Optional[int] = ..., granularity: _Optional[int] = ..., device_total: _Optional[int] = ..., device_free: _Optional[int] = ..., ray_node_id: _Optional[str] = ...) -> None: ...
+    tenant_bytes: int
+    tenant_peak: int
+    peak_window_s: float
+    def __init__(self, id: _Optional[str] = ..., node: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., gpu_uuid: _Optional[str] = ..., gpu_index: _Optional[int] = ..., links: _Optional[_Iterable[_Union[GpuLink, _Mapping]]] = ..., pickup_address: _Optional[str] = ..., capacity: _Optional[int] = ..., reclaimed: _Optional[int] = ..., granted: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[_Union[LenderState, str]] = ..., last_report: _Optional[float] = ..., pid: _Optional[int] = ..., granularity: _Optional[int] = ..., device_total: _Optional[int] = ..., device_free: _Optional[int] = ..., ray_node_id: _Optional[str] = ..., tenant_bytes: _Optional[int] = ..., tenant_peak: _Optional[int] = ..., peak_window_s: _Optional[float] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("id", "lender_id", "nbytes", "state", "ttl_s", "expires_at", "token", "generation", "pickup_address", "backend", "gpu_uuid", "client_id", "holder_pid", "node", "priority", "created_at", "reason", "revoke_deadline", "lender_generation")
@@ -147,18 +153,24 @@ class RegisterLenderReply(_message.Message):
     def __init__(self, generation: _Optional[int] = ...) -> None: ...
 
 class ReportLenderRequest(_message.Message):
-    __slots__ = ("lender_id", "generation", "capacity", "device_total", "device_free")
+    __slots__ = ("lender_id", "generation", "capacity", "device_total", "device_free", "tenant_bytes", "tenant_peak", "peak_window_s")
     LENDER_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FREE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TENANT_PEAK_FIELD_NUMBER: _ClassVar[int]
+    PEAK_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     lender_id: str
     generation: int
     capacity: int
     device_total: int
     device_free: int
-    def __init__(self, lender_id: _Optional[str] = ..., generation: _Optional[int] = ..., capacity: _Optional[int] = ..., device_total: _Optional[int] = ..., device_free: _Optional[int] = ...) -> None: ...
+    tenant_bytes: int
+    tenant_peak: int
+    peak_window_s: float
+    def __init__(self, lender_id: _Optional[str] = ..., generation: _Optional[int] = ..., capacity: _Optional[int] = ..., device_total: _Optional[int] = ..., device_free: _Optional[int] = ..., tenant_bytes: _Optional[int] = ..., tenant_peak: _Optional[int] = ..., peak_window_s: _Optional[float] = ...) -> None: ...
 
 class ReportLenderReply(_message.Message):
     __slots__ = ("reclaimed",)
@@ -443,17 +455,21 @@ class StatusReply(_message.Message):
     def __init__(self, version: _Optional[str] = ..., address: _Optional[str] = ..., store_path: _Optional[str] = ..., started_at: _Optional[float] = ..., lenders_up: _Optional[int] = ..., leases_active: _Optional[int] = ..., bytes_lendable: _Optional[int] = ..., bytes_granted: _Optional[int] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class PickupRequest(_message.Message):
-    __slots__ = ("lease_id", "token", "generation")
+    __slots__ = ("lease_id", "token", "generation", "room", "timeout_s")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     token: bytes
     generation: int
-    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[bytes] = ..., generation: _Optional[int] = ...) -> None: ...
+    room: int
+    timeout_s: float
+    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[bytes] = ..., generation: _Optional[int] = ..., room: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class PickupReply(_message.Message):
-    __slots__ = ("ok", "error_code", "error_message", "nbytes", "alloc_bytes", "backend", "gpu_uuid", "ipc_handle", "offset")
+    __slots__ = ("ok", "error_code", "error_message", "nbytes", "alloc_bytes", "backend", "gpu_uuid", "ipc_handle", "offset", "elapsed_s", "lendable")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -463,6 +479,8 @@ class PickupReply(_message.Message):
     GPU_UUID_FIELD_NUMBER: _ClassVar[int]
     IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    LENDABLE_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     error_code: str
     error_message: str
@@ -472,4 +490,6 @@ class PickupReply(_message.Message):
     gpu_uuid: str
     ipc_handle: bytes
     offset: int
-    def __init__(self, ok: bool = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., nbytes: _Optional[int] = ..., alloc_bytes: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., gpu_uuid: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+    elapsed_s: float
+    lendable: int
+    def __init__(self, ok: bool = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., nbytes: _Optional[int] = ..., alloc_bytes: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., gpu_uuid: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., lendable: _Optional[int] = ...) -> None: ...

@@ -29,18 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchkit.multi import READER, Worker, cuda_uuids, lender_of, plain_host_node, write_json
+from benchkit.node import REPO, pyplot
 
-from benchmulti import READER, Worker, cuda_uuids, lender_of, plain_host_node, write_json  # noqa: E402
-from benchnode import pyplot  # noqa: E402
-
-from harvestd.sizes import parse_size  # noqa: E402
+from harvestd.sizes import MiB, parse_size
 
 TARGET = 0.85
 # 256 MiB per gather: a striped gather costs Python time per stripe, which must stay
 # below the GPU's time per call for the launches to keep the links busy.
-BATCH = ("--batch-bytes", str(256 << 20))
+BATCH = ("--batch-bytes", str(256 * MiB))
 
 
 def _readers(devices: list[str], env: dict[str, str]) -> list[Worker]:
@@ -72,7 +69,7 @@ def _counts_that_fit(
 
 def fan_out(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str, Any]) -> None:
     """One lender read by k borrowers at once."""
-    from benchpeer import concurrent_copies
+    from benchkit.peer import concurrent_copies
 
     lenders = node.lenders()
     if args.smoke:
@@ -123,7 +120,7 @@ def fan_out(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str
 
 def striped(args: argparse.Namespace, node: Any, uuids: list[str], doc: dict[str, Any]) -> None:
     """One borrower reading k stripes at once."""
-    from benchpeer import concurrent_copies, peer_ceiling
+    from benchkit.peer import concurrent_copies, peer_ceiling
 
     if args.smoke:
         device, peers = "cpu", list(range(len(node.lenders())))
@@ -265,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         node_cm = plain_host_node(lenders=3, host_bytes="64MiB")
     else:
-        from benchnode import bench_node
+        from benchkit.node import bench_node
 
         node_cm = bench_node(backend="cuda-vmm", cap=args.cap, reserve=args.reserve)
     with contextlib.ExitStack() as stack:

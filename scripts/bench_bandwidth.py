@@ -12,7 +12,7 @@ gathers (many blocks in one launch through client/blocks.py, per --gather-blocks
 copy-per-block loop of 16 KiB blocks from the lease and a pinned host-to-device copy of
 1 GiB. Timed with CUDA events after warm-ups; the median is kept. With two GPUs
 (--src-gpu other than --dst-gpu), also the peer copy ceiling between them (1 GiB
-device-to-device, peer access enabled; scripts/benchpeer.py) and the reads against it
+device-to-device, peer access enabled; scripts/benchkit/peer.py) and the reads against it
 (``issue9`` in the JSON: large reads >= 0.9 of it, 16 KiB gathers >= 0.85, both >= 6x
 pinned host).
 
@@ -35,12 +35,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchkit.node import REPO, pyplot
 
-from benchnode import pyplot  # noqa: E402
-
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+from harvestd.sizes import GiB, KiB, MiB
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -74,6 +71,8 @@ def serve_lender(fd: int, src_gpu: str, nbytes: int) -> None:
     torch.cuda.synchronize()
     while sock.recv(64) == b"fd":
         exported = backend.export(alloc)
+        if exported.fd is None:
+            raise RuntimeError("a CUDA VMM export carries no fd")
         meta = json.dumps({"alloc_bytes": alloc.nbytes, "uuid": alloc.gpu_uuid}).encode()
         socket.send_fds(sock, [meta], [exported.fd])
         exported.close()
@@ -192,6 +191,7 @@ def bench_lifecycle(lender: "Lender", nbytes: int, device: Any) -> dict[str, Any
     """Import + map and fence of the whole lease (fresh fd each time), with fences made
     of granularity-sized chunks only and with large chunks first."""
     from lender.backends import BackendKind, fence_chunks, get_backend
+    from lender.backends.cuda_vmm import CudaVmmMapping
 
     vmm = get_backend(BackendKind.CUDA_VMM)
     result: dict[str, Any] = {}
@@ -205,6 +205,8 @@ def bench_lifecycle(lender: "Lender", nbytes: int, device: Any) -> dict[str, Any
                 t0 = time.perf_counter()
                 m = vmm.map(vmm.import_handle(exported), nbytes, device=device)
                 t1 = time.perf_counter()
+                if not isinstance(m, CudaVmmMapping):
+                    raise TypeError(f"a CUDA VMM lease mapped as {type(m).__name__}")
                 m.fence()
                 t2 = time.perf_counter()
                 m.close()
@@ -356,7 +358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ref = torch.cat([lease[o : o + 16 * KiB] for o in check.tolist()])
         doc["gather_verified"] = bool(torch.equal(got, ref))
         if not doc["same_gpu"]:
-            from benchpeer import peer_ceiling
+            from benchkit.peer import peer_ceiling
 
             # The copy engines' ceiling between the two GPUs, in this same run (issue 9).
             doc["peer_ceiling_1GiB"] = peer_ceiling(cu.ordinal_of_uuid(doc["src_gpu"]), dst)
@@ -397,8 +399,7 @@ def peer_targets(doc: dict[str, Any], g16: dict[str, float | None]) -> dict[str,
         if r["bytes"] >= 64 * MiB
     }
     worst = min(large.values()) if large else None
-    ratios = {
-        "large_reads_over_peer_ceiling": {k: _ratio(v, ceiling) for k, v in large.items()},
+    ratios: dict[str, float | None] = {
         "large_read_min_over_peer_ceiling": _ratio(worst, ceiling),
         "gather16k_lease_over_peer_ceiling": _ratio(g16["vmm_lease"], ceiling),
         "large_read_min_over_pinned_h2d_1GiB": _ratio(worst, pinned),
@@ -416,9 +417,12 @@ def peer_targets(doc: dict[str, Any], g16: dict[str, float | None]) -> dict[str,
     return {
         "peer_ceiling_GBps": ceiling,
         "pinned_h2d_GBps": pinned,
-        "ratios": ratios,
+        "ratios": {
+            "large_reads_over_peer_ceiling": {k: _ratio(v, ceiling) for k, v in large.items()},
+            **ratios,
+        },
         "targets": targets,
-        "met": {k: ratios[k] is not None and ratios[k] >= v for k, v in targets.items()},
+        "met": {k: (r := ratios[k]) is not None and r >= v for k, v in targets.items()},
     }
 
 
@@ -444,7 +448,7 @@ def report(doc: dict[str, Any]) -> None:
     print(f"pageable H2D 1 GiB (blocking): {doc['pageable_h2d_1GiB_blocking']['GBps']:.1f} GB/s")
     for label, row in doc["vmm_lifecycle"].items():
         print(
-            f"VMM {doc['source_bytes'] >> 20} MiB, fence with {label}: import+map "
+            f"VMM {doc['source_bytes'] // MiB} MiB, fence with {label}: import+map "
             f"{row['import_map_ms']:.2f} ms, fence {row['fence_ms']:.2f} ms, steps "
             f"{row['last_fence_steps_ms']}"
         )
@@ -480,7 +484,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     axes[1].axhline(doc["pinned_h2d_1GiB"]["GBps"], ls="--", c="gray", label="pinned H2D 1 GiB")
     for ax, title, xlabel in (
         (axes[0], "one .copy_ of one block", "block bytes"),
-        (axes[1], f"gather of {doc['gather_bytes'] >> 20} MiB in one launch", "block bytes"),
+        (axes[1], f"gather of {doc['gather_bytes'] // MiB} MiB in one launch", "block bytes"),
     ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

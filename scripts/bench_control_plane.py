@@ -35,8 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchkit.node import REPO
 
 log = logging.getLogger("bench_control_plane")
 OPS = ("grant", "keepalive", "release")
@@ -221,6 +220,18 @@ def bench_rpc_floor(address: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"window_s": window, "rpcs_per_s": sum(d["calls"] for d in done) / window}
 
 
+class _Heard:
+    """A lease's revocation callback: when it was called, and an event to wait on."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.at: float | None = None
+
+    def __call__(self, _lease: Any, _why: str) -> None:
+        self.at = time.monotonic()
+        self.event.set()
+
+
 def _holder(state_dir: str, nbytes: int, ttl: float, settle: float, conn: Any) -> None:
     """A holder: per "lease" command, map one lease, hold it ``settle`` s, say when it goes."""
     from client import connect
@@ -228,21 +239,16 @@ def _holder(state_dir: str, nbytes: int, ttl: float, settle: float, conn: Any) -
     client = connect(state_dir=state_dir)
     try:
         while conn.poll(WAIT_S) and conn.recv() == "lease":
-            seen, when = threading.Event(), []
+            heard = _Heard()
             try:
                 lease = client.lease(nbytes, ttl=ttl, backend="host")  # the lender we reclaim
             except Exception as exc:  # noqa: BLE001 - the parent must hear, not hang
                 conn.send(("error", repr(exc)))
                 continue
-            lease.on_revoke(
-                lambda _lease, _why, when=when, seen=seen: (
-                    when.append(time.monotonic()),
-                    seen.set(),
-                )
-            )
+            lease.on_revoke(heard)
             time.sleep(settle)
             conn.send(("ready", lease.id))
-            conn.send(("revoked", lease.id, when[0] if seen.wait(WAIT_S) else None))
+            conn.send(("revoked", lease.id, heard.at if heard.event.wait(WAIT_S) else None))
     finally:
         client.close()
 

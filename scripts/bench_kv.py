@@ -34,12 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchkit.node import REPO, bench_node, pyplot, steady_attention
 
-from benchnode import bench_node, pyplot, steady_attention  # noqa: E402
+from harvestd.sizes import GiB
 
-GiB = 1 << 30
 MODES = ("plain", "offloaded", "harvest-host", "harvest-gpu")
 
 
@@ -48,27 +46,16 @@ def build_model(args: argparse.Namespace, device: Any) -> Any:
     import torch
     import transformers
 
-    shape = (
-        dict(
-            vocab_size=512,
-            hidden_size=128,
-            intermediate_size=256,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-        )
-        if args.smoke
-        else dict(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-        )
-    )
+    smoke = args.smoke
     cfg = transformers.LlamaConfig(
-        num_hidden_layers=args.layers, max_position_embeddings=max(args.contexts) + 1024, **shape
+        num_hidden_layers=args.layers,
+        max_position_embeddings=max(args.contexts) + 1024,
+        vocab_size=512 if smoke else 128256,
+        hidden_size=128 if smoke else 4096,
+        intermediate_size=256 if smoke else 14336,
+        num_attention_heads=4 if smoke else 32,
+        num_key_value_heads=2 if smoke else 8,
+        head_dim=32 if smoke else 128,
     )
     torch.manual_seed(0)
     with torch.device(device):  # made where it runs: random init on the GPU is quick
@@ -88,6 +75,7 @@ def prefill(model: Any, ids: Any) -> tuple[list[tuple[Any, Any]], Any]:
     each sequence's first generated token."""
     import torch
     from transformers import DynamicCache
+    from transformers.cache_utils import CacheLayerMixin
 
     layers: list[list[tuple[Any, Any]]] = []
     first = []
@@ -97,6 +85,8 @@ def prefill(model: Any, ids: Any) -> tuple[list[tuple[Any, Any]], Any]:
             out = model(ids[row : row + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
             first.append(out.logits[:, -1:].argmax(-1))
             for i, layer in enumerate(cache.layers):
+                if not isinstance(layer, CacheLayerMixin):  # a linear-attention layer: no K/V
+                    raise TypeError(f"layer {i} keeps no K/V ({type(layer).__name__})")
                 if len(layers) <= i:
                     layers.append([])
                 layers[i].append((layer.keys, layer.values))

@@ -41,72 +41,47 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import torch
+from benchkit.node import REPO, bench_node, pyplot, steady_attention
 
-import torch  # noqa: E402
-from benchnode import bench_node, pyplot, steady_attention  # noqa: E402
+from harvestd.sizes import GiB
 
 log = logging.getLogger("bench_moe")
-GiB = 1 << 30
 
 
 def model_config(name: str, layers: int, smoke: bool) -> Any:
     """The transformers config of a model shape, with ``layers`` layers."""
     import transformers
 
+    # experts_implementation: a keyword every config takes (PreTrainedConfig.__post_init__
+    # keeps it) that transformers' typed signatures leave out.
     if name == "mixtral":
-        dims = dict(
-            vocab_size=32000,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_attention_heads=32,
-            num_key_value_heads=8,
+        return transformers.MixtralConfig(  # type: ignore[call-arg]
+            num_hidden_layers=layers,
+            max_position_embeddings=4096,
+            experts_implementation="eager",
+            vocab_size=256 if smoke else 32000,
+            hidden_size=64 if smoke else 4096,
+            intermediate_size=128 if smoke else 14336,
+            num_attention_heads=4 if smoke else 32,
+            num_key_value_heads=2 if smoke else 8,
             num_local_experts=8,
             num_experts_per_tok=2,
         )
-        if smoke:
-            dims.update(
-                vocab_size=256,
-                hidden_size=64,
-                intermediate_size=128,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            )
-        return transformers.MixtralConfig(
-            num_hidden_layers=layers,
-            max_position_embeddings=4096,
-            experts_implementation="eager",
-            **dims,
-        )
     if name == "qwen2-moe":
-        dims = dict(
-            vocab_size=151936,
-            hidden_size=2048,
-            intermediate_size=5632,
-            moe_intermediate_size=1408,
-            shared_expert_intermediate_size=5632,
-            num_attention_heads=16,
-            num_key_value_heads=16,
-            num_experts=60,
-            num_experts_per_tok=4,
-        )
-        if smoke:
-            dims.update(
-                vocab_size=256,
-                hidden_size=64,
-                intermediate_size=128,
-                moe_intermediate_size=32,
-                shared_expert_intermediate_size=64,
-                num_attention_heads=4,
-                num_key_value_heads=4,
-                num_experts=16,
-            )
-        return transformers.Qwen2MoeConfig(
+        return transformers.Qwen2MoeConfig(  # type: ignore[call-arg]
             num_hidden_layers=layers,
             max_position_embeddings=4096,
             experts_implementation="eager",
-            **dims,
+            vocab_size=256 if smoke else 151936,
+            hidden_size=64 if smoke else 2048,
+            intermediate_size=128 if smoke else 5632,
+            moe_intermediate_size=32 if smoke else 1408,
+            shared_expert_intermediate_size=64 if smoke else 5632,
+            num_attention_heads=4 if smoke else 16,
+            num_key_value_heads=4 if smoke else 16,
+            num_experts=16 if smoke else 60,
+            num_experts_per_tok=4,
         )
     raise SystemExit(f"unknown model {name!r} (mixtral, qwen2-moe)")
 
@@ -153,7 +128,8 @@ def decode(
 
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=gen).to(device)
-    steps, out = [], []
+    steps: list[float] = []
+    out: list[torch.Tensor] = []
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
@@ -503,7 +479,7 @@ def run_revocations(
     batch, fraction = 1, 0.5
     # On a node without a GPU lender (the CPU smoke run) the host lender stands in.
     fast = "cuda-vmm" if "cuda-vmm" in lenders else "host"
-    tokens, ref = 0, None
+    tokens, ref = 0, None  # set by the first mode, the revoked one
     for mode in ("harvest-gpu-revoked", "harvest-gpu", "harvest-host"):
         model = copy.deepcopy(base)
         backends = ("host",) if mode == "harvest-host" else (fast,)
@@ -538,6 +514,8 @@ def run_revocations(
             ref = reference(base, client, args, batch, tokens, device)
         else:
             res = decode(model, batch, args.prompt, tokens, args.warmup, device)
+        if ref is None:
+            raise RuntimeError("the revoked run, first, makes the reference tokens")
         cstats = offload.cache.stats
         row.update(
             _public(res),

@@ -24,17 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchkit.node import REPO, bench_node, pyplot
 
-from benchnode import bench_node, pyplot  # noqa: E402
+from client.kv.fetch import fetch_kv
+from client.kv.measure import timer
+from client.kv.plan import FetchPlan, KVShape
+from client.kv.planner import FetchPlanner
+from harvestd.sizes import GiB, MiB
 
-from client.kv.fetch import fetch_kv  # noqa: E402
-from client.kv.measure import timer  # noqa: E402
-from client.kv.plan import FetchPlan, KVShape  # noqa: E402
-from client.kv.planner import FetchPlanner  # noqa: E402
-
-MiB, GiB = 1 << 20, 1 << 30
 SHAPES = {"opt-6.7b": (4096, 32, 32), "opt-13b": (5120, 40, 40), "llama-3-8b": (4096, 32, 8)}
 SMOKE_SHAPES = {"opt-6.7b/16": (256, 4, 4), "opt-13b/16": (320, 5, 5), "llama-3-8b/16": (256, 4, 1)}
 

@@ -11,7 +11,7 @@ lender), and how fast the others kept reading.
 
 Borrowers run on --borrower-gpus (default: the GPUs without a tenant; on one GPU, the
 tenant's own, which the result flags: the target is for peers); borrower j reads the
-lender of tenant j mod T. The node is started with scripts/benchnode.py (a lender on
+lender of tenant j mod T. The node is started with scripts/benchkit/node.py (a lender on
 every tenant GPU).
 
     python scripts/bench_tenant.py --tenant-gpus 1                       # issue 9 (x2)
@@ -30,16 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchkit.multi import READER, Worker, cuda_uuids, lender_of, plain_host_node, write_json
+from benchkit.node import REPO, pyplot
 
-from benchmulti import READER, Worker, cuda_uuids, lender_of, plain_host_node, write_json  # noqa: E402
-from benchnode import pyplot  # noqa: E402
-
-from harvestd.sizes import parse_size  # noqa: E402
+from harvestd.sizes import GiB, MiB, parse_size
 
 TARGET = 0.05
-GiB = 1 << 30
 
 
 # ---------------------------------------------------------------- the tenant process
@@ -73,10 +69,10 @@ def tenant(args: argparse.Namespace) -> int:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / chunk
-        start = time.perf_counter()
+        began = time.perf_counter()
         for _ in range(chunk):
             torch.matmul(a, b, out=c)
-        return (time.perf_counter() - start) * 1e3 / chunk
+        return (time.perf_counter() - began) * 1e3 / chunk
 
     for _ in range(5):
         timed_chunk()
@@ -254,7 +250,7 @@ def reclaim(
     }
     print(
         f"reclaim on {ids[0]} under pressure: {out['freed_ms']:.1f} ms to free "
-        f"{lent >> 20} MiB (recovered {out['recovered']}); its readers revoked "
+        f"{lent // MiB} MiB (recovered {out['recovered']}); its readers revoked "
         f"{out['revoked_readers_of_it']}/{len(mine)}; the others revoked "
         f"{out['others_revoked']}, read {out['others_gbps_during']:.1f} GB/s "
         f"(before: {out['others_gbps_before']:.1f})",
@@ -362,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         node_cm = plain_host_node(lenders=len(args.tenant_gpus), host_bytes="128MiB")
     else:
-        from benchnode import bench_node
+        from benchkit.node import bench_node
 
         cap = args.cap or f"{per_lender * args.lease_bytes + GiB}"
         reserve = args.reserve or f"{per_lender * args.lease_bytes + 4 * GiB}"

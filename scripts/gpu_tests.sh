@@ -5,7 +5,8 @@
 #   HARVEST_GPU_BENCH=0 scripts/gpu_tests.sh                                   no benchmark
 # Installs .whl/ (Ray and friends, built by shared/device/prepare-wheels.sh) when present.
 #   HARVEST_RECLAIM_BENCH=0 scripts/gpu_tests.sh                               no reclaim benchmark
-# Results: bench/results/bandwidth.{json,png} and reclaim_gpu.json, copied to $OUT too.
+#   HARVEST_TENANT_BENCH=0 scripts/gpu_tests.sh                                no tenant ramp
+# Results: bench/results/bandwidth, reclaim_gpu and tenant_ramp (.json, .png), copied to $OUT.
 # Exit status: the tests' (the benchmark still runs after failing tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,10 +59,18 @@ fi
 if [ "${HARVEST_RECLAIM_BENCH:-1}" != "0" ]; then
   echo "== reclaim benchmark"
   python3 scripts/bench_reclaim.py --gpu "${HARVEST_SRC_GPU:-0}" \
-    --client-gpu "cuda:${HARVEST_DST_GPU:-0}" --out bench/results/reclaim_gpu.json \
-    || status=$((status ? status : 1))
+    --configs "${HARVEST_RECLAIM_CONFIGS:-10GiB:1,10GiB:4,40GiB:16,40GiB:64}" \
+    --out bench/results/reclaim_gpu.json || status=$((status ? status : 1))
   if [ -n "${OUT:-}" ]; then
-    cp bench/results/reclaim_gpu.json "$OUT/" 2>/dev/null || true
+    cp bench/results/reclaim_gpu.json bench/results/reclaim_gpu.png "$OUT/" 2>/dev/null || true
+  fi
+fi
+if [ "${HARVEST_TENANT_BENCH:-1}" != "0" ]; then
+  echo "== tenant ramp benchmark"
+  python3 scripts/bench_tenant_ramp.py --gpu "${HARVEST_SRC_GPU:-0}" \
+    --out bench/results/tenant_ramp.json || status=$((status ? status : 1))
+  if [ -n "${OUT:-}" ]; then
+    cp bench/results/tenant_ramp.json bench/results/tenant_ramp.png "$OUT/" 2>/dev/null || true
   fi
 fi
 exit $status

@@ -6,7 +6,8 @@ import json
 import subprocess
 
 import pytest
-from conftest import PY, REPO, _env
+from support.env import PY, REPO
+from support.env import node_env as _env
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.ill_typed import ill_typed
 
 from client.blocks import gather, scatter
 from harvestd.errors import InvalidArgument
@@ -116,7 +117,7 @@ def test_empty_offsets_are_a_no_op():
         (lambda s, o: gather(s, torch.tensor([0, 57]), 8, o), "offsets must lie in"),
         (lambda s, o: gather(s, [0, 8, 16], 8, o), "need 24"),
         (lambda s, o: gather(s, [0], 0, o), "block_bytes must be a positive int"),
-        (lambda s, o: gather(s, [0.5], 8, o), "offsets must be integers"),
+        (lambda s, o: gather(s, [ill_typed(0.5)], 8, o), "offsets must be integers"),
         (lambda s, o: gather(s, torch.tensor([0.0]), 8, o), "1-D int64 or int32"),
         (lambda s, o: gather(s.view(8, 8), [0], 8, o), "1-D torch.uint8"),
         (lambda s, o: gather(s.to(torch.int8), [0], 8, o), "1-D torch.uint8"),

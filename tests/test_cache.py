@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import wait_for
+from support.waiting import wait_for
 
 from client.cache import Tier, TieredCache
-
-MiB = 1 << 20
+from harvestd.sizes import MiB
 
 
 def expert(i: int, n: int = 64 * 1024) -> torch.Tensor:
@@ -73,8 +72,13 @@ def test_get_many_gathers_across_tiers(plain_node):
 def test_recompute_source(plain_node):
     with plain_node.connect() as client:
         cache = TieredCache(client, borrow_bytes=0)
-        calls = []
-        cache.put("kv", recompute=lambda: (calls.append(1), expert(7))[1])
+        calls: list[int] = []
+
+        def recompute() -> torch.Tensor:
+            calls.append(1)
+            return expert(7)
+
+        cache.put("kv", recompute=recompute)
         assert torch.equal(cache.get("kv"), expert(7)) and len(calls) == 2
         assert cache.tier_of("kv") == Tier.RECOMPUTE
         cache.close()

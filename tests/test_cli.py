@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Node, short_tmpdir
+from support.nodes import Node
+from support.sockets import short_tmpdir
 
 from client import HarvestError, InvalidArgument, NoCapacity, NotFound, Unavailable, connect
-
-MiB = 1 << 20
+from harvestd.sizes import MiB
 
 
 def one_clear_line(result) -> str:

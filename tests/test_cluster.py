@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import shutil
 import time
+from typing import Any
 
 import pytest
-from conftest import HOLDER, Node, short_tmpdir, wait_for
+from support.nodes import Node
+from support.programs import HOLDER
+from support.sockets import short_tmpdir
+from support.waiting import wait_for
+
+from harvestd.sizes import MiB
 
 pytestmark = pytest.mark.slow
-MiB = 1 << 20
 
 
 class ClusterNode(Node):
@@ -53,7 +58,10 @@ class ClusterNode(Node):
 def cluster():
     from ray.cluster_utils import Cluster
 
-    args = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=80 << 20)
+    # Ray's node options, for the head and every node added.
+    args: dict[str, Any] = dict(
+        num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=80 << 20
+    )
     ray_cluster = Cluster(
         initialize_head=True,
         head_node_args=dict(

@@ -11,14 +11,14 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import HOLDER, wait_for
+from support.programs import HOLDER
+from support.waiting import wait_for
 
 from client import LeaseRevoked, NoCapacity, PermissionDenied
+from harvestd.sizes import MiB
 from lender.pickup import pick_up
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
-
-MiB = 1 << 20
 
 
 def _stub(node):
@@ -114,6 +114,7 @@ def test_stuck_holder_loses_lease_after_grace(plain_node):
             )
         )
         _, fd = pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
+        assert fd is not None, "a host lease is picked up as an fd"
         os.close(fd)
         start = time.monotonic()
         result = plain_node.cli("revoke", grant.id, check=True)
@@ -147,6 +148,7 @@ def test_pickup_refuses_wrong_token_second_pickup_and_ended_lease(plain_node):
         with pytest.raises(PermissionDenied):
             pick_up(grant.pickup_address, grant.id, grant.token, grant.generation + 1)
         _, fd = pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
+        assert fd is not None, "a host lease is picked up as an fd"
         os.close(fd)
         with pytest.raises(PermissionDenied):
             pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)

@@ -8,9 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from harvestd.errors import BackendUnavailable, InvalidArgument
+from harvestd.sizes import GiB
 from lender.gpus import GpuSample, GpuWatch, discover_gpus, lendable_bytes, others_used, reserve_for
-
-GiB = 1 << 30
 
 
 def test_reserve_is_the_larger_of_bytes_and_fraction():

@@ -5,10 +5,16 @@ KVBlockStore round trips and refuses bad input."""
 
 from __future__ import annotations
 
-import pytest
-from conftest import wait_for
+from typing import TYPE_CHECKING
 
-torch = pytest.importorskip("torch")
+import pytest
+from support.ill_typed import ill_typed
+from support.waiting import wait_for
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from client.cache import Tier  # noqa: E402
@@ -63,6 +69,7 @@ def generate(
     model: torch.nn.Module, cache=None, tokens: int = NEW, ids=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens and the logits of every step."""
+    assert isinstance(model, transformers.GenerationMixin)
     ids = prompt() if ids is None else ids
     with torch.no_grad():
         out = model.generate(
@@ -227,6 +234,7 @@ def test_unsupported_uses_are_refused(plain_node):
         with pytest.raises(InvalidArgument, match="block_tokens"):
             HarvestCache(client, block_tokens=0)
         model = llama()
+        assert isinstance(model, transformers.GenerationMixin)
         cache = harvest(client, model)
         with pytest.raises(InvalidArgument, match="beam search"):
             with torch.no_grad():
@@ -326,7 +334,7 @@ def test_block_store_refuses_bad_input(plain_node):
     with plain_node.connect() as client:
         for bad in (0, -4, 2.5, True, "64"):
             with pytest.raises(InvalidArgument, match="block_bytes"):
-                KVBlockStore(client, bad)
+                KVBlockStore(client, ill_typed(bad))
         store = KVBlockStore(client, PAGE_BYTES, backends=("host",), refill_every=None)
         with pytest.raises(InvalidArgument, match="bytes; blocks of this store are"):
             store.put([1], torch.zeros((1, 2, 4, 2, 8), dtype=torch.bfloat16))
@@ -335,7 +343,7 @@ def test_block_store_refuses_bad_input(plain_node):
         with pytest.raises(InvalidArgument, match="distinct"):
             store.put([1, 1], pages(2, seed=0))
         with pytest.raises(InvalidArgument, match="ints"):
-            store.put([1.5], pages(1, seed=0))
+            store.put([ill_typed(1.5)], pages(1, seed=0))
         with pytest.raises(InvalidArgument, match="contiguous"):
             store.put([1, 2], pages(2, seed=0).transpose(1, 2))
         store.put([1, 2], pages(2, seed=0))

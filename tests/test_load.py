@@ -14,7 +14,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Holder, PlainNode, wait_for
+from support.holder import Holder
+from support.nodes import PlainNode
+from support.waiting import wait_for
 
 from harvestd.errors import LeaseRevoked
 from harvestd.invariants import check_store
@@ -286,7 +288,9 @@ def test_pickup_of_a_revoked_lease_raises_lease_revoked(plain_node: PlainNode) -
 
 
 @pytest.mark.parametrize("when", ["before-grant-reply", "before-pickup", "after-pickup"])
-def test_revoke_during_pickup(plain_node: PlainNode, when: str) -> None:
+def test_revoke_during_pickup(
+    plain_node: PlainNode, when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Found by the load test. A reclaim revokes the newest lease first: often one that
     ``Client.lease()`` has been granted but not yet handed to its caller. The client
     holds back such a REVOKE (and an ENDED) while a Grant that may have made the lease
@@ -348,9 +352,9 @@ def test_revoke_during_pickup(plain_node: PlainNode, when: str) -> None:
         return mapping
 
     if when == "before-grant-reply":
-        client._call = grant_overtaken
+        monkeypatch.setattr(client, "_call", grant_overtaken)
     else:
-        client._pick_up = revoked_around_pick_up
+        monkeypatch.setattr(client, "_pick_up", revoked_around_pick_up)
     try:
         with pytest.raises(LeaseRevoked):
             lease = client.lease(4096, ttl=30)

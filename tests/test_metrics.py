@@ -7,14 +7,15 @@ import urllib.request
 
 import grpc
 import pytest
-from conftest import free_port, running_plain_node, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from support.nodes import running_plain_node
+from support.sockets import free_port
+from support.waiting import wait_for
 
 from client import NoCapacity
+from harvestd.sizes import MiB
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
-
-MiB = 1 << 20
 
 
 def scrape(port: int) -> dict[tuple, float]:

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import copy
 import threading
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import wait_for
+from support.ill_typed import ill_typed
+from support.waiting import wait_for
 
-torch = pytest.importorskip("torch")
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from client.moe import find_experts, offload_experts  # noqa: E402
@@ -59,6 +64,7 @@ def qwen_moe_unaligned() -> torch.nn.Module:
 
 
 def generate(model: torch.nn.Module, tokens: int = 12) -> torch.Tensor:
+    assert isinstance(model, transformers.GenerationMixin)
     torch.manual_seed(1)
     ids = torch.randint(0, 128, (3, 10))
     with torch.no_grad():
@@ -72,13 +78,20 @@ def generate(model: torch.nn.Module, tokens: int = 12) -> torch.Tensor:
         )
 
 
+def _experts_in(module: torch.nn.Module) -> int:
+    """How many experts a fused experts module holds: the rows of its ``gate_up_proj``."""
+    weight = module.gate_up_proj
+    assert isinstance(weight, torch.Tensor)
+    return weight.shape[0]
+
+
 @pytest.mark.parametrize("build", [mixtral, qwen_moe], ids=["mixtral", "qwen2-moe"])
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 1.0])
 def test_tokens_identical_to_every_expert_resident(plain_node, build, fraction):
     reference = build()
     want = generate(reference)
     model = copy.deepcopy(reference)
-    experts = sum(m.gate_up_proj.shape[0] for m in find_experts(model).values())
+    experts = sum(_experts_in(m) for m in find_experts(model).values())
     with plain_node.connect() as client:
         offload = offload_experts(
             model, client, fraction=fraction, slab_bytes=1 << 20, backends=("host",)
@@ -176,6 +189,7 @@ def test_grouped_resident_equals_transformers_grouped_mm(plain_node):
     """With nothing offloaded, the grouped module is transformers' grouped_mm experts
     (on the CPU kernel, exactly): same tokens."""
     reference = qwen_moe()
+    assert isinstance(reference, transformers.PreTrainedModel)
     reference.set_experts_implementation("grouped_mm")
     want = generate(reference)
     with plain_node.connect() as client:
@@ -225,7 +239,7 @@ def test_bad_arguments(plain_node):
     with plain_node.connect() as client:
         for fraction in (-0.5, 1.5, float("nan"), "half", True):
             with pytest.raises(InvalidArgument, match="fraction"):
-                offload_experts(mixtral(), client, fraction=fraction)
+                offload_experts(mixtral(), client, fraction=ill_typed(fraction))
         with pytest.raises(InvalidArgument, match="no MoE experts"):
             offload_experts(torch.nn.Linear(4, 4), client)
         with pytest.raises(InvalidArgument, match="compute must be one of"):

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+SCRIPTS = REPO / "scripts"  # on sys.path through pytest's pythonpath (pyproject.toml)
 
 
 def run(

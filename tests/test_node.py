@@ -8,9 +8,11 @@ import os
 import signal
 import time
 
-from conftest import HOLDER, wait_for
+from support.programs import HOLDER
+from support.waiting import wait_for
 
-MiB = 1 << 20
+from harvestd.sizes import MiB
+
 SURVIVOR_TTL = 12
 
 

@@ -7,7 +7,8 @@ import json
 import logging
 
 import pytest
-from conftest import Node, short_tmpdir
+from support.nodes import Node
+from support.sockets import short_tmpdir
 
 from harvestd.config import load_config
 from harvestd.errors import InvalidArgument

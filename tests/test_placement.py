@@ -6,22 +6,18 @@ holds."""
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
+from placement_dryrun import dry_run  # scripts/: the dry run with the client's stripe count
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-from placement_dryrun import TOPOLOGIES, dry_run, synthetic  # noqa: E402
-
-from client.striping import StripeLayout, auto_stripes  # noqa: E402
-from harvestd.errors import InvalidArgument, NoCapacity  # noqa: E402
-from harvestd.model import LenderRecord, LenderState  # noqa: E402
-from harvestd.policy import NearestBestFit  # noqa: E402
-from harvestd.store import MemoryStore  # noqa: E402
-from harvestd.table import LeaseTable  # noqa: E402
-from protos import harvest_pb2 as pb  # noqa: E402
+from client.striping import StripeLayout, auto_stripes
+from harvestd.errors import InvalidArgument, NoCapacity
+from harvestd.model import LenderRecord, LenderState
+from harvestd.policy import NearestBestFit
+from harvestd.simulation.placement import TOPOLOGIES, synthetic
+from harvestd.store import MemoryStore
+from harvestd.table import LeaseTable
+from protos import harvest_pb2 as pb
 
 GiB, MiB = 1 << 30, 1 << 20
 NODE = "node"

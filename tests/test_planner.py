@@ -9,10 +9,11 @@ import math
 
 import pytest
 import torch
+from support.ill_typed import ill_typed
 
 from client.kv.fetch import KVStore, fetch_kv
 from client.kv.measure import measure_rates
-from client.kv.plan import KVShape, Rates
+from client.kv.plan import KVShape, Rates, Via
 from client.kv.planner import FetchPlanner
 from harvestd.errors import InvalidArgument
 
@@ -130,7 +131,9 @@ def test_plan_is_as_good_as_a_brute_force_search(rates, shape):
     planner, s, step = FetchPlanner(), 24000, 120
     best = math.inf
     grid = range(0, s + 1, step)
-    vias = [v for v in ("host", "peer") if rates.link(v)[0]] if shape.recompute_pays else []
+    vias: list[Via] = (
+        [v for v in ("host", "peer") if rates.link(v)[0]] if shape.recompute_pays else []
+    )
     for r, p in itertools.product(grid if vias else [0], grid if rates.peer_bps else [0]):
         if r + p > s:
             continue
@@ -146,7 +149,7 @@ def test_a_sliver_of_a_path_is_folded_into_the_biggest():
     that costs at most FOLD_TOLERANCE (the H100 run measured such slivers as slow)."""
     planner = FetchPlanner(chunk_tokens=1024)
     rates = Rates(host_bps=54e9, recompute_tokens_per_s=6.1e6)
-    split = (32324, 0, 444, "host")
+    split: tuple[int, int, int, Via | None] = (32324, 0, 444, "host")
     t = planner.predict(OPT_13B, rates, *split)
     folded, folded_t = planner._fold_slivers(32768, OPT_13B, rates, split, t)
     assert folded == (32768, 0, 0, "host")
@@ -194,7 +197,7 @@ def test_bad_input_is_refused_with_our_errors():
     with pytest.raises(InvalidArgument):
         KVShape(0, 8, 128)
     with pytest.raises(InvalidArgument):
-        KVShape(4096, 8, 128, "two")
+        KVShape(4096, 8, 128, ill_typed("two"))
     with pytest.raises(InvalidArgument):
         FetchPlanner(chunk_tokens=0)
 
@@ -208,7 +211,8 @@ def test_shapes_from_transformers_configs_and_dtypes():
     assert llama.kv_bytes_per_token == 4096 and llama.act_bytes_per_token == 8192
     opt = KVShape.from_config(transformers.OPTConfig(hidden_size=5120, num_attention_heads=40))
     assert opt == OPT_13B and opt.recompute_pays
-    assert KVShape(4096, 32, 128, torch.float32).dtype_bytes == 4
+    # KVShape takes a torch dtype for dtype_bytes (its docstring); its annotation says int.
+    assert KVShape(4096, 32, 128, torch.float32).dtype_bytes == 4  # type: ignore[arg-type]
     assert KVShape.from_config(transformers.OPTConfig(), dtype=torch.bfloat16).dtype_bytes == 2
 
 
@@ -337,9 +341,11 @@ def test_fetch_refuses_what_it_cannot_do():
 
 
 def test_measured_rates_on_the_cpu():
-    shape = KVShape(128, 2, 64, torch.float32)
+    shape = KVShape(128, 2, 64, torch.float32)  # type: ignore[arg-type]  # a dtype: see above
     peer = torch.zeros(1 << 20, dtype=torch.uint8)
     rates = measure_rates(shape, "cpu", peer=peer, nbytes=1 << 20, repeats=3)
+    assert rates.host_bps is not None and rates.peer_bps is not None
+    assert rates.recompute_tokens_per_s is not None
     assert rates.host_bps > 0 and rates.peer_bps > 0 and rates.recompute_tokens_per_s > 0
     assert not rates.concurrent  # the CPU executor runs the paths one after another
     plan = FetchPlanner().plan(4096, shape, rates)
@@ -348,7 +354,7 @@ def test_measured_rates_on_the_cpu():
 
 def test_fetch_through_a_real_host_lease(plain_node):
     tokens, hidden, kv_dim = 2048, 64, 128
-    shape = KVShape(hidden, 2, 64, torch.float32)
+    shape = KVShape(hidden, 2, 64, torch.float32)  # type: ignore[arg-type]  # a dtype: see above
     x, w_k, b_k, w_v, b_v, k, v = layer(tokens, hidden, kv_dim, seed=3)
     kv_bytes = tokens * kv_dim * 4
     with plain_node.connect() as client:

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-import cluster_trace
-import simulate_cluster
-
 from harvestd.model import LeaseState
+from harvestd.simulation import cluster as simulate_cluster
+from harvestd.simulation import trace as cluster_trace
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,10 @@ import shutil
 import signal
 import subprocess
 
-from conftest import PY, Node, _env, short_tmpdir, wait_for
+from support.env import PY, node_env
+from support.nodes import Node
+from support.sockets import short_tmpdir
+from support.waiting import wait_for
 
 
 def test_foreground_start_stops_on_ctrl_c():
@@ -28,8 +31,9 @@ def test_foreground_start_stops_on_ctrl_c():
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=node_env(),
     )
+    assert proc.stdout is not None and proc.stderr is not None
     try:
         line = proc.stdout.readline()
         assert "ready" in line, proc.stderr.read() if proc.poll() is not None else line

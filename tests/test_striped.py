@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from typing import Iterator, cast
 
 import pytest
 import torch
-from conftest import wait_for
+from support.ill_typed import ill_typed
+from support.waiting import wait_for
 
+from client.lease import Lease
 from client.striped import StripedLease
 from client.striping import StripeLayout
 from harvestd.errors import InvalidArgument, LeaseRevoked, NoCapacity
-
-KiB, MiB = 1 << 10, 1 << 20
+from harvestd.sizes import KiB, MiB
 
 
 class FakeStripe:
@@ -56,9 +57,18 @@ class FakeStripe:
 
 def fake(nbytes: int, stripes: int, unit: int) -> StripedLease:
     layout = StripeLayout(nbytes, stripes, unit)
-    return StripedLease(
-        [FakeStripe(layout.stripe_bytes(s), f"l{s}") for s in range(stripes)], layout
-    )
+    leases = [FakeStripe(layout.stripe_bytes(s), f"l{s}") for s in range(stripes)]
+    # A FakeStripe has every method and attribute StripedLease uses of a Lease.
+    return StripedLease(cast("list[Lease]", leases), layout)
+
+
+def fakes(striped: StripedLease) -> list[FakeStripe]:
+    """The fake stripes under ``striped`` (made by :func:`fake`)."""
+    stripes: list[FakeStripe] = []
+    for lease in striped.stripes:
+        assert isinstance(lease, FakeStripe)
+        stripes.append(lease)
+    return stripes
 
 
 def logical(striped: StripedLease) -> torch.Tensor:
@@ -105,7 +115,7 @@ def test_scatter_then_gather_round_trips_across_stripes(block, aligned, as_tenso
 
 def test_blocks_in_stripe_order_gather_without_staging():
     striped = fake(6 * 64 * KiB, 3, 64 * KiB)
-    for s, lease in enumerate(striped.stripes):
+    for s, lease in enumerate(fakes(striped)):
         lease.bytes.fill_(s + 1)
     offsets = [0, 3 * 64 * KiB, 64 * KiB, 2 * 64 * KiB]  # stripes 0, 0, 1, 2: in order
     out = torch.empty(4 * 16 * KiB, dtype=torch.uint8)
@@ -169,7 +179,7 @@ def test_bad_buffers_and_stripes_are_refused():
     with pytest.raises(InvalidArgument, match="contiguous"):
         striped.scatter(torch.empty(8, 64, dtype=torch.uint8).t(), [0], 64)
     with pytest.raises(InvalidArgument, match="torch.Tensor"):
-        striped.gather([0], 64, bytearray(64))
+        striped.gather([0], 64, ill_typed(bytearray(64)))
     with pytest.raises(InvalidArgument, match="stripe must be"):
         striped.tensor(3, torch.uint8)
     assert striped.tensor(2, torch.int32).dtype == torch.int32
@@ -181,7 +191,7 @@ def test_one_stripe_gone_ends_the_whole_and_releases_the_rest():
     striped = fake(6 * 64 * KiB, 3, 64 * KiB)
     heard: list[str] = []
     striped.on_revoke(lambda s, why: heard.append(why))
-    striped.stripes[1].end("revoked", "reclaimed by tenant")
+    fakes(striped)[1].end("revoked", "reclaimed by tenant")
     assert striped.revoked and striped.state == "revoked"
     assert heard == ["stripe 1 (l1): reclaimed by tenant"]
     assert [l.state for l in striped.stripes] == ["released", "revoked", "released"]
@@ -228,7 +238,12 @@ def test_revoking_one_stripe_revokes_the_striped_lease(many_lender_node):
         striped = client.lease_striped(12 * MiB, stripes=3, unit=MiB)
         gone = threading.Event()
         reasons: list[str] = []
-        striped.on_revoke(lambda s, why: (reasons.append(why), gone.set()))
+
+        def heard(_: StripedLease, why: str) -> None:
+            reasons.append(why)
+            gone.set()
+
+        striped.on_revoke(heard)
         out = torch.empty(16 * KiB, dtype=torch.uint8)
         striped.gather([5 * MiB], 16 * KiB, out)
         assert node.cli("revoke", striped.ids[1]).returncode == 0
@@ -262,7 +277,7 @@ def test_striped_requests_that_cannot_be_met(many_lender_node):
             dict(nbytes=1.5),
         ]:
             with pytest.raises(InvalidArgument):
-                client.lease_striped(**bad)
+                client.lease_striped(**ill_typed(bad))
         # No GPU to be near: one stripe.
         with client.lease_striped(4 * MiB) as single:
             assert single.layout.stripes == 1

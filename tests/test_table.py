@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import Clock
+from support.clock import Clock
+from support.recorder import Recorder
 
 from harvestd.errors import (
     FailedPrecondition,
@@ -17,29 +18,9 @@ from harvestd.errors import (
     StoreError,
 )
 from harvestd.model import LeaseState, LenderRecord, LenderState
-from harvestd.store import MemoryStore, SqliteStore
+from harvestd.sizes import MiB
+from harvestd.store import MemoryStore, SqliteStore, Store
 from harvestd.table import LeaseTable, Timing
-
-MiB = 1 << 20
-
-
-class Recorder:
-    """A notifier that remembers what holders and lenders were told."""
-
-    def __init__(self) -> None:
-        self.revoked, self.ends, self.frees = [], [], []
-
-    def revoke(self, lease):
-        self.revoked.append(lease.id)
-
-    def ended(self, lease):
-        self.ends.append(lease.id)
-
-    def free(self, lease):
-        self.frees.append((lease.id, lease.clean))
-
-    def freed(self, lender_id):
-        pass
 
 
 def lender(lender_id="h0", node="n1", capacity=64 * MiB, gpu="", links=None, backend=1):
@@ -56,17 +37,22 @@ def lender(lender_id="h0", node="n1", capacity=64 * MiB, gpu="", links=None, bac
     )
 
 
+class RecordedTable(LeaseTable):
+    """A lease table that keeps the fake clock it runs on (``clock_``) and the recorder it
+    tells holders and lenders through (``notes_``), for the tests to move and read."""
+
+    def __init__(self, store: Store, timing: Timing) -> None:
+        self.clock_, self.notes_ = Clock(), Recorder()
+        super().__init__(store, notifier=self.notes_, timing=timing, clock=self.clock_)
+
+
 @pytest.fixture
 def table(tmp_path):
-    clock, notes = Clock(), Recorder()
-    t = LeaseTable(
+    t = RecordedTable(
         SqliteStore(str(tmp_path / "b.db")),
-        notifier=notes,
         timing=Timing(default_ttl=10, grace=2, lender_timeout=30),
-        clock=clock,
     )
     t.register_lender(lender())
-    t.clock_, t.notes_ = clock, notes
     return t
 
 
@@ -287,9 +273,12 @@ def test_keepalives_write_nothing_and_a_restart_refreshes_ttls(table, tmp_path, 
     lease, _ = table.grant("c", MiB, node="n1")
     writes = []
     original = table.store.commit
-    monkeypatch.setattr(
-        table.store, "commit", lambda *a, **k: (writes.append(a), original(*a, **k))
-    )
+
+    def commit(*a, **k):
+        writes.append(a)
+        return original(*a, **k)
+
+    monkeypatch.setattr(table.store, "commit", commit)
     table.clock_.now += 9
     table.keepalive("c", [lease.id])
     assert writes == []

@@ -14,9 +14,10 @@ import subprocess
 import termios
 import time
 
-from conftest import PY, _env
+from support.env import PY, node_env
 
-MiB = 1 << 20
+from harvestd.sizes import MiB
+
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[a-zA-Z]")
 
 
@@ -28,7 +29,7 @@ def _top(node):
         stdin=slave,
         stdout=slave,
         stderr=slave,
-        env=_env(TERM="xterm-256color"),
+        env=node_env(TERM="xterm-256color"),
         start_new_session=True,
     )
     os.close(slave)

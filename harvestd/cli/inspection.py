@@ -58,7 +58,19 @@ def lender_json(lender: pb.Lender) -> dict[str, Any]:
         "pid": lender.pid,
         "device_total": lender.device_total,
         "device_free": lender.device_free,
+        # The device's own tenant (a GPU's, or a host device's): what it uses now and its
+        # peak over the lender's window, which stays out of lending. Null: not watched.
+        "tenant": lender.tenant_bytes if lender.peak_window_s else None,
+        "tenant_peak": lender.tenant_peak if lender.peak_window_s else None,
+        "peak_window_s": lender.peak_window_s or None,
     }
+
+
+def _tenant(l: dict[str, Any]) -> str:
+    if l["peak_window_s"] is None:
+        return "-"
+    peak, window = format_size(l["tenant_peak"]), l["peak_window_s"]
+    return f"{format_size(l['tenant'])} (peak {peak} in {window:g}s)"
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -130,6 +142,7 @@ def lenders(state_dir, as_json) -> None:
             "backend",
             "gpu",
             "state",
+            "tenant",
             "capacity",
             "reclaimed",
             "granted",
@@ -143,6 +156,7 @@ def lenders(state_dir, as_json) -> None:
                 l["backend"],
                 str(l["gpu_index"]) if l["gpu_uuid"] else "-",
                 l["state"],
+                _tenant(l),
                 format_size(l["capacity"]),
                 format_size(l["reclaimed"]),
                 format_size(l["granted"]),

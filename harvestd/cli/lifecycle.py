@@ -11,10 +11,11 @@ from dataclasses import asdict
 import click
 
 from harvestd.cli.group import Seconds, cli, json_option, state_dir_option
-from harvestd.config import load_config, reserve_parts
+from harvestd.config import load_config
 from harvestd.errors import HarvestError, InvalidArgument
 from harvestd.node import NodeOptions, broker_ready, running_node, stop_node
 from harvestd.paths import StateDir
+from harvestd.sizes import reserve_parts
 
 config_option = click.option(
     "--config",
@@ -39,6 +40,8 @@ def _start_flags(
     listen,
     metrics_port,
     no_ray_broker,
+    peak_window=None,
+    host_device=None,
     ray_node_id=None,
 ) -> dict:
     return {
@@ -54,6 +57,8 @@ def _start_flags(
         "listen": listen,
         "metrics_port": metrics_port,
         "ray_broker": False if no_ray_broker else None,
+        "peak_window": peak_window,
+        "host_device": host_device,
     }
 
 
@@ -113,6 +118,18 @@ def _start_options(f):
                 help="Run the broker as a plain process instead of a Ray actor.",
             ),
             click.option(
+                "--peak-window",
+                default=None,
+                help="Seconds the tenant's peak use keeps memory out of lending "
+                "(default 300; 0: its use now only).",
+            ),
+            click.option(
+                "--host-device",
+                default=None,
+                help="Host lender: lend from this host device file shared with a tenant, "
+                "the CPU twin of a GPU (made with --host-bytes as its size if missing).",
+            ),
+            click.option(
                 "--ray-node-id",
                 default=None,
                 hidden=True,
@@ -148,6 +165,8 @@ def start(
     listen,
     metrics_port,
     no_ray_broker,
+    peak_window,
+    host_device,
     ray_node_id,
     detach,
     timeout,
@@ -168,6 +187,8 @@ def start(
             listen,
             metrics_port,
             no_ray_broker,
+            peak_window,
+            host_device,
         ),
     )
     if config.host_bytes == 0:
@@ -186,6 +207,8 @@ def start(
         reserve_bytes=reserve_bytes,
         reserve_fraction=reserve_fraction,
         cap_bytes=config.cap,
+        peak_window_s=config.peak_window,
+        host_device=config.host_device,
         per_gpu=config.per_gpu,
         ttl_s=config.ttl,
         grace_s=config.grace,
@@ -229,6 +252,8 @@ def show_config(
     listen,
     metrics_port,
     no_ray_broker,
+    peak_window,
+    host_device,
     ray_node_id,
     as_json,
 ) -> None:
@@ -248,6 +273,8 @@ def show_config(
             listen,
             metrics_port,
             no_ray_broker,
+            peak_window,
+            host_device,
         ),
     )
     if as_json:

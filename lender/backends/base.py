@@ -91,15 +91,18 @@ class Mapping(Protocol):
         """A ``torch.uint8`` tensor of ``nbytes`` over the memory itself (no copy)."""
 
     def fence(self) -> None:
-        """Cut this process off from the lender's memory for good.
+        """Cut this process off from the lender's memory for good, as fast as it can:
+        the lender may free it once this returns. Idempotent.
 
-        Afterwards every tensor made from this mapping reads private memory of this
-        process (zeros or garbage), never the lender's: a stale view can neither read the
-        next owner's data nor corrupt it. Idempotent.
+        Afterwards no tensor made from this mapping reaches the lender's memory: a stale
+        view can neither read the next owner's data nor corrupt it. Host mappings read
+        private zero pages from here on; a CUDA VMM mapping is left unmapped (a stale
+        view faults) until :meth:`close` covers it with private memory.
         """
 
     def close(self) -> None:
-        """Fence, then release this process's resources as soon as no view is left."""
+        """Fence, cover the range with private memory where the fence left it unmapped,
+        and release this process's resources as soon as no view is left."""
 
 
 @runtime_checkable

@@ -92,6 +92,7 @@ class CudaVmmMapping:
         self.nbytes = nbytes
         self._lock = threading.Lock()
         self._fenced = False
+        self._covered = False
         self.fence_ms: dict[str, float] = {}  # how long the fence's steps took (metrics)
         try:
             if nbytes <= 0 or nbytes > imported.alloc_bytes:
@@ -149,54 +150,69 @@ class CudaVmmMapping:
         return self._tensor
 
     def fence(self) -> None:
-        """Wait for this device's work, unmap the lender's pages, and map a local chunk
-        over the whole range so that stale tensors read local memory; release the import.
+        """Wait for this device's work, unmap the lender's pages and release the import:
+        from here on nothing in this process reaches the lender's memory, and once every
+        holder has done so its physical pages are free. Idempotent.
+
+        The range stays unmapped until :meth:`close` covers it with local chunks (stale
+        tensors then read local memory; before that they FAULT). Covering costs one
+        ``cuMemMap`` per chunk, and the driver runs the VMM calls of every process on
+        the GPU one after another: done here, the covers of some holders would hold up
+        the unmaps of the others, and the tenant waits for the last unmap. So the lease
+        acknowledges after the fence and covers afterwards.
 
         Kernels must not read the range *during* the fence (the lease's ``use()`` makes
-        sure): between unmap and remap an access would fault. Idempotent."""
+        sure)."""
         with self._lock:
             if self._fenced:
                 return
             state = self._state
             t0 = time.perf_counter()
-            plan = self._fence_plan
             with cu.on_device(state.ordinal) as drv:
-                t1 = time.perf_counter()
                 cu.check(drv.cuCtxSynchronize(), "cuCtxSynchronize")
-                t2 = time.perf_counter()
+                t1 = time.perf_counter()
                 for ptr, size in state.mapped:
                     cu.check(drv.cuMemUnmap(ptr, size), "cuMemUnmap")
                 state.mapped = []
-                t3 = time.perf_counter()
-                for off, chunk, size in plan:
-                    cu.check(drv.cuMemMap(state.va + off, size, 0, chunk, 0), "cuMemMap (fence)")
-                    state.mapped.append((state.va + off, size))
-                t4 = time.perf_counter()
-                access = [cu.access_desc(drv, state.ordinal)]
-                cu.check(
-                    drv.cuMemSetAccess(state.va, state.span, access, 1), "cuMemSetAccess (fence)"
-                )
-                t5 = time.perf_counter()
+                t2 = time.perf_counter()
                 if state.imported is not None:
                     cu.check(drv.cuMemRelease(state.imported), "cuMemRelease")
                     state.imported = None
-            t6 = time.perf_counter()
+            t3 = time.perf_counter()
             self._fenced = True
             self.fence_ms = {
-                "plan": (t1 - t0) * 1e3,
-                "sync": (t2 - t1) * 1e3,
-                "unmap": (t3 - t2) * 1e3,
-                "map": (t4 - t3) * 1e3,
-                "access": (t5 - t4) * 1e3,
-                "release": (t6 - t5) * 1e3,
-                "chunks": len(plan),
-                "total": (t6 - t0) * 1e3,
+                "sync": (t1 - t0) * 1e3,
+                "unmap": (t2 - t1) * 1e3,
+                "release": (t3 - t2) * 1e3,
+                "total": (t3 - t0) * 1e3,
             }
             log.debug("fenced %d bytes in %.2f ms", state.span, self.fence_ms["total"])
 
+    def _cover(self) -> None:
+        """Map local chunks over the fenced range, so that stale tensors read local
+        memory instead of faulting."""
+        with self._lock:
+            state = self._state
+            if not self._fenced or self._covered:
+                return
+            t0 = time.perf_counter()
+            with cu.on_device(state.ordinal) as drv:
+                for off, chunk, size in self._fence_plan:
+                    cu.check(drv.cuMemMap(state.va + off, size, 0, chunk, 0), "cuMemMap (cover)")
+                    state.mapped.append((state.va + off, size))
+                access = [cu.access_desc(drv, state.ordinal)]
+                cu.check(
+                    drv.cuMemSetAccess(state.va, state.span, access, 1), "cuMemSetAccess (cover)"
+                )
+            self._covered = True
+            self.fence_ms["cover"] = (time.perf_counter() - t0) * 1e3
+            self.fence_ms["chunks"] = len(self._fence_plan)
+
     def close(self) -> None:
-        """Fence; the address range goes when the last tensor over it does."""
+        """Fence, cover the range with local memory; the address range goes when the
+        last tensor over it does."""
         self.fence()
+        self._cover()
         self._tensor = None
         self._owner = None
 

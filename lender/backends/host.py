@@ -20,6 +20,7 @@ from typing import Any
 from harvestd.errors import BackendUnavailable, InvalidArgument
 from harvestd.sizes import round_up
 from lender.backends.base import Allocation, BackendKind, Exported
+from lender.host_device import LENDER, HostDevice
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,13 @@ class HostBackend:
 
     kind = BackendKind.HOST
 
-    def __init__(self, granularity: int = mmap.PAGESIZE) -> None:
+    def __init__(self, granularity: int = mmap.PAGESIZE, device: HostDevice | None = None) -> None:
+        """``device``: a :class:`~lender.host_device.HostDevice` whose books every
+        allocation goes through (the CPU twin of a GPU's memory); None: none."""
         if not hasattr(os, "memfd_create"):
             raise BackendUnavailable("memfd_create is not available on this system")
         self._granularity = granularity
+        self.device = device
 
     @property
     def granularity(self) -> int:
@@ -142,11 +146,18 @@ class HostBackend:
         if nbytes <= 0:
             raise InvalidArgument(f"allocation size must be positive, got {nbytes}")
         size = round_up(nbytes, self._granularity)
-        fd = os.memfd_create("harvest-lease", os.MFD_CLOEXEC)
+        if self.device is not None:
+            self.device.allocate(LENDER, size)  # NoCapacity when the tenant holds it
         try:
-            os.ftruncate(fd, size)
-        except OSError:
-            os.close(fd)
+            fd = os.memfd_create("harvest-lease", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                os.close(fd)
+                raise
+        except BaseException:
+            if self.device is not None:
+                self.device.free(LENDER, size)
             raise
         return Allocation(nbytes=size, handle=fd)
 
@@ -174,6 +185,8 @@ class HostBackend:
         if alloc.handle is not None and alloc.handle >= 0:
             os.close(alloc.handle)
             alloc.handle = -1
+            if self.device is not None:
+                self.device.free(LENDER, alloc.nbytes)
 
     def import_handle(self, exported: Exported) -> int:
         """The received fd is the client's own reference."""

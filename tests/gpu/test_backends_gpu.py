@@ -7,14 +7,11 @@ socketpair, receiving commands and sending file descriptors with SCM_RIGHTS."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -25,132 +22,13 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
+from support.env import REPO  # noqa: E402
+from support.lender_process import LenderProcess  # noqa: E402
+from support.pattern import pattern  # noqa: E402
+
 from harvestd.errors import BackendUnavailable, InvalidArgument  # noqa: E402
-from lender.backends import BackendKind, Exported, get_backend  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-MiB = 1 << 20
-
-
-def pattern(n: int, seed: int, device) -> "torch.Tensor":
-    """Bytes both processes can compute: the lender writes them, the client checks them.
-    Values stay below 251, so markers 0xFB..0xFF never occur in a pattern by chance."""
-    return ((torch.arange(n, device=device, dtype=torch.int64) * 131 + seed) % 251).to(torch.uint8)
-
-
-LENDER = (
-    inspect.getsource(pattern)
-    + r"""
-import json, socket, sys, torch
-from lender.backends import get_backend
-sock = socket.socket(fileno=int(sys.argv[1]))
-backend = get_backend(sys.argv[2], **json.loads(sys.argv[3]))
-allocs, churn = {}, []
-
-def reply(msg, fd=None):
-    data = json.dumps({"ok": True, **msg}).encode()
-    socket.send_fds(sock, [data], [fd]) if fd is not None else sock.send(data)
-
-while True:
-    data = sock.recv(65536)
-    if not data:
-        break
-    cmd = json.loads(data)
-    op, name = cmd["op"], cmd.get("name")
-    try:
-        if op == "alloc":
-            a = allocs[name] = backend.allocate(cmd["nbytes"])
-            reply({"alloc_bytes": a.nbytes, "uuid": a.gpu_uuid, "granularity": backend.granularity,
-                   "zeroed": int(backend.tensor(a).count_nonzero()) == 0})
-        elif op == "fill":
-            t = backend.tensor(allocs[name])
-            t.copy_(pattern(t.numel(), cmd["seed"], t.device)); torch.cuda.synchronize(); reply({})
-        elif op == "count":
-            t = backend.tensor(allocs[name])[cmd["lo"]:cmd["hi"]]
-            reply({"count": int((t == cmd["value"]).sum())})
-        elif op == "same":
-            t = backend.tensor(allocs[name])
-            reply({"same": bool(torch.equal(t, pattern(t.numel(), cmd["seed"], t.device)))})
-        elif op == "zero":
-            backend.zero(allocs[name])
-            reply({"zeroed": int(backend.tensor(allocs[name]).count_nonzero()) == 0})
-        elif op == "export":
-            e, e2 = backend.export(allocs[name]), backend.export(allocs[name])
-            fresh = e.fd is None or e.fd != e2.fd
-            e2.close()
-            reply({"alloc_bytes": e.alloc_bytes, "uuid": e.gpu_uuid, "ipc": e.ipc_handle.hex(),
-                   "fresh": fresh}, e.fd)
-            e.close()
-        elif op == "free":
-            backend.free(allocs.pop(name)); reply({})
-        elif op == "churn":  # new allocations that could reuse freed pages, filled
-            for _ in range(cmd["count"]):
-                a = backend.allocate(cmd["nbytes"])
-                backend.tensor(a).fill_(cmd["value"])
-                churn.append(a)
-            torch.cuda.synchronize(); reply({})
-        elif op == "quit":
-            for a in list(allocs.values()) + churn:
-                backend.free(a)
-            reply({}); break
-    except Exception as exc:
-        sock.send(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode())
-"""
-)
-
-
-class LenderProcess:
-    """A lender in its own process, driven over a socketpair."""
-
-    def __init__(self, kind: str, **options) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
-            ),
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", LENDER, str(theirs.fileno()), kind, json.dumps(options)],
-            pass_fds=[theirs.fileno()],
-            env=env,
-            cwd=REPO,
-        )
-        theirs.close()
-        self.sock = ours
-        self.sock.settimeout(180)
-
-    def call(self, op: str, **args) -> dict:
-        self.sock.send(json.dumps({"op": op, **args}).encode())
-        data, fds, _, _ = socket.recv_fds(self.sock, 65536, 1)
-        assert data, f"the lender process died (exit {self.proc.poll()})"
-        msg = json.loads(data)
-        assert msg.pop("ok"), msg
-        if fds:
-            msg["fd"] = fds[0]
-        return msg
-
-    def receive(self, name: str, kind: BackendKind):
-        """Export ``name`` there, import it here: ``(client backend, imported, reply)``."""
-        msg = self.call("export", name=name)
-        exported = Exported(
-            kind=kind,
-            alloc_bytes=msg["alloc_bytes"],
-            fd=msg.get("fd"),
-            ipc_handle=bytes.fromhex(msg["ipc"]),
-            gpu_uuid=msg["uuid"],
-        )
-        backend = get_backend(kind)
-        return backend, backend.import_handle(exported), msg
-
-    def close(self) -> None:
-        try:
-            self.call("quit")
-            self.proc.wait(60)
-        except Exception:  # noqa: BLE001 - a dead lender is reported by its test
-            self.proc.kill()
-            self.proc.wait()
-        self.sock.close()
+from harvestd.sizes import MiB  # noqa: E402
+from lender.backends import BackendKind, get_backend  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +57,9 @@ def test_allocation_granularity_and_zeroing():
     backend.tensor(odd).fill_(1)
     backend.zero(odd)
     assert int(backend.tensor(odd).count_nonzero()) == 0
-    backend.free(small), backend.free(odd), backend.free(odd)  # free is idempotent
+    backend.free(small)
+    backend.free(odd)
+    backend.free(odd)  # free is idempotent
     with pytest.raises(InvalidArgument):
         backend.allocate(0)
     print(f"VMM granularity on {torch.cuda.get_device_name(0)}: {gran >> 20} MiB")
@@ -267,14 +147,15 @@ def test_vmm_two_processes_share_then_fence(vmm_lender):
     print(f"fence of {n >> 20} MiB: {(time.perf_counter() - start) * 1e3:.2f} ms")
     assert mapping.fenced
     vmm_lender.call("fill", name="a", seed=9)  # the next holder's data
+    mapping.close()  # covers the fenced range with this process's own chunks
     seen = stale.clone()  # no fault: the range now holds this process's own chunk
     assert not torch.equal(seen, pattern(n, 9, t.device)[MiB : 2 * MiB])
     assert not torch.equal(seen, pattern(n, 7, t.device)[MiB : 2 * MiB])
     stale.fill_(0xFF)  # and stale writes land here, not in the lender
     torch.cuda.synchronize()
     assert vmm_lender.call("same", name="a", seed=9)["same"]
-    mapping.close()
-    mapping.fence()  # idempotent
+    mapping.close()  # idempotent
+    mapping.fence()
     with pytest.raises(InvalidArgument):
         mapping.as_tensor()
     del t, stale

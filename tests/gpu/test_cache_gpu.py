@@ -4,14 +4,16 @@ right through a revocation and a refill."""
 from __future__ import annotations
 
 import pytest
-from conftest import started_node, wait_for
+from support.nodes import started_node
+from support.waiting import wait_for
+
+from harvestd.sizes import MiB
 
 torch = pytest.importorskip("torch")
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,11 @@ import os
 import signal
 
 import pytest
-from conftest import started_node, wait_for
+from support.nodes import started_node
+from support.programs import GPU_HOLDER
+from support.waiting import wait_for
+
+from harvestd.sizes import GiB, MiB
 
 pytest.importorskip("cuda.bindings")
 torch = pytest.importorskip("torch")
@@ -17,9 +21,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-from test_node_gpu import GPU_HOLDER  # noqa: E402  (tests/gpu is on sys.path here)
-
-MiB, GiB = 1 << 20, 1 << 30
 
 # A holder that maps a GPU lease, fills it, and then never lets go: its fence fails, so it
 # neither unmaps nor acknowledges, and it keeps running.

@@ -8,10 +8,16 @@ gather kernel straight into the staging rows)."""
 
 from __future__ import annotations
 
-import pytest
-from conftest import started_node, wait_for
+from typing import TYPE_CHECKING
 
-torch = pytest.importorskip("torch")
+import pytest
+from support.nodes import started_node
+from support.waiting import wait_for
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytestmark = [
     pytest.mark.gpu,

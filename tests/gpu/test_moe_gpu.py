@@ -6,7 +6,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import started_node, wait_for
+from support.nodes import started_node
+from support.waiting import wait_for
 
 pytest.importorskip("cuda.bindings")
 torch = pytest.importorskip("torch")

@@ -12,7 +12,11 @@ import os
 import time
 
 import pytest
-from conftest import started_node, wait_for
+from support.nodes import started_node
+from support.programs import GPU_HOLDER, GPU_TENANT
+from support.waiting import wait_for
+
+from harvestd.sizes import GiB, MiB
 
 torch = pytest.importorskip("torch")
 pytestmark = [
@@ -20,80 +24,11 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-GiB, MiB = 1 << 30, 1 << 20
 RESERVE, CAP = 8 * GiB, 12 * GiB
 LENDER = int(os.environ.get("HARVEST_LENDER_GPU", "0"))
 CLIENT = int(os.environ.get("HARVEST_CLIENT_GPU", "0"))
 if torch.cuda.is_available() and max(LENDER, CLIENT) >= torch.cuda.device_count():
     pytestmark.append(pytest.mark.skip(reason=f"needs GPUs {LENDER} and {CLIENT}"))
-
-# A holder on the GPU: leases, fills with its marker, gathers 16 KiB blocks in one launch,
-# then verifies under use() until revoked; after that it reads its stale tensor once,
-# which must neither fault nor show anything but its own (fenced) memory.
-GPU_HOLDER = r"""
-import json, os, sys, threading, time, torch
-from client import connect, LeaseRevoked
-nbytes, marker, backend, ttl = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-dev = f"cuda:{os.environ.get('HARVEST_CLIENT_GPU', '0')}"
-c = connect()
-lease = c.lease(nbytes, ttl=ttl, backend=backend, device=dev)
-t = lease.tensor(torch.uint8)
-t.fill_(marker)
-blocks = 64
-out = torch.empty((blocks, 16384), dtype=torch.uint8, device=dev)
-lease.gather([i * 32768 for i in range(blocks)], 16384, out)
-gathered_ok = bool((out == marker).all())
-revoked = threading.Event()
-lease.on_revoke(lambda l, why: (print(json.dumps({"event": "revoked", "id": l.id, "reason": why}),
-                                      flush=True), revoked.set()))
-print(json.dumps({"event": "leased", "id": lease.id, "lender": lease.lender,
-                  "backend": lease.backend.value, "device": str(t.device),
-                  "gathered_ok": gathered_ok}), flush=True)
-reads = wrong = 0
-stop = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
-while not stop.is_set() and not revoked.is_set():
-    try:
-        with lease.use():
-            ok = bool((t == marker).all())
-        reads += 1
-        wrong += not ok
-    except LeaseRevoked:
-        break
-if lease.state == "revoked":
-    revoked.wait(10)
-stale = int(t[:4096].sum())  # fenced: local memory, no fault
-torch.cuda.synchronize()
-print(json.dumps({"event": "done", "reads": reads, "wrong": wrong, "state": lease.state,
-                  "stale_ok": True}), flush=True)
-c.close()
-"""
-
-# The GPU's own tenant: allocates until NVML free memory is `leave` bytes, then times
-# how long until free memory is back above the reserve; on "next", allocates into it.
-TENANT = r"""
-import json, os, sys, time, torch, pynvml
-uuid, leave, reserve = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-dev = f"cuda:{os.environ.get('HARVEST_LENDER_GPU', '0')}"  # the lender's GPU
-torch.zeros(1, device=dev)  # our own CUDA context first: it takes memory too
-pynvml.nvmlInit()
-h = pynvml.nvmlDeviceGetHandleByUUID(uuid)
-free = lambda: pynvml.nvmlDeviceGetMemoryInfo(h).free
-grab = torch.empty(free() - leave, dtype=torch.uint8, device=dev)
-torch.cuda.synchronize(dev)
-pressed = time.monotonic()
-low = free()
-while free() < reserve and time.monotonic() - pressed < 30:
-    time.sleep(0.0005)
-freed_s = time.monotonic() - pressed
-print(json.dumps({"event": "tenant", "free_at_pressure": low, "freed_s": freed_s,
-                  "recovered": free() >= reserve}), flush=True)
-sys.stdin.readline()
-nxt = torch.empty(reserve // 2, dtype=torch.uint8, device=dev)  # finds the memory
-torch.cuda.synchronize(dev)
-print(json.dumps({"event": "next_ok"}), flush=True)
-sys.stdin.readline()
-"""
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +97,7 @@ def test_tenant_growing_into_the_reserve_triggers_reclaim(gpu_node):
             time.sleep(0.05)
         assert _gpu_lender(gpu_node)["granted"] == 8 * GiB
         # Leave 4 GiB free: we may lend 4 + 8 - 8 = 4 GiB, so the two newest leases go.
-        tenant = gpu_node.spawn(TENANT, gpu["gpu_uuid"], str(4 * GiB), str(RESERVE))
+        tenant = gpu_node.spawn(GPU_TENANT, gpu["gpu_uuid"], str(4 * GiB), str(RESERVE))
         report = tenant.expect("tenant", timeout=120)
         print(f"tenant pressure to reserve free again: {report['freed_s'] * 1e3:.1f} ms")
         assert report["free_at_pressure"] < RESERVE and report["recovered"]

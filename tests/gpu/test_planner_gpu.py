@@ -4,7 +4,7 @@ the rest recomputed from activations on a side stream, equal to the reference.""
 from __future__ import annotations
 
 import pytest
-from conftest import started_node
+from support.nodes import started_node
 
 pytest.importorskip("cuda.bindings")
 torch = pytest.importorskip("torch")
@@ -80,6 +80,7 @@ def test_three_way_fetch_equals_the_reference(node, via):
                 chunk_tokens=512,
                 nbytes=16 << 20,
             )
+        assert rates.host_bps is not None and rates.peer_bps is not None
         assert rates.concurrent and rates.host_bps > 0 and rates.peer_bps > 0
         planner = FetchPlanner(chunk_tokens=512)
         plans = [

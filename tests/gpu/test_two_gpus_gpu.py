@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import textwrap
 import time
 
 import pytest
@@ -22,9 +20,15 @@ import pytest
 pytest.importorskip("cuda.bindings")
 torch = pytest.importorskip("torch")
 
-from conftest import PY, Holder, Node, _env, short_tmpdir, started_node, wait_for  # noqa: E402
+from support.lender_process import LenderProcess  # noqa: E402
+from support.nodes import Node, started_node  # noqa: E402
+from support.pattern import pattern  # noqa: E402
+from support.programs import GPU_TENANT, PEER_HOLDER  # noqa: E402
+from support.sockets import short_tmpdir  # noqa: E402
+from support.waiting import wait_for  # noqa: E402
 
-GiB, MiB = 1 << 30, 1 << 20
+from harvestd.sizes import GiB, MiB  # noqa: E402
+
 RESERVE, CAP = 8 * GiB, 12 * GiB
 LENDER = int(os.environ.get("HARVEST_LENDER_GPU", "1"))
 CLIENT = int(os.environ.get("HARVEST_CLIENT_GPU", "0"))
@@ -36,47 +40,6 @@ pytestmark = [
         reason=f"needs two GPUs: {LENDER} (lender) and {CLIENT} (client)",
     ),
 ]
-
-# A borrower placed by topology (near its own GPU): fills its lease with its marker and
-# gathers it back until revoked or told to stop, counting reads that saw a wrong byte.
-PEER_HOLDER = r"""
-import json, sys, threading, torch
-from client import connect, LeaseRevoked
-from client.devices import cuda_uuid
-nbytes, marker, ttl, near = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-c = connect()
-lease = c.lease(nbytes, ttl=ttl, backend="cuda-vmm", near=near)
-dev = lease.device
-t = lease.tensor(torch.uint8)
-t.fill_(marker)
-out = torch.empty((64, 16384), dtype=torch.uint8, device=dev)
-offsets = torch.randperm(nbytes // 16384, device=dev)[:64] * 16384
-revoked = threading.Event()
-lease.on_revoke(lambda l, why: (print(json.dumps({"event": "revoked", "id": l.id}),
-                                      flush=True), revoked.set()))
-print(json.dumps({"event": "leased", "id": lease.id, "lender": lease.lender,
-                  "lender_gpu": lease.gpu_uuid, "device": str(dev),
-                  "device_uuid": cuda_uuid(dev.index)}), flush=True)
-reads = wrong = 0
-stop = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
-while not stop.is_set() and not revoked.is_set():
-    try:
-        with lease.use():
-            lease.gather(offsets, 16384, out)
-            ok = bool((out == marker).all())
-        reads += 1
-        wrong += not ok
-    except LeaseRevoked:
-        break
-if lease.state == "revoked":
-    revoked.wait(10)
-stale = int(t[:4096].sum())  # fenced: this process's own memory, no fault
-torch.cuda.synchronize(dev)
-print(json.dumps({"event": "done", "reads": reads, "wrong": wrong, "state": lease.state}),
-      flush=True)
-c.close()
-"""
 
 # Where leases near each visible GPU land, in a process whose CUDA ordinals are remapped.
 PLACE = r"""
@@ -100,19 +63,6 @@ def uuid(ordinal: int) -> str:
     from client.devices import cuda_uuid
 
     return cuda_uuid(ordinal)
-
-
-def spawn(node: Node, code: str, *args: str, **env: str) -> Holder:
-    """A Python snippet in a new process, with this node's state dir and ``env``."""
-    proc = subprocess.Popen(
-        [PY, "-u", "-c", textwrap.dedent(code), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(HARVEST_STATE_DIR=str(node.state_dir), **env),
-    )
-    return Holder(proc)
 
 
 def lender_on(node: Node, ordinal: int) -> dict:
@@ -140,10 +90,9 @@ def pair_node():
 
 
 def test_lease_across_gpus_maps_with_access_for_the_client_only():
-    from test_backends_gpu import LenderProcess, pattern
-
     from lender.backends import BackendKind
     from lender.backends import cuda_driver as cu
+    from lender.backends.cuda_vmm import CudaVmmMapping
 
     lender = LenderProcess("cuda-vmm", device_index=LENDER)
     try:
@@ -152,6 +101,7 @@ def test_lease_across_gpus_maps_with_access_for_the_client_only():
         backend, imported, sent = lender.receive("p", BackendKind.CUDA_VMM)
         assert sent["uuid"] == uuid(LENDER)
         mapping = backend.map(imported, n, device=CLIENT)
+        assert isinstance(mapping, CudaVmmMapping)
 
         def access(ordinal: int) -> int:
             with cu.on_device(CLIENT) as drv:
@@ -178,8 +128,8 @@ def test_lease_across_gpus_maps_with_access_for_the_client_only():
         stale = t[MiB : 2 * MiB]
         mapping.fence()
         lender.call("fill", name="p", seed=19)
+        mapping.close()  # covers the fenced range: the stale view reads local memory
         assert not torch.equal(stale.clone(), pattern(n, 19, t.device)[MiB : 2 * MiB])
-        mapping.close()
         del t, stale
         lender.call("free", name="p")
     finally:
@@ -189,7 +139,7 @@ def test_lease_across_gpus_maps_with_access_for_the_client_only():
 def test_placement_by_uuid_whatever_cuda_visible_devices(pair_node):
     # The lender's GPU first: in that process cuda:0 is the lender's GPU, cuda:1 ours.
     visible = f"{uuid(LENDER)},{uuid(CLIENT)}"
-    proc = spawn(pair_node, PLACE, CUDA_VISIBLE_DEVICES=visible)
+    proc = pair_node.spawn(PLACE, CUDA_VISIBLE_DEVICES=visible)
     try:
         rows = proc.expect("placed", timeout=180)["rows"]
     finally:
@@ -202,7 +152,7 @@ def test_placement_by_uuid_whatever_cuda_visible_devices(pair_node):
 
 
 def test_revocation_while_reads_run_across_gpus(pair_node):
-    holder = spawn(pair_node, PEER_HOLDER, str(512 * MiB), "71", "3", f"cuda:{CLIENT}")
+    holder = pair_node.spawn(PEER_HOLDER, str(512 * MiB), "71", "3", f"cuda:{CLIENT}")
     try:
         leased = holder.expect("leased", timeout=180)
         assert leased["lender_gpu"] == uuid(LENDER) and leased["device_uuid"] == uuid(CLIENT)
@@ -217,20 +167,17 @@ def test_revocation_while_reads_run_across_gpus(pair_node):
 
 
 def test_tenant_on_the_lender_gpu_reclaims_there_only(pair_node):
-    from test_node_gpu import TENANT
-
     gpu = lender_on(pair_node, LENDER)
     holders = []
     try:
         for marker, near in ((1, CLIENT), (2, CLIENT), (3, LENDER)):
-            holder = spawn(pair_node, PEER_HOLDER, str(2 * GiB), str(marker), "5", f"cuda:{near}")
+            holder = pair_node.spawn(PEER_HOLDER, str(2 * GiB), str(marker), "5", f"cuda:{near}")
             holders.append((holder, holder.expect("leased", timeout=180)))
         assert [l["lender_gpu"] for _, l in holders] == [uuid(LENDER)] * 2 + [uuid(CLIENT)]
         assert lender_on(pair_node, LENDER)["granted"] == 4 * GiB
         # Leave 4 GiB free on the lender's GPU: 4 + 4 - 8 = 0 may be lent there now.
-        tenant = spawn(
-            pair_node,
-            TENANT,
+        tenant = pair_node.spawn(
+            GPU_TENANT,
             gpu["gpu_uuid"],
             str(4 * GiB),
             str(RESERVE),
@@ -260,7 +207,7 @@ def test_tenant_on_the_lender_gpu_reclaims_there_only(pair_node):
 
 
 def test_killed_borrower_memory_comes_back_across_gpus(pair_node):
-    holder = spawn(pair_node, PEER_HOLDER, str(GiB), "9", "2", f"cuda:{CLIENT}")
+    holder = pair_node.spawn(PEER_HOLDER, str(GiB), "9", "2", f"cuda:{CLIENT}")
     leased = holder.expect("leased", timeout=180)
     assert leased["lender_gpu"] == uuid(LENDER)
     holder.kill()

@@ -7,8 +7,6 @@ enabling peer access (``cudaDeviceEnablePeerAccess``) between the two. Concurren
 each get a stream of their own on both devices, so several links (or several copy
 engines of one GPU) run at once; they are timed by the wall clock between full syncs of
 every device involved (one copy of 1 GiB takes milliseconds; a sync costs microseconds).
-
-Scripts in this folder import it as a sibling module.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import statistics
 import time
 from typing import Any, Sequence
 
-GiB = 1 << 30
+from harvestd.sizes import GiB
 
 
 def gpu_count() -> int:

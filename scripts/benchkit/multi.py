@@ -1,8 +1,6 @@
 """Pieces the multi-GPU benchmarks share (bench_tenant, bench_aggregate): a node of host
 lenders as plain processes for their --smoke runs on a CPU, worker processes that speak
 JSON lines (scripts/benchreader.py, tenants), and small helpers for GPUs and results.
-
-Scripts in this folder import it as a sibling module.
 """
 
 from __future__ import annotations
@@ -17,11 +15,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
-from benchnode import REPO, BenchNode, node_env
+from benchkit.node import REPO, BenchNode, node_env
 
-READER = str(Path(__file__).resolve().parent / "benchreader.py")
+# The borrower program (benchkit.reader's command line), run as a worker.
+READER = str(REPO / "scripts" / "benchreader.py")
 
 
 @contextlib.contextmanager
@@ -102,6 +101,13 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def pipes(proc: subprocess.Popen[str]) -> tuple[IO[str], IO[str]]:
+    """The stdin and stdout of ``proc``, started with both piped."""
+    if proc.stdin is None or proc.stdout is None:
+        raise ValueError("the process was started without stdin and stdout pipes")
+    return proc.stdin, proc.stdout
+
+
 class Worker:
     """A child process driven by lines on stdin, answering JSON lines on stdout."""
 
@@ -118,6 +124,7 @@ class Worker:
             env=env,
             cwd=REPO,
         )
+        self.stdin, self.stdout = pipes(self.proc)
 
     def stderr_tail(self, chars: int = 2000) -> str:
         """The end of what it wrote on stderr."""
@@ -126,8 +133,8 @@ class Worker:
 
     def send(self, line: str) -> None:
         """One command."""
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
+        self.stdin.write(line + "\n")
+        self.stdin.flush()
 
     def expect(self, event: str, timeout: float = 120.0) -> dict[str, Any]:
         """The next answer whose ``event`` is ``event``; RuntimeError on an ``error``
@@ -137,10 +144,10 @@ class Worker:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RuntimeError(f"{self.name}: no {event!r} within {timeout:.0f} s")
-            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            ready, _, _ = select.select([self.stdout], [], [], left)
             if not ready:
                 continue
-            line = self.proc.stdout.readline()
+            line = self.stdout.readline()
             if not line:
                 raise RuntimeError(f"{self.name} exited ({self.proc.wait()}): {self.stderr_tail()}")
             if not line.startswith("{"):
@@ -177,8 +184,7 @@ def reader(device: str, env: dict[str, str], *extra: str) -> Worker:
 
 def cuda_uuids() -> list[str]:
     """The GPU UUID of every CUDA ordinal this process sees ([] without CUDA)."""
-    from benchpeer import gpu_count
-
+    from benchkit.peer import gpu_count
     from client.devices import cuda_uuid
 
     return [cuda_uuid(i) for i in range(gpu_count())]

@@ -1,12 +1,13 @@
 """A Harvest node for a benchmark: started in a fresh state dir, stopped at the end.
 
-    from benchnode import bench_node
+    from benchkit.node import bench_node
     with bench_node(backend="cuda-vmm", gpus="0", cap="24GiB", host_bytes="16GiB") as node:
         client = node.connect()
         ...
 
-Scripts in this folder import it as a sibling module (``sys.path`` holds the script's
-own folder when run as ``python scripts/x.py``).
+Also what every benchmark shares: the repository's root (results go under
+``bench/results/``), the environment of a node's processes, quiet attention kernels and
+matplotlib when it is there.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # scripts/benchkit/node.py
 
 
 @dataclass

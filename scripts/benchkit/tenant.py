@@ -1,0 +1,105 @@
+"""A node of one lender that watches its device's tenant, for the benchmarks of the
+tenant's side (bench_tenant_ramp, bench_reclaim): a broker and the lender as plain
+processes (the same Lender class the daemon runs as a Ray actor), on a GPU or on the CPU
+twin of one (a host device), and the reclaim traces that lender logs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from benchkit.node import BenchNode, node_env
+from harvestd.sizes import parse_size
+
+
+@contextlib.contextmanager
+def lender_node(args: argparse.Namespace, lender_id: str) -> Iterator[BenchNode]:
+    """A broker and one lender in a fresh state dir. ``args``: ``smoke`` (the CPU twin:
+    a host device of ``device_bytes``, whose path lands in ``args.host_device``) or
+    ``gpu_uuid``; ``reserve``, ``peak_window``, and ``cap`` if set."""
+    state = Path(tempfile.mkdtemp(prefix="hv-tenant-", dir="/tmp"))
+    node = BenchNode(state, node_env(state))
+    os.environ["HARVEST_STATE_DIR"] = str(state)
+    lender = [sys.executable, "-m", "lender", "--id", lender_id, "--state-dir", str(state)]
+    lender += ["--reserve", str(args.reserve), "--report-interval", "0.2"]
+    lender += ["--peak-window", str(args.peak_window)]
+    if getattr(args, "cap", None):
+        lender += ["--cap", str(args.cap)]
+    if args.smoke:
+        from lender.host_device import HostDevice
+
+        args.host_device = str(state / "device")
+        HostDevice.create(args.host_device, parse_size(args.device_bytes)).close()
+        lender += ["--backend", "host", "--host-device", args.host_device]
+        lender += ["--host-bytes", args.device_bytes]
+    else:
+        lender += ["--backend", "cuda-vmm", "--gpu-uuid", args.gpu_uuid]
+    broker = [sys.executable, "-m", "harvestd.broker", "--state-dir", str(state)]
+    broker += ["--ttl", "30", "--grace", "2"]
+    logs = open(state / "node.out", "ab")
+    procs = [subprocess.Popen(broker, env=node.env, stdout=logs, stderr=logs)]
+    try:
+        wait(lambda: (state / "broker.sock").exists(), 60, "the broker")
+        procs.append(subprocess.Popen(lender, env=node.env, stdout=logs, stderr=logs))
+        wait(lambda: _up(node), 120, "the lender")
+        yield node
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        logs.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _up(node: BenchNode) -> bool:
+    with contextlib.suppress(RuntimeError):
+        return any(l["state"] == "up" for l in node.lenders())
+    return False
+
+
+def wait(predicate: Any, timeout: float, what: str) -> None:
+    """Poll ``predicate`` every 0.1 s; RuntimeError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def reclaim_traces(node: BenchNode, lender_id: str) -> list[dict[str, Any]]:
+    """The lender's reclaim traces (:class:`lender.tenant_watch.ReclaimTrace`), from its
+    log, oldest first."""
+    marker = "reclaim for the tenant: "
+    path = node.state_dir / "logs" / f"lender-{lender_id}.log"
+    if not path.exists():
+        return []
+    return [
+        json.loads(line.split(marker, 1)[1])
+        for line in path.read_text().splitlines()
+        if marker in line
+    ]
+
+
+def gpu_uuid(gpu: str) -> str:
+    """The UUID of GPU ``gpu`` (an NVML index or a UUID)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = (
+        pynvml.nvmlDeviceGetHandleByIndex(int(gpu))
+        if gpu.isdigit()
+        else pynvml.nvmlDeviceGetHandleByUUID(gpu)
+    )
+    return str(pynvml.nvmlDeviceGetUUID(handle))
