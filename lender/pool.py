@@ -37,22 +37,36 @@ class Pool:
             alloc = idle.pop() if idle else None
             if alloc is not None:
                 self.idle_bytes -= size
+            # Counted before the device shows it: a lender watching its tenant must never
+            # see its own allocation in flight as the tenant growing.
+            self.out_bytes += size
         if alloc is None:
-            alloc = self.backend.allocate(size)
-        with self._lock:
-            self.out_bytes += alloc.nbytes
+            try:
+                alloc = self.backend.allocate(size)
+            except BaseException:
+                with self._lock:
+                    self.out_bytes -= size
+                raise
+            if alloc.nbytes != size:  # a backend that rounds further
+                with self._lock:
+                    self.out_bytes += alloc.nbytes - size
         return alloc
 
     def give_back(self, alloc: Allocation, clean: bool) -> None:
         """Return an allocation: zeroed into the pool if ``clean`` and there is room,
         otherwise freed."""
         with self._lock:
-            self.out_bytes -= alloc.nbytes
             keep = clean and self.idle_bytes + alloc.nbytes <= self.keep_bytes
             if keep:
+                self.out_bytes -= alloc.nbytes
                 self.idle_bytes += alloc.nbytes
         if not keep:
-            self.backend.free(alloc)
+            # Counted until the device has it back (see take).
+            try:
+                self.backend.free(alloc)
+            finally:
+                with self._lock:
+                    self.out_bytes -= alloc.nbytes
             return
         try:
             self.backend.zero(alloc)
@@ -75,7 +89,12 @@ class Pool:
                 size = next(s for s, lst in self._idle.items() if lst)
                 alloc = self._idle[size].pop()
                 self.idle_bytes -= size
-            self.backend.free(alloc)
+                self.out_bytes += size  # counted until freed (see take)
+            try:
+                self.backend.free(alloc)
+            finally:
+                with self._lock:
+                    self.out_bytes -= size
             freed += size
 
     def close(self) -> None:

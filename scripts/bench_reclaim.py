@@ -69,7 +69,14 @@ def holder(args: argparse.Namespace) -> None:
             break
         nbytes = int(cmd[1])
         on_gpu = {"device": args.device, "backend": "cuda-vmm"} if cuda else {}
-        lease = client.lease(nbytes, ttl=30, **on_gpu)
+        for attempt in range(10):
+            try:
+                lease = client.lease(nbytes, ttl=30, **on_gpu)
+                break
+            except LeaseRevoked:  # the tenant's last reclaim was still settling
+                if attempt == 9:
+                    raise
+                time.sleep(0.2)
         lease.as_bytes().fill_(5)
         gone = threading.Event()
 
