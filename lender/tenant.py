@@ -6,9 +6,10 @@ lender lends only what lies above both:
 
 * the tenant's **peak** over the last ``peak_window_s`` (its use now is part of that):
   memory the tenant held recently is memory it will want back, and stays unlent;
-* where the tenant is heading, once it grows past that peak: its use now plus its
-  growth rate times the time a reclaim takes (``horizon_s``), so that a reclaim started
-  now frees memory before the tenant gets there, not after;
+* where the tenant is heading, once it ramps past that peak (it grew at each of the
+  last looks, or it grew into most of the reserve): its use now plus its growth rate
+  times the time a reclaim takes (``horizon_s``), so that a reclaim started now frees
+  memory before the tenant gets there, not after;
 
 plus the reserve, under the cap. The tenant's use is what the device shows as used and
 the lender does not hold: ``total - free - held``. This module is pure arithmetic over
@@ -33,6 +34,9 @@ DEFAULT_PEAK_WINDOW_S = 300.0
 # A tenant this much of the device above its earlier peak is past it (a process starting
 # on the GPU, a borrower's CUDA context, takes ~0.5 GiB: under 1% of an H200).
 PEAK_NOISE = 0.01
+# A tenant that left less than this share of the reserve free is out of room now: its
+# next allocation fails unless memory comes back, so a jump into it counts as a ramp.
+STARVING = 0.25
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,12 @@ class TenantHistory:
                 rate = max(rate, (u1 - u0) / (t1 - t0))
         return rate
 
+    def sustained(self) -> bool:
+        """Whether the tenant grew at each of its last two looks: a ramp, where one
+        jump and a stop is a step."""
+        samples = list(self._recent)[-3:]
+        return len(samples) == 3 and samples[0][1] < samples[1][1] < samples[2][1]
+
 
 class LendingPolicy:
     """Turns samples of a device into what its lender may hold: see the module doc.
@@ -147,9 +157,13 @@ class LendingPolicy:
         growth = self.history.growth_bps()
         # Below or at its earlier peak, a growing tenant is breathing back in: the peak
         # already keeps its memory free. Past it (by more than the noise of a new CUDA
-        # context or two), it is ramping somewhere new: meet it where it is heading.
+        # context or two) and still growing, or grown into most of the reserve, it is
+        # ramping somewhere new: meet it where it is heading. A single jump that stops
+        # is a step, and costs borrowers no more than it took.
         past_peak = tenant > earlier_peak + sample.total * PEAK_NOISE
-        heading = tenant + int(growth * self.horizon_s) if past_peak else tenant
+        starving = sample.free < self.reserve * STARVING
+        ramping = past_peak and growth > 0 and (self.history.sustained() or starving)
+        heading = tenant + int(growth * self.horizon_s) if ramping else tenant
         self._promises = [(t, u) for t, u in self._promises if t > sample.at and u > tenant]
         wanted = max([self.history.peak(), heading] + [u for _, u in self._promises])
         lendable = max(0, sample.total - wanted - self.reserve)

@@ -70,6 +70,22 @@ def test_a_tenant_growing_back_to_its_earlier_peak_is_met_at_the_peak():
     assert view.heading > 70 * GiB and view.lendable < 30 * GiB
 
 
+def test_a_single_jump_that_stops_is_a_step_not_a_ramp():
+    policy = LendingPolicy(reserve=10 * GiB, peak_window_s=60, horizon_s=0.05)
+    policy.sample(sample(0.0, 10 * GiB))
+    view = policy.sample(sample(0.005, 50 * GiB))  # 40 GiB at once, 40 GiB still free
+    assert view.heading == view.now and view.lendable == 40 * GiB
+    view = policy.sample(sample(0.010, 50 * GiB))
+    assert view.lendable == 40 * GiB
+
+
+def test_a_jump_into_the_reserve_counts_as_a_ramp():
+    policy = LendingPolicy(reserve=10 * GiB, peak_window_s=60, horizon_s=0.05)
+    policy.sample(sample(0.0, 10 * GiB))
+    view = policy.sample(sample(0.005, 50 * GiB, held=48 * GiB))  # 2 GiB left free
+    assert view.heading > view.now and view.lendable < 40 * GiB - 8 * GiB
+
+
 def test_a_slow_reclaim_looks_further_ahead_and_a_fast_one_shortens_it_gradually():
     policy = LendingPolicy(reserve=0, horizon_s=0.05)
     policy.reclaimed_in(0.2)

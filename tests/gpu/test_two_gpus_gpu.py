@@ -73,6 +73,10 @@ def lender_on(node: Node, ordinal: int) -> dict:
 def pair_node():
     """A lender on each GPU of the pair (no host lender)."""
     with started_node(
+        # Other test modules' processes come and go on this GPU: their peaks are not
+        # the tenant this module is about.
+        "--peak-window",
+        "0",
         "--backend",
         "cuda-vmm",
         "--gpus",
