@@ -262,7 +262,7 @@ def run_config(args: argparse.Namespace, lent: int, holders: int) -> dict[str, A
                 )
                 print(
                     f"  {format_size(lent)} / {holders} holders, round {r}: "
-                    f"{steps['total']:.1f} ms ("
+                    f"{steps['total']:.1f} ms, wrong reads {rounds[-1]['wrong_reads']} ("
                     + ", ".join(
                         f"{k} {v['median'] if isinstance(v, dict) else v:.1f}"
                         for k, v in steps.items()
@@ -353,7 +353,20 @@ def main() -> int:
         (parse_size(lent), int(holders))
         for lent, holders in (c.split(":") for c in args.configs.split(","))
     ]
-    rows = [run_config(args, lent, holders) for lent, holders in configs]
+    rows: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {
+        "benchmark": "reclaim",
+        "command": " ".join(sys.argv),
+        "device": "cpu twin (host device)" if args.smoke else f"GPU {args.gpu_uuid}",
+        "host": platform.node(),
+        "leave": args.leave,
+        "rows": rows,
+    }
+    for lent, holders in configs:
+        rows.append(run_config(args, lent, holders))
+        # Written after each configuration: a run cut short keeps what it measured.
+        doc["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        out = write_json(doc, args.out)
     print("ms from the tenant's allocation returning (median, min, max), and from its start")
     print(
         f"{'lent':>9} {'holders':>8} {'median':>9} {'min':>8} {'max':>8} {'start':>8} {'wrong':>6}"
@@ -364,16 +377,6 @@ def main() -> int:
             f"{r['freed_ms_min']:>6.1f}ms {r['freed_ms_max']:>6.1f}ms "
             f"{r['total_ms_median']:>6.1f}ms {r['wrong_reads']:>6}"
         )
-    doc = {
-        "benchmark": "reclaim",
-        "command": " ".join(sys.argv),
-        "device": "cpu twin (host device)" if args.smoke else f"GPU {args.gpu_uuid}",
-        "host": platform.node(),
-        "leave": args.leave,
-        "rows": rows,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    out = write_json(doc, args.out)
     _plot(rows, out.with_suffix(".png"))
     print(f"wrote {out}")
     bad = any(r["wrong_reads"] or not r["recovered"] for r in rows)

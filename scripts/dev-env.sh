@@ -8,8 +8,8 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import harvestd, client, lender, ray, torch, grpc, pytest, hypothesis, transformers, accelerate, matplotlib" 2>/dev/null; then
+if ! .venv/bin/python -c "import harvestd, client, lender, ray, torch, grpc, pytest, hypothesis, transformers, accelerate, matplotlib, ruff, mypy" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "${HARVEST_TORCH:-torch==2.13.0}" numpy
-  .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -m pip install -q -e '.[test,lint]'
 fi

@@ -53,6 +53,8 @@ def test_no_node_running(no_node, command):
         (["start", "--reserve", "150%"], "between 0% and 100%"),
         (["start", "--backend", "tpu"], "tpu"),
         (["start", "--ttl", "-3"], "positive"),
+        (["start", "--peak-window", "nope"], "expected seconds"),
+        (["start", "--peak-window", "-1"], "0 or a positive number"),
         (["frobnicate"], "frobnicate"),
     ],
 )

@@ -170,3 +170,21 @@ def test_a_tenant_needs_exactly_one_way_to_find_its_lender(twin):
             Tenant(client, lender="nobody")
         with pytest.raises(InvalidArgument):
             Tenant(client, lender=twin.id).make_room(0)
+
+
+def test_a_node_started_with_a_host_device_makes_it_and_lends_from_it(tmp_path):
+    from harvestd.node import NodeOptions, plan_lenders
+
+    path = tmp_path / "device"
+    opts = NodeOptions(
+        state_dir=str(tmp_path),
+        backend="host",
+        host_bytes=TOTAL,
+        host_device=str(path),
+        reserve_fraction=0.25,
+        peak_window_s=60.0,
+    )
+    (plan,) = plan_lenders(opts, "vm")
+    assert plan.host_device == str(path) and plan.backend == "host"
+    assert plan.reserve_fraction == 0.25 and plan.peak_window_s == 60.0
+    assert HostDevice(path).memory() == (TOTAL, TOTAL)
