@@ -27,7 +27,6 @@ Prints a table and writes JSON (bench/results/reclaim_gpu.json) and a plot.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -38,16 +37,19 @@ from typing import Any
 
 from benchkit.multi import Worker, write_json
 from benchkit.node import REPO, pyplot
-from benchkit.tenant import gpu_uuid, lender_node, reclaim_traces, wait
+from benchkit.tenant import (
+    DeviceTenant,
+    gpu_uuid,
+    lender_node,
+    reclaim_traces,
+    say,
+    wait,
+    worker_parser,
+)
 
 from harvestd.sizes import GiB, MiB, format_size, parse_size
 
 STEPS = ("allocate", "notice", "report", "tell", "fence", "ack", "free", "visible")
-
-
-def say(**msg: Any) -> None:
-    """One JSON line to the driver."""
-    print(json.dumps(msg), flush=True)
 
 
 # ---------------------------------------------------------------- worker programs
@@ -111,42 +113,23 @@ def holder(args: argparse.Namespace) -> None:
 def tenant(args: argparse.Namespace) -> None:
     """``press LEAVE LENT``: allocate until only LEAVE bytes are free, then wait until
     LENT more are free again; ``release``."""
+    memory = DeviceTenant(args.device, args.host_device)
     if args.device.startswith("cuda"):
         import pynvml
-        import torch
 
-        device = torch.device(args.device)
-        torch.zeros(1, device=device)  # our own CUDA context first: it takes memory too
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByUUID(args.gpu_uuid)
 
         def free() -> int:
             return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
-
-        def grab(n: int) -> Any:
-            block = torch.empty(n, dtype=torch.uint8, device=device)
-            torch.cuda.synchronize(device)
-            return block
-
-        def release(held: list[Any]) -> None:
-            held.clear()
-            torch.cuda.empty_cache()
     else:
-        from lender.host_device import HostDevice, HostTenant
+        from lender.host_device import HostDevice
 
-        twin = HostTenant(HostDevice(args.host_device))
+        device = HostDevice(args.host_device)
 
         def free() -> int:
-            return twin.device.memory()[1]
+            return device.memory()[1]
 
-        def grab(n: int) -> Any:
-            return twin.allocate(n)
-
-        def release(held: list[Any]) -> None:
-            held.clear()
-            twin.free_all()
-
-    held: list[Any] = []
     for line in sys.stdin:
         cmd = line.split()
         if not cmd or cmd[0] == "exit":
@@ -154,7 +137,7 @@ def tenant(args: argparse.Namespace) -> None:
         if cmd[0] == "press":
             leave, lent = int(cmd[1]), int(cmd[2])
             began = time.monotonic()
-            held.append(grab(max(0, free() - leave)))
+            memory.take(max(0, free() - leave))
             pressed = time.monotonic()
             # Back: all that was lent is free again (to within 1%: other processes' noise).
             # The lender may be done before the allocation returns: the goal is counted
@@ -172,7 +155,7 @@ def tenant(args: argparse.Namespace) -> None:
                 recovered=free() >= goal,
             )
         elif cmd[0] == "release":
-            release(held)
+            memory.release()
             say(event="released")
 
 
@@ -322,16 +305,11 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> None:
 
 def main() -> int:
     """Run the benchmark (or one of its worker roles)."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--role", choices=("driver", "holder", "tenant"), default="driver")
-    parser.add_argument("--gpu", default="0", help="the lender's GPU (index or UUID)")
-    parser.add_argument("--device", default="", help="(workers) their device")
+    parser = worker_parser(__doc__)
     parser.add_argument("--gpu-uuid", default="", help="(workers) the lender's GPU")
-    parser.add_argument("--host-device", default="", help="(workers, --smoke) the twin")
     parser.add_argument("--configs", default="10GiB:1,10GiB:4,40GiB:16,40GiB:64")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--settle", type=float, default=1.0)
-    parser.add_argument("--smoke", action="store_true", help="the CPU twin, small sizes")
     parser.add_argument("--out", default=str(REPO / "bench/results/reclaim_gpu.json"))
     args = parser.parse_args()
     if args.role == "holder":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import sys
 import threading
@@ -39,7 +38,15 @@ from typing import Any
 
 from benchkit.multi import Worker, write_json
 from benchkit.node import REPO, BenchNode, pyplot
-from benchkit.tenant import gpu_uuid, lender_node, reclaim_traces, wait
+from benchkit.tenant import (
+    DeviceTenant,
+    gpu_uuid,
+    lender_node,
+    reclaim_traces,
+    say,
+    wait,
+    worker_parser,
+)
 
 from harvestd.sizes import MiB, format_size, parse_size
 
@@ -47,11 +54,6 @@ SCENARIOS = ("nothing-lent", "into-lent", "back-to-peak", "cooperating", "room-a
 
 
 # ---------------------------------------------------------------- worker programs
-
-
-def say(**msg: Any) -> None:
-    """One JSON line to the driver."""
-    print(json.dumps(msg), flush=True)
 
 
 def holder(args: argparse.Namespace) -> None:
@@ -118,38 +120,11 @@ def holder(args: argparse.Namespace) -> None:
 def tenant(args: argparse.Namespace) -> None:
     """The device's own job: ``ramp TARGET PIECE MODE`` (plain | cooperating | room),
     ``free``."""
-    from harvestd.errors import NoCapacity
-
-    blocks: list[Any] = []
-    if args.device.startswith("cuda"):
-        import torch
-
-        device = torch.device(args.device)
-        torch.zeros(1, device=device)  # our own CUDA context first: it takes memory too
-        out_of_memory: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,)
-
-        def take(n: int) -> Any:
-            return torch.empty(n, dtype=torch.uint8, device=device)
-
-        def release() -> None:
-            blocks.clear()
-            torch.cuda.empty_cache()
-
-        find: dict[str, Any] = {"device": args.device}
-    else:
-        from lender.host_device import HostDevice, HostTenant
-
-        twin = HostTenant(HostDevice(args.host_device))
-        out_of_memory = (NoCapacity,)
-
-        def take(n: int) -> Any:
-            return twin.allocate(n)
-
-        def release() -> None:
-            blocks.clear()
-            twin.free_all()
-
-        find = {"lender": args.lender}
+    memory = DeviceTenant(args.device, args.host_device)
+    out_of_memory = memory.out_of_memory
+    find: dict[str, Any] = (
+        {"device": args.device} if args.device.startswith("cuda") else {"lender": args.lender}
+    )
     from client import connect
     from client.tenant import Tenant
 
@@ -165,7 +140,7 @@ def tenant(args: argparse.Namespace) -> None:
             def counted(piece: int = piece) -> Any:
                 nonlocal retries
                 try:
-                    return take(piece)
+                    return memory.take(piece)
                 except out_of_memory:
                     retries += 1
                     raise
@@ -174,15 +149,15 @@ def tenant(args: argparse.Namespace) -> None:
             deadline = time.monotonic() + 60.0
             if mode == "room":
                 room_s = cooperating.make_room(target).elapsed_s
-            while len(blocks) * piece < target and time.monotonic() < deadline:
+            while len(memory.blocks) * piece < target and time.monotonic() < deadline:
                 if mode == "cooperating":
                     try:
-                        blocks.append(cooperating.allocate(counted, nbytes=piece))
+                        cooperating.allocate(counted, nbytes=piece)
                     except out_of_memory:
                         failures += 1
                     continue
                 try:
-                    blocks.append(take(piece))
+                    memory.take(piece)
                 except out_of_memory:
                     failures += 1
                     time.sleep(0.001)
@@ -193,11 +168,11 @@ def tenant(args: argparse.Namespace) -> None:
                 retries=retries,
                 seconds=seconds,
                 room_s=room_s,
-                held=len(blocks) * piece,
-                complete=len(blocks) * piece >= target,
+                held=len(memory.blocks) * piece,
+                complete=len(memory.blocks) * piece >= target,
             )
         elif cmd[0] == "free":
-            release()
+            memory.release()
             say(event="freed")
         elif cmd[0] == "exit":
             break
@@ -288,11 +263,7 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> None:
 
 def main() -> int:
     """Run the benchmark (or one of its worker roles)."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--role", choices=("driver", "holder", "tenant"), default="driver")
-    parser.add_argument("--gpu", default="0", help="the lender's GPU (index or UUID)")
-    parser.add_argument("--device", default="", help="(workers) their device")
-    parser.add_argument("--host-device", default="", help="(workers, --smoke) the twin")
+    parser = worker_parser(__doc__)
     parser.add_argument("--lender", default="", help="(workers, --smoke) the lender's id")
     parser.add_argument("--lent", default="96GiB")
     parser.add_argument("--lease", default="4GiB")
@@ -302,7 +273,6 @@ def main() -> int:
     parser.add_argument("--peak-window", type=float, default=300.0)
     parser.add_argument("--settle", type=float, default=1.0)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
-    parser.add_argument("--smoke", action="store_true", help="the CPU twin, small sizes")
     parser.add_argument("--out", default=str(REPO / "bench/results/tenant_ramp.json"))
     args = parser.parse_args()
     if args.role == "holder":

@@ -15,11 +15,11 @@ from harvestd.errors import InvalidArgument, NoCapacity
 from harvestd.model import LenderRecord, LenderState
 from harvestd.policy import NearestBestFit
 from harvestd.simulation.placement import TOPOLOGIES, synthetic
+from harvestd.sizes import GiB, MiB
 from harvestd.store import MemoryStore
 from harvestd.table import LeaseTable
 from protos import harvest_pb2 as pb
 
-GiB, MiB = 1 << 30, 1 << 20
 NODE = "node"
 
 

@@ -103,3 +103,62 @@ def gpu_uuid(gpu: str) -> str:
         else pynvml.nvmlDeviceGetHandleByUUID(gpu)
     )
     return str(pynvml.nvmlDeviceGetUUID(handle))
+
+
+def say(**msg: Any) -> None:
+    """One JSON line from a worker to its driver."""
+    print(json.dumps(msg), flush=True)
+
+
+def worker_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every tenant benchmark shares: its worker role, the lender's GPU,
+    the workers' device, and (``--smoke``) the host device."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--role", choices=("driver", "holder", "tenant"), default="driver")
+    parser.add_argument("--gpu", default="0", help="the lender's GPU (index or UUID)")
+    parser.add_argument("--device", default="", help="(workers) their device")
+    parser.add_argument("--host-device", default="", help="(workers, --smoke) the twin")
+    parser.add_argument("--smoke", action="store_true", help="the CPU twin, small sizes")
+    return parser
+
+
+class DeviceTenant:
+    """A device's own job in a worker: it allocates on ``device`` (a CUDA device, or the
+    CPU twin's host device at ``host_device``), failing as that device fails."""
+
+    def __init__(self, device: str, host_device: str = "") -> None:
+        self.blocks: list[Any] = []
+        self.out_of_memory: tuple[type[BaseException], ...]
+        if device.startswith("cuda"):
+            import torch
+
+            self._torch: Any = torch
+            self._device = torch.device(device)
+            torch.zeros(1, device=self._device)  # our own CUDA context first: it takes memory
+            self.out_of_memory = (torch.OutOfMemoryError,)
+            self._twin = None
+        else:
+            from harvestd.errors import NoCapacity
+            from lender.host_device import HostDevice, HostTenant
+
+            self._twin = HostTenant(HostDevice(host_device))
+            self.out_of_memory = (NoCapacity,)
+
+    def take(self, nbytes: int) -> Any:
+        """``nbytes`` more (kept until :meth:`release`); raises one of
+        ``out_of_memory`` when the device has no room."""
+        if self._twin is not None:
+            block = self._twin.allocate(nbytes)
+        else:
+            block = self._torch.empty(nbytes, dtype=self._torch.uint8, device=self._device)
+            self._torch.cuda.synchronize(self._device)
+        self.blocks.append(block)
+        return block
+
+    def release(self) -> None:
+        """Give everything back."""
+        self.blocks.clear()
+        if self._twin is not None:
+            self._twin.free_all()
+        else:
+            self._torch.cuda.empty_cache()
