@@ -122,6 +122,7 @@ class Tenant:
         ``NoCapacity``) ask for room (``nbytes``, else what torch says it tried to
         allocate) and try again, until ``timeout``; then the last error is raised."""
         deadline = time.monotonic() + self.timeout
+        tries = 0
         while True:
             try:
                 return make()
@@ -133,4 +134,7 @@ class Tenant:
                     raise InvalidArgument(
                         "out of memory, and no size to ask the lender for: pass nbytes"
                     ) from exc
+                if tries:  # room was made and it still failed: the device is not just lent
+                    time.sleep(min(0.05, 0.001 * 2**tries))
+                tries += 1
                 self.make_room(want)

@@ -188,3 +188,20 @@ def test_a_node_started_with_a_host_device_makes_it_and_lends_from_it(tmp_path):
     assert plan.host_device == str(path) and plan.backend == "host"
     assert plan.reserve_fraction == 0.25 and plan.peak_window_s == 60.0
     assert HostDevice(path).memory() == (TOTAL, TOTAL)
+
+
+def test_allocate_passes_other_errors_on_and_needs_a_size_to_ask_for(twin):
+    from client import InvalidArgument
+
+    def broken() -> None:
+        raise ValueError("not about memory")
+
+    def out_of_memory() -> None:
+        raise MemoryError("no size in this message")
+
+    with twin.connect() as client:
+        tenant = Tenant(client, lender=twin.id)
+        with pytest.raises(ValueError, match="not about memory"):
+            tenant.allocate(broken)
+        with pytest.raises(InvalidArgument, match="pass nbytes"):
+            tenant.allocate(out_of_memory)
