@@ -28,9 +28,9 @@ from harvestd.errors import FailedPrecondition, HarvestError, InvalidArgument, U
 from harvestd.paths import NodeInfo, StateDir, local_node_name
 from harvestd.sizes import reserve_parts
 from harvestd.table import Timing
+from lender.actor import LENDER_ACTOR_PREFIX, lender_actor_class
 from lender.config import LenderConfig
 from lender.host_device import HostDevice
-from lender.lender import LENDER_ACTOR_PREFIX, lender_actor_class
 from lender.tenant import DEFAULT_PEAK_WINDOW_S
 from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc

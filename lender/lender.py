@@ -2,13 +2,12 @@
 
 It registers with the broker, reports what it can lend, hands allocations out through
 its pick-up socket once the broker vouches for the token, and frees (or zeroes and
-pools) an allocation when the broker says its lease ended. :func:`lender_actor_class`
+pools) an allocation when the broker says its lease ended. :func:`lender.actor.lender_actor_class`
 runs it as a Ray actor; it runs as well in any plain process.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
@@ -41,8 +40,6 @@ from protos import harvest_pb2 as pb
 from protos import harvest_pb2_grpc as pb_grpc
 
 _log = logging.getLogger(__name__)
-
-LENDER_ACTOR_PREFIX = "harvest-lender-"
 
 
 class Lender:
@@ -396,45 +393,3 @@ class _BrokerCalls:
             pb.ReclaimRequest(lender_id=lender.id, nbytes=0),
             timeout=60.0,
         )
-
-
-def lender_actor_class():
-    """The lender as a Ray actor class (built lazily so that importing needs no Ray).
-
-    It asks Ray for no GPU: lending must not take the GPU away from Ray's scheduler,
-    and the lender finds its GPU by UUID, whatever ``CUDA_VISIBLE_DEVICES`` says.
-    """
-    import ray
-
-    @ray.remote(num_cpus=0, num_gpus=0, max_restarts=-1, max_task_retries=0)
-    class LenderActor:
-        """One lender in a Ray actor; Ray restarts it, and it registers again under a new
-        generation (its old leases are revoked: their memory died with it)."""
-
-        def __init__(self, config: LenderConfig) -> None:
-            from harvestd.logs import setup_logging
-
-            if config.cuda_visible_devices is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
-
-            setup_logging(
-                StateDir.resolve(config.state_dir).logs_dir / f"lender-{config.lender_id}.log",
-                config.log_level,
-                config.log_format,
-            )
-            config = dataclasses.replace(
-                config, ray_node_id=ray.get_runtime_context().get_node_id()
-            )
-            self.lender = Lender(config).start()
-
-        def info(self) -> dict:
-            """See :meth:`Lender.info`."""
-            return self.lender.info()
-
-        def shutdown(self) -> None:
-            """Stop lending (the actor is killed after)."""
-            self.lender.stop()
-
-    return LenderActor
