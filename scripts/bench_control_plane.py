@@ -622,10 +622,17 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()  # other work on the machine skews every figure: record it
     with node(args.state_dir, args.host_bytes) as state_dir:
         address = resolve_address(None, state_dir)
+        # Load averages after each part (its own processes included): other work on the
+        # machine shows as more than the part's own.
+        load_after = {}
         floor = bench_rpc_floor(address, args)
+        load_after["rpc_floor"] = os.getloadavg()
         throughput = bench_throughput(address, node_name(state_dir), args)
+        load_after["mixed"] = os.getloadavg()
         pickup = bench_pickup(state_dir, args)
+        load_after["pickup"] = os.getloadavg()
         reclaim = bench_reclaim(state_dir, args)
+        load_after["reclaim"] = os.getloadavg()
     throughput["of_rpc_floor"] = throughput["rpcs_per_s"] / floor["rpcs_per_s"]
     headline = {
         "what": (
@@ -650,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "host": platform.node(),
             "loadavg_before": load_before,
+            "loadavg_after": load_after,
         },
         "command": [sys.executable, *sys.argv],
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),

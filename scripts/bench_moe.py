@@ -1,26 +1,62 @@
 #!/usr/bin/env python3
-"""MoE decode with experts offloaded: everything resident, accelerate's CPU offload (as
-users run it today), and Harvest (experts in host leases, or in GPU leases), in one run.
+"""MoE decode with experts offloaded, against the strongest baselines, in one run: every
+expert resident (the ceiling), the best host offload a user would write (routed experts
+only, from a pinned host copy, fetched on a side stream), accelerate's CPU offload with
+pinned weights and as called by default, and Harvest (experts in host leases, or in GPU
+leases).
 
 Models are built from their configs with random weights (no downloads): a Mixtral-8x7B-
-shaped and a Qwen1.5-MoE-A2.7B-shaped model, with fewer layers so that the everything-
-resident ceiling fits on one GPU. For each model, offloaded fraction and batch size, a
-greedy decode of --tokens tokens is timed (after a prefill of --prompt tokens and
---warmup steps), and its tokens are compared with the resident model's (every mode runs
-the eager experts implementation, so they must be identical; with --compute grouped,
-Harvest's runs compute with grouped GEMMs and are compared with Harvest's module with
-nothing offloaded, computed the same way). Harvest offloads that
-fraction of every layer's experts; accelerate can only offload whole modules, so it
-offloads the experts of that fraction of the layers (the same bytes).
+shaped and a Qwen1.5-MoE-A2.7B-shaped model (the real expert shapes), with fewer layers so
+that every mode's copy fits on one GPU at once. For each model, offloaded fraction and
+batch size, one run sets up every mode once and then decodes greedily (a --prompt-token
+prefill, --warmup untimed steps, --steps timed steps, each step timed alone) --repeats
+times, the modes in a different order each repeat (``benchkit.stats.alternating``);
+figures are the median with min-max over the repeats, and the JSON keeps every repeat
+(and every step's time). Every mode's tokens are compared with ``resident``'s: a
+baseline that differs is reported, and the exit status is non-zero only when Harvest's
+tokens differ (or a Harvest mode fails).
 
-The PCIe bound of a host-lease run: the offloaded expert bytes it fetched per decode
-step over the pinned host-to-device bandwidth measured in the same run (1 GiB copy).
-A revocation run reclaims the GPU lender's memory every --revoke-every seconds (and
-gives it back half a period later) while Harvest decodes from GPU leases.
+Modes (``MODES``; the JSON's ``how`` says the same for each):
+
+- ``resident``: transformers' own model, untouched, every expert on the GPU, eager
+  experts. The ceiling and the reference tokens.
+- ``resident-same-code``: Harvest's experts module with nothing offloaded
+  (``offload_experts(fraction=0)``): the offloaded modes' code without fetches.
+- ``best-host-offload``: the routed experts only, read from the model's own pinned host
+  copy with one DMA copy each on a side stream as soon as the router has picked, the
+  resident experts computing meanwhile. That is Harvest's own path with nothing borrowed
+  (``offload_experts(..., borrow_bytes=0, refill_every=None)``): no lease, every read
+  from the pinned host copy; each run checks that every read came from that tier.
+- ``accelerate-pinned``: ``accelerate.cpu_offload`` of the fused experts modules of
+  round(fraction x layers) layers (accelerate offloads whole modules: the same bytes),
+  with its ``state_dict`` argument, the host copy it reads from, in pinned memory.
+  accelerate 1.15 has no pinned option of its own; its hook copies each weight
+  synchronously and empties the CUDA cache after each one, as accelerate does.
+- ``accelerate-default``: the same ``cpu_offload`` call without ``state_dict``: accelerate
+  keeps a pageable copy (``param.to("cpu")``), as users run it.
+- ``harvest-host`` / ``harvest-gpu``: that fraction of every layer's experts in host
+  leases / GPU leases (``backends=("host",)`` / ``("cuda-vmm",)``).
+
+Headlines: harvest-gpu against best-host-offload and against resident, each the median of
+the per-repeat ratios with min-max. The PCIe bound of a run that copies experts: the
+bytes it copied per timed step over the pinned host-to-device bandwidth measured in the
+same run. A revocation run (per model, batch 1, half the experts) decodes from GPU leases
+while the lender's tenant reclaims a slab every --revoke-every seconds (and gives the
+memory back half a period later), against the same offload without revocations and
+against host leases, also --repeats times in alternating order, each repeat counting its
+revocations.
+
+The defaults are sized for the GPU suite (scripts/gpu_bench.sh): both models at 2 layers,
+half the experts offloaded, batch 1, 3 repeats of 64 steps; about 2.5 to 3.5 minutes on an
+H200 (estimated from the H100 run), over half of it accelerate-default's 3 x 66 steps of
+Mixtral (each copies a whole layer's experts, 2.8 GB, from pageable memory):
 
     python scripts/bench_moe.py --lender-gpu 0 --out bench/results/moe.json
-    python scripts/bench_moe.py --lender-gpu 0 --compute grouped \
-        --out bench/results/moe_grouped.json
+
+Batch 16 as well (about 5 to 6.5 minutes; a device call of its own):
+
+    python scripts/bench_moe.py --lender-gpu 0 --batches 1,16 --out bench/results/moe_b16.json
+
     python scripts/bench_moe.py --smoke          # tiny, on the CPU, with a host node
 """
 
@@ -38,15 +74,95 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from benchkit.node import REPO, bench_node, pyplot, steady_attention
+from benchkit.stats import MIN_REPEATS, MIN_STEPS, alternating, fmt, spread
 
 from harvestd.sizes import GiB
 
 log = logging.getLogger("bench_moe")
+
+# Every mode, in the order a repeat starts from (alternating() rotates it).
+MODES = (
+    "resident",
+    "resident-same-code",
+    "best-host-offload",
+    "accelerate-pinned",
+    "accelerate-default",
+    "harvest-host",
+    "harvest-gpu",
+)
+# Not run unless asked for (--modes): transformers' grouped GEMM experts, resident.
+OPTIONAL_MODES = ("resident-grouped-mm",)
+# The modes whose tokens decide the exit status (the revocation run's modes too).
+HARVEST_MODES = ("harvest-host", "harvest-gpu")
+REVOCATION_MODES = ("harvest-gpu-revoked", "harvest-gpu", "harvest-host")
+# Modes that run Harvest's experts module (computed as --compute says).
+HARVEST_CODE = ("resident-same-code", "best-host-offload", "harvest-host", "harvest-gpu")
+NEEDS_CUDA = "skipped (needs CUDA)"
+
+HOW = {
+    "resident": (
+        "transformers' own model, untouched (no Harvest code, no hooks): every expert on "
+        "the GPU, experts_implementation='eager'. The ceiling, and the reference tokens."
+    ),
+    "resident-same-code": (
+        "Harvest's experts module with nothing offloaded: offload_experts(model, client, "
+        "fraction=0): the code of the offloaded modes, no fetch. What the module itself "
+        "costs or saves against transformers' eager experts."
+    ),
+    "best-host-offload": (
+        "The routed experts only, from the model's own pinned host copy, fetched on a side "
+        "stream: Harvest's own path with nothing borrowed, offload_experts(model, client, "
+        "fraction, borrow_bytes=0, refill_every=None). Each offloaded expert's weights are "
+        "kept pinned on the host (TieredCache pins the authoritative copy when the model "
+        "is on a GPU); in each layer, once the router has picked (one device sync), the "
+        "picked offloaded experts are copied with one DMA copy each (non_blocking, from "
+        "pinned memory) on the cache's own CUDA stream while the resident experts compute, "
+        "and each offloaded expert computes as soon as its own copy has landed (a CUDA "
+        "event per expert). Nothing is leased: borrowed_bytes is 0 and each run checks "
+        "that every read came from the 'host' tier. This is what a competent hand-written "
+        "host offload does (the routing must be known before a routed expert can be "
+        "fetched), so the script uses it rather than a second implementation."
+    ),
+    "accelerate-pinned": (
+        "accelerate.cpu_offload(experts_module, execution_device=<the GPU>, "
+        "state_dict={name: weight.to('cpu').pin_memory()}) on the fused experts modules of "
+        "round(fraction x layers) layers: accelerate offloads whole modules, so each step "
+        "copies every expert of those layers (the same bytes offloaded as Harvest's "
+        "fraction of every layer's experts). accelerate 1.15 has no pinned-memory option; "
+        "cpu_offload's documented state_dict argument is the host copy its hook reads "
+        "from, so it is given pinned tensors. Its hook (AlignDevicesHook) copies each "
+        "weight before the module runs with a synchronous .to(device) (from pinned memory: "
+        "at the link's speed) and calls torch.cuda.empty_cache() after each weight "
+        "(set_module_tensor_to_device), as accelerate does."
+    ),
+    "accelerate-default": (
+        "accelerate.cpu_offload(experts_module, execution_device=<the GPU>) on the same "
+        "modules, as users call it: accelerate keeps a pageable host copy "
+        "(param.to('cpu')) and copies every weight of those layers from it on each step."
+    ),
+    "harvest-host": (
+        "offload_experts(model, client, fraction, backends=('host',)): that fraction of "
+        "every layer's experts in host leases (a host lender's memory); each layer's "
+        "routed offloaded experts are fetched on the cache's stream while the resident "
+        "ones compute."
+    ),
+    "harvest-gpu": (
+        "offload_experts(model, client, fraction, backends=('cuda-vmm',)): that fraction of "
+        "every layer's experts in GPU leases (a cuda-vmm lender's memory: when --lender-gpu "
+        "is the decoding GPU, its own memory, lent by another process); routed offloaded "
+        "experts are fetched with device-to-device copies on the cache's stream."
+    ),
+    "resident-grouped-mm": (
+        "transformers' own model, every expert resident, experts_implementation="
+        "'grouped_mm' (its grouped GEMM numerics give other tokens than eager)."
+    ),
+}
 
 
 def model_config(name: str, layers: int, smoke: bool) -> Any:
@@ -115,44 +231,46 @@ def decode(
     model: Any,
     batch: int,
     prompt: int,
-    tokens: int,
+    steps: int,
     warmup: int,
     device: torch.device,
     between: Callable[[], None] | None = None,
     seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """Greedy decode: prefill ``prompt`` tokens, ``warmup`` untimed steps, then ``tokens``
-    timed steps (each timed alone; with ``seconds``, as many as run in that time, at
-    least ``tokens``). Returns tokens/s and the tokens themselves."""
+    """Greedy decode: prefill ``prompt`` tokens, ``warmup`` untimed steps, then ``steps``
+    timed steps (each timed alone, the device synchronised around it; with ``seconds``,
+    as many as run in that time, at least ``steps``). Returns tokens/s, the steps' times
+    and the tokens of the timed steps."""
     from transformers import DynamicCache
 
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=gen).to(device)
-    steps: list[float] = []
+    times: list[float] = []
     out: list[torch.Tensor] = []
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         i = 0
-        while i < warmup + tokens or sum(steps) < seconds:
+        while i < warmup + steps or sum(times) < seconds:
             sync(device)
             began = time.perf_counter()
             logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             sync(device)
             if i >= warmup:
-                steps.append(time.perf_counter() - began)
+                times.append(time.perf_counter() - began)
             out.append(nxt)
             i += 1
             if between is not None:
                 between()
-    total = sum(steps)
+    total = sum(times)
     return {
-        "tokens_per_s": batch * len(steps) / total,
-        "step_ms_median": statistics.median(steps) * 1e3,
-        "step_ms_mean": total / len(steps) * 1e3,
-        "step_ms": [s * 1e3 for s in steps],
+        "steps": len(times),
+        "tokens_per_s": batch * len(times) / total,
+        "step_ms_median": statistics.median(times) * 1e3,
+        "step_ms_mean": total / len(times) * 1e3,
+        "step_ms": [round(s * 1e3, 4) for s in times],
         "tokens": torch.cat(out, dim=1)[:, warmup:].cpu(),
     }
 
@@ -212,9 +330,30 @@ def pinned_h2d_gbps(device: torch.device, nbytes: int = GiB, repeats: int = 5) -
     return nbytes / statistics.median(times[1:]) / 1e9
 
 
-def accelerate_offload(model: Any, fraction: float, device: torch.device) -> int:
-    """accelerate's CPU offload of the experts of ``fraction`` of the layers; the bytes
-    it offloaded."""
+# ---------------------------------------------------------------------- setting modes up
+
+
+@dataclass
+class Setup:
+    """One mode's model, made once for a model and fraction and decoded at every batch
+    size and repeat; ``offload`` is Harvest's :class:`~client.moe.ExpertOffload` where the
+    mode runs Harvest's module."""
+
+    mode: str
+    model: Any
+    offload: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def accelerate_offload(model: Any, fraction: float, device: torch.device, pinned: bool) -> dict:
+    """accelerate's CPU offload of the experts of ``fraction`` of the layers (``pinned``:
+    with its host copy in pinned memory, given through ``state_dict``); what it did."""
     from accelerate import cpu_offload
 
     from client.moe import find_experts
@@ -222,13 +361,386 @@ def accelerate_offload(model: Any, fraction: float, device: torch.device) -> int
     modules = list(find_experts(model).values())
     count = max(1, round(fraction * len(modules)))
     moved = 0
+    all_pinned = True
     for module in modules[:count]:
         moved += sum(p.numel() * p.element_size() for p in module.parameters())
-        cpu_offload(module, execution_device=device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return moved
+        state_dict = None
+        if pinned and device.type == "cuda":
+            state_dict = {
+                n: t.detach().to("cpu").pin_memory() for n, t in module.state_dict().items()
+            }
+        elif pinned:
+            all_pinned = False  # pinning needs CUDA: on the CPU there is no copy to speed up
+            state_dict = {n: t.detach().to("cpu") for n, t in module.state_dict().items()}
+        cpu_offload(module, execution_device=device, state_dict=state_dict)
+    release(device)
+    info: dict[str, Any] = {
+        "offloaded_bytes": moved,
+        # Every weight of an offloaded module is copied in before each call of it.
+        "copied_bytes_per_step": moved,
+        "offloaded_layers": count,
+        "layers": len(modules),
+        "host_copy_pinned": bool(pinned and all_pinned and device.type == "cuda"),
+    }
+    if pinned and device.type != "cuda":
+        info["note"] = "on the CPU there is nothing to pin: the host copy is plain memory"
+    return info
+
+
+def setup_mode(
+    mode: str,
+    base: Any,
+    fraction: float,
+    client: Any,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> Setup:
+    """Make ``mode``'s model from ``base`` (``resident`` is ``base`` itself)."""
+    from client.moe import offload_experts
+
+    if mode == "resident":
+        return Setup(mode, base, info={"offloaded_bytes": 0})
+    model = copy.deepcopy(base)
+    if mode == "resident-grouped-mm":
+        model.config._experts_implementation = "grouped_mm"
+        return Setup(mode, model, info={"offloaded_bytes": 0})
+    if mode in ("accelerate-pinned", "accelerate-default"):
+        info = accelerate_offload(model, fraction, device, pinned=mode == "accelerate-pinned")
+        return Setup(mode, model, info=info)
+    kwargs: dict[str, Any] = {"slab_bytes": args.slab_bytes, "compute": args.compute}
+    if mode == "resident-same-code":
+        kwargs.update(fraction=0.0, backends=("host",))
+    elif mode == "best-host-offload":
+        kwargs.update(fraction=fraction, backends=("host",), borrow_bytes=0, refill_every=None)
+    elif mode == "harvest-host":
+        kwargs.update(fraction=fraction, backends=("host",))
+    elif mode == "harvest-gpu":
+        kwargs.update(fraction=fraction, backends=("cuda-vmm",))
+    else:
+        raise SystemExit(f"unknown mode {mode!r} ({', '.join(MODES + OPTIONAL_MODES)})")
+    offload = offload_experts(model, client, **kwargs)
+    release(device)
+    info = {
+        "offloaded_bytes": offload.stats.bytes_offloaded,
+        "offloaded_experts": offload.stats.experts_offloaded,
+        "experts": offload.stats.experts_total,
+        "borrowed_bytes": offload.cache.borrowed_bytes,
+        "host_copy_pinned": device.type == "cuda",
+    }
+    if mode == "best-host-offload" and offload.cache.borrowed_bytes:
+        raise RuntimeError("best-host-offload borrowed memory: it must read its host copy")
+    return Setup(mode, model, offload, info)
+
+
+def close(setup: Setup) -> None:
+    if setup.offload is not None:
+        setup.offload.close()
+
+
+def skip_reason(mode: str, device: torch.device, lenders: dict[str, Any]) -> str | None:
+    """Why ``mode`` cannot run here (None: it can)."""
+    if mode in ("harvest-gpu", "resident-grouped-mm") and device.type != "cuda":
+        return NEEDS_CUDA
+    if mode == "harvest-gpu" and "cuda-vmm" not in lenders:
+        return "skipped (no cuda-vmm lender on this node)"
+    return None
+
+
+# ---------------------------------------------------------------------- measuring
+
+
+def offloaded_keys(offload: Any) -> list[tuple[str, int]]:
+    return [(name, e) for name, module in offload.modules.items() for e in module.offloaded]
+
+
+def borrowed(offload: Any, timeout: float = 5.0) -> dict[str, Any]:
+    """Bring every offloaded expert back into borrowed memory (a refill, as the cache's
+    background pass does), waiting up to ``timeout``; how many are there now. A run
+    starts from the state the mode promises: nothing left on the host copy after an
+    earlier revocation."""
+    from client.cache import Tier
+
+    keys = offloaded_keys(offload)
+    began = time.monotonic()
+    while True:
+        n = sum(offload.cache.tier_of(k) in (Tier.GPU_LEASE, Tier.HOST_LEASE) for k in keys)
+        if n == len(keys) or time.monotonic() - began > timeout:
+            break
+        offload.cache.refill()
+        time.sleep(0.02)
+    return {
+        "borrowed_experts": n,
+        "offloaded_experts": len(keys),
+        "refill_wait_s": round(time.monotonic() - began, 3),
+    }
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def run_once(
+    setup: Setup,
+    batch: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    pinned: float,
+    steps: int,
+    seconds: float = 0.0,
+    refill: bool = True,
+) -> dict[str, Any]:
+    """One timed decode of a set-up mode: its figures, and for a mode that copies experts
+    what it copied per step against the PCIe bound (``tokens``: popped by the caller).
+    A mode that borrows starts with every expert borrowed (``refill``: see to it here)."""
+    off = setup.offload
+    run: dict[str, Any] = {}
+    fetched_at: list[int] = []
+    if off is not None:
+        if refill and setup.mode in ("harvest-host", "harvest-gpu"):
+            run.update(borrowed(off))
+        stats = off.cache.stats
+        before = (dict(stats.hits), stats.revocations, stats.fallbacks, off.stats.bytes_fetched)
+    res = decode(
+        setup.model,
+        batch,
+        args.prompt,
+        steps,
+        args.warmup,
+        device,
+        between=None if off is None else lambda: fetched_at.append(off.stats.bytes_fetched),
+        seconds=seconds,
+    )
+    per_step: float | None = None
+    if off is not None:
+        stats = off.cache.stats
+        start = fetched_at[args.warmup - 1] if args.warmup else before[3]
+        per_step = (fetched_at[-1] - start) / res["steps"]
+        run.update(
+            fetched_bytes_per_step=per_step,
+            reads_by_tier=_delta(dict(stats.hits), before[0]),
+            revocations_seen=stats.revocations - before[1],
+            fallbacks=stats.fallbacks - before[2],
+        )
+    elif "copied_bytes_per_step" in setup.info:
+        per_step = float(setup.info["copied_bytes_per_step"])
+    if per_step and pinned == pinned:  # not NaN
+        # Mean bytes over mean time: steps that route more offloaded experts move more,
+        # so a median step would not match.
+        bound_s = per_step / (pinned * 1e9)
+        run.update(
+            pcie_bound_step_ms=bound_s * 1e3, of_pcie_bound=bound_s / (res["step_ms_mean"] / 1e3)
+        )
+    run.update(res)
+    return run
+
+
+def reference_of(mode: str, args: argparse.Namespace) -> str:
+    """The mode whose tokens ``mode``'s must equal: ``resident``, except Harvest's module
+    computed with grouped GEMMs, whose numerics are its own (its reference: the same
+    module with nothing offloaded)."""
+    if args.compute == "grouped" and mode in HARVEST_CODE:
+        return "resident-same-code"
+    return "resident"
+
+
+def same(tokens: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether ``tokens`` equal the start of ``ref`` (a reference may run longer)."""
+    n = tokens.shape[1]
+    return ref.shape[1] >= n and bool(torch.equal(tokens, ref[:, :n]))
+
+
+def mode_entry(
+    mode: str,
+    setup: Setup,
+    runs: list[dict[str, Any]],
+    tokens: list[torch.Tensor],
+    ref_name: str,
+    ref: torch.Tensor | None,
+    resident: torch.Tensor | None,
+) -> dict[str, Any]:
+    """A measured mode in a row: every repeat, the spreads, the token verdicts."""
+    entry: dict[str, Any] = {
+        "status": "measured",
+        "how": HOW.get(mode, ""),
+        **setup.info,
+        "repeats": len(runs),
+        "steps": min(r["steps"] for r in runs),
+        "tokens_per_s": spread([r["tokens_per_s"] for r in runs]),
+        "step_ms_median": spread([r["step_ms_median"] for r in runs]),
+        "step_ms_mean": spread([r["step_ms_mean"] for r in runs]),
+    }
+    for key in ("of_pcie_bound", "fetched_bytes_per_step"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if len(values) == len(runs):
+            entry[key] = spread(values)
+    if runs[0].get("pcie_bound_step_ms") is not None:
+        entry["pcie_bound_step_ms"] = spread([r["pcie_bound_step_ms"] for r in runs])
+    if any("borrowed_experts" in r for r in runs):
+        # Whether each run started with every offloaded expert in borrowed memory.
+        entry["all_borrowed"] = all(
+            r.get("borrowed_experts") == r.get("offloaded_experts") for r in runs
+        )
+    entry["reference"] = ref_name
+    if ref is not None:
+        for run, tok in zip(runs, tokens, strict=True):
+            run["tokens_identical"] = same(tok, ref)
+        entry["tokens_identical"] = all(r["tokens_identical"] for r in runs)
+    if resident is not None:
+        entry["tokens_identical_to_resident"] = all(same(t, resident) for t in tokens)
+    entry["runs"] = runs
+    return entry
+
+
+def ratio(modes: dict[str, Any], num: str, den: str) -> dict[str, Any] | None:
+    """``num``'s tokens/s over ``den``'s, repeat by repeat (they ran in the same repeat,
+    close in time): a spread of the per-repeat ratios, naming the baseline."""
+    a, b = modes.get(num, {}), modes.get(den, {})
+    if a.get("status") != "measured" or b.get("status") != "measured":
+        reason = next(
+            (m.get("status", "absent") for m in (a, b) if m.get("status") != "measured"),
+            "absent",
+        )
+        return {"baseline": den, "unavailable": f"{num} or {den}: {reason}"}
+    pairs = zip(a["tokens_per_s"]["values"], b["tokens_per_s"]["values"], strict=True)
+    return {"baseline": den, "ratio": spread([x / y for x, y in pairs])}
+
+
+# ---------------------------------------------------------------------- the experiments
+
+
+@dataclass
+class Verdict:
+    """What the run found about tokens and failures, over every row."""
+
+    harvest_mismatches: list[str] = field(default_factory=list)
+    harvest_errors: list[str] = field(default_factory=list)
+    baselines_with_other_tokens: list[str] = field(default_factory=list)
+    baseline_errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "harvest_tokens_identical": not self.harvest_mismatches,
+            "harvest_mismatches": self.harvest_mismatches,
+            "harvest_errors": self.harvest_errors,
+            "baselines_with_other_tokens": self.baselines_with_other_tokens,
+            "baseline_errors": self.baseline_errors,
+            "failed": bool(self.harvest_mismatches or self.harvest_errors),
+        }
+
+    def check(self, label: str, mode: str, entry: dict[str, Any], harvest: bool) -> None:
+        if entry.get("status") == "error":
+            (self.harvest_errors if harvest else self.baseline_errors).append(
+                f"{label} {mode}: {entry.get('error')}"
+            )
+        elif harvest and entry.get("status") == "measured" and "tokens_identical" not in entry:
+            self.harvest_errors.append(f"{label} {mode}: no reference tokens to check against")
+        elif entry.get("tokens_identical") is False:
+            if harvest:
+                self.harvest_mismatches.append(f"{label} {mode}")
+            else:
+                self.baselines_with_other_tokens.append(
+                    f"{label} {mode} (against {entry.get('reference')})"
+                )
+
+
+def run_fraction(
+    name: str,
+    base: Any,
+    fraction: float,
+    args: argparse.Namespace,
+    client: Any,
+    lenders: dict[str, Any],
+    device: torch.device,
+    pinned: float,
+    emit: Callable[[dict[str, Any]], None],
+) -> None:
+    """Every mode for one model and fraction: set up once, then one row per batch size,
+    each mode decoded ``args.repeats`` times in alternating order."""
+    setups: dict[str, Setup] = {}
+    absent: dict[str, dict[str, Any]] = {}
+    # GPU leases last: the lender sees no more of this process's allocations after them.
+    for mode in sorted(args.modes, key=lambda m: m == "harvest-gpu"):
+        reason = skip_reason(mode, device, lenders)
+        if reason is not None:
+            absent[mode] = {"status": reason, "how": HOW.get(mode, "")}
+            continue
+        began = time.monotonic()
+        try:
+            setups[mode] = setup_mode(mode, base, fraction, client, args, device)
+            setups[mode].info["setup_s"] = round(time.monotonic() - began, 2)
+        except Exception as exc:  # noqa: BLE001 - one failed mode must not lose the rest
+            if mode == "resident":
+                raise
+            log.exception("%s %s fraction %s: setup failed", name, mode, fraction)
+            absent[mode] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        for batch in args.batches:
+            began = time.monotonic()
+            runs: dict[str, list[dict[str, Any]]] = {m: [] for m in setups}
+            tokens: dict[str, list[torch.Tensor]] = {m: [] for m in setups}
+            failed: dict[str, dict[str, Any]] = {}
+            order: list[list[str]] = [[] for _ in range(args.repeats)]
+            measured = [m for m in args.modes if m in setups]
+            for r, mode in alternating(measured, args.repeats):
+                if mode in failed:
+                    continue
+                order[r].append(mode)
+                try:
+                    run = run_once(setups[mode], batch, args, device, pinned, args.steps)
+                except Exception as exc:  # noqa: BLE001 - as above
+                    if mode == "resident":
+                        raise
+                    log.exception("%s %s batch %d fraction %s", name, mode, batch, fraction)
+                    failed[mode] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+                    continue
+                tokens[mode].append(run.pop("tokens"))
+                runs[mode].append({"repeat": r, "position": len(order[r]) - 1, **run})
+                if args.profile and r == 0 and setups[mode].offload is not None:
+                    profile_steps(setups[mode].model, batch, args.prompt, device, f"{name} {mode}")
+            modes: dict[str, Any] = {}
+            resident = tokens["resident"][0]
+            for mode in args.modes:
+                if mode in absent or mode in failed:
+                    modes[mode] = {"how": HOW.get(mode, ""), **(absent.get(mode) or failed[mode])}
+                    continue
+                ref_name = reference_of(mode, args)
+                ref = tokens[ref_name][0] if tokens.get(ref_name) else None
+                modes[mode] = mode_entry(
+                    mode, setups[mode], runs[mode], tokens[mode], ref_name, ref, resident
+                )
+            emit(
+                {
+                    "model": name,
+                    "batch": batch,
+                    "fraction": fraction,
+                    "layers": args.layers[name],
+                    "order": order,
+                    "modes": modes,
+                    "headline": {
+                        "harvest_gpu_vs_best_host_offload": ratio(
+                            modes, "harvest-gpu", "best-host-offload"
+                        ),
+                        "harvest_gpu_vs_resident": ratio(modes, "harvest-gpu", "resident"),
+                    },
+                    "also": {
+                        f"{a}_vs_{b}".replace("-", "_"): ratio(modes, a, b)
+                        for a, b in (
+                            ("harvest-gpu", "resident-same-code"),
+                            ("harvest-gpu", "accelerate-pinned"),
+                            ("harvest-gpu", "accelerate-default"),
+                            ("harvest-host", "best-host-offload"),
+                            ("best-host-offload", "accelerate-pinned"),
+                            ("accelerate-pinned", "accelerate-default"),
+                        )
+                    },
+                    "elapsed_s": round(time.monotonic() - began, 1),
+                }
+            )
+    finally:
+        for setup in setups.values():
+            close(setup)
+        setups.clear()
+        release(device)
 
 
 @contextlib.contextmanager
@@ -263,204 +775,29 @@ def revoking(
             client.restore(lender["id"])
 
 
-def reference(
-    base: Any, client: Any, args: argparse.Namespace, batch: int, tokens: int, device: torch.device
-) -> dict[str, Any]:
-    """The tokens Harvest's runs must reproduce: every expert resident, computed as they
-    compute (``--compute eager``: transformers' own eager experts; ``grouped``: Harvest's
-    module with nothing offloaded, whose grouped GEMMs give other numerics than eager)."""
+def reference_tokens(
+    base: Any,
+    client: Any,
+    args: argparse.Namespace,
+    batch: int,
+    steps: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The tokens Harvest's runs must reproduce, ``steps`` of them: every expert resident,
+    computed as they compute (``--compute eager``: transformers' own eager experts;
+    ``grouped``: Harvest's module with nothing offloaded)."""
     from client.moe import offload_experts
 
     if args.compute == "eager":
-        return decode(base, batch, args.prompt, tokens, args.warmup, device)
+        return decode(base, batch, args.prompt, steps, args.warmup, device)["tokens"]
     model = copy.deepcopy(base)
     offload = offload_experts(model, client, fraction=0.0, backends=("host",), compute=args.compute)
     try:
-        return decode(model, batch, args.prompt, tokens, args.warmup, device)
+        return decode(model, batch, args.prompt, steps, args.warmup, device)["tokens"]
     finally:
         offload.close()
         del model
-        gc.collect()
-
-
-def run_model(
-    name: str,
-    args: argparse.Namespace,
-    node: Any,
-    client: Any,
-    device: torch.device,
-    dtype: torch.dtype,
-    pinned: float,
-    record: Callable[[dict[str, Any]], None],
-) -> None:
-    """Every mode, fraction and batch for one model shape (each offloaded model is set up
-    once and decoded at every batch size)."""
-    from client.moe import offload_experts
-
-    base = build(name, args.layers[name], device, dtype, args.smoke)
-    lenders = {l["backend"]: l for l in node.lenders()}
-    # The reference tokens: transformers' own eager experts, every expert resident.
-    refs = {}
-    for batch in args.batches:
-        refs[batch] = decode(base, batch, args.prompt, args.tokens, args.warmup, device)
-        record(
-            {
-                "model": name,
-                "mode": "resident-hf",
-                "batch": batch,
-                "fraction": 0.0,
-                **_public(refs[batch]),
-            }
-        )
-    hf_grouped: dict[int, dict[str, Any]] = {}
-    if device.type == "cuda" and args.grouped:
-        base.config._experts_implementation = "grouped_mm"
-        try:
-            for batch in args.batches:
-                res = hf_grouped[batch] = decode(
-                    base, batch, args.prompt, args.tokens, args.warmup, device
-                )
-                record(
-                    {
-                        "model": name,
-                        "mode": "resident-grouped-mm",
-                        "batch": batch,
-                        "fraction": 0.0,
-                        **_public(res),
-                        "tokens_identical": bool(torch.equal(res["tokens"], refs[batch]["tokens"])),
-                    }
-                )
-        except Exception as exc:  # noqa: BLE001 - informative only
-            record(
-                {
-                    "model": name,
-                    "mode": "resident-grouped-mm",
-                    "batch": 0,
-                    "fraction": 0.0,
-                    "error": f"{type(exc).__name__}: {exc}",
-                }
-            )
-        finally:
-            base.config._experts_implementation = "eager"
-    # accelerate runs transformers' eager experts: its tokens are checked against those.
-    harvest_refs = (
-        refs
-        if args.compute == "eager"
-        else {
-            batch: reference(base, client, args, batch, args.tokens, device)
-            for batch in args.batches
-        }
-    )
-    # The ceiling: every expert resident, through the same code as Harvest's runs.
-    runs = [("resident", 0.0)] + [
-        (mode, f)
-        for f in args.fractions
-        for mode in args.modes
-        if mode != "harvest-gpu" or "cuda-vmm" in lenders
-    ]
-    for mode, fraction in runs:
-        model = copy.deepcopy(base)
-        offload = None
-        setup: dict[str, Any] = {}
-        try:
-            if mode == "accelerate":
-                setup["offloaded_bytes"] = accelerate_offload(model, fraction, device)
-            else:
-                backends = ("cuda-vmm",) if mode == "harvest-gpu" else ("host",)
-                offload = offload_experts(
-                    model,
-                    client,
-                    fraction=fraction,
-                    backends=backends,
-                    slab_bytes=args.slab_bytes,
-                    compute=args.compute,
-                )
-                setup.update(
-                    offloaded_bytes=offload.stats.bytes_offloaded,
-                    borrowed_bytes=offload.cache.borrowed_bytes,
-                )
-        except Exception as exc:  # noqa: BLE001 - one failed mode must not lose the rest
-            log.exception("%s %s fraction %s: setup failed", name, mode, fraction)
-            setup["error"] = f"{type(exc).__name__}: {exc}"
-        for batch in args.batches:
-            row: dict[str, Any] = {
-                "model": name,
-                "mode": mode,
-                "batch": batch,
-                "fraction": fraction,
-                **setup,
-            }
-            if "error" not in setup:
-                try:
-                    ref = refs[batch] if mode == "accelerate" else harvest_refs[batch]
-                    if mode == "resident" and args.compute == "grouped" and batch in hf_grouped:
-                        ref = hf_grouped[batch]  # is Harvest's grouped module transformers'?
-                    row.update(
-                        measure(
-                            model, offload, mode, batch, ref, args, device, pinned, f"{name} {mode}"
-                        )
-                    )
-                except Exception as exc:  # noqa: BLE001 - as above
-                    log.exception("%s %s batch %d fraction %s failed", name, mode, batch, fraction)
-                    row["error"] = f"{type(exc).__name__}: {exc}"
-            record(row)
-        if offload is not None:
-            offload.close()
-        del model, offload
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if args.revoke_every > 0 and name in args.revoke_models:
-        run_revocations(name, base, args, client, lenders, device, record)
-    del base
-    gc.collect()
-
-
-def measure(
-    model: Any,
-    offload: Any,
-    mode: str,
-    batch: int,
-    ref: dict[str, Any],
-    args: argparse.Namespace,
-    device: torch.device,
-    pinned: float,
-    label: str,
-) -> dict[str, Any]:
-    """One decode of a set-up model: tokens/s, tokens checked against ``ref``, and for a
-    Harvest run what it fetched per step against the PCIe bound."""
-    row: dict[str, Any] = {}
-    if offload is None:  # accelerate: slow, so fewer steps
-        res = decode(model, batch, args.prompt, args.accelerate_tokens, args.warmup, device)
-        want = ref["tokens"][:, : args.accelerate_tokens]
-    else:
-        before = offload.stats.bytes_fetched
-        fetched_at: list[int] = []
-        res = decode(
-            model,
-            batch,
-            args.prompt,
-            args.tokens,
-            args.warmup,
-            device,
-            between=lambda: fetched_at.append(offload.stats.bytes_fetched),
-        )
-        if args.profile and mode != "resident":
-            profile_steps(model, batch, args.prompt, device, label)
-        timed = fetched_at[-1] - (fetched_at[args.warmup - 1] if args.warmup else before)
-        per_step = timed / args.tokens
-        row.update(fetched_bytes_per_step=per_step, reads_by_tier=dict(offload.cache.stats.hits))
-        if pinned == pinned and per_step:  # not NaN
-            # Mean bytes over mean time: steps that route more offloaded experts move
-            # more, so a median step would not match.
-            bound_s = per_step / (pinned * 1e9)
-            row.update(
-                pcie_bound_step_ms=bound_s * 1e3,
-                of_pcie_bound=bound_s / (res["step_ms_mean"] / 1e3),
-            )
-        want = ref["tokens"]
-    row.update(_public(res), tokens_identical=bool(torch.equal(res["tokens"], want)))
-    return row
+        release(device)
 
 
 def run_revocations(
@@ -470,174 +807,271 @@ def run_revocations(
     client: Any,
     lenders: dict[str, Any],
     device: torch.device,
-    record: Callable[[dict[str, Any]], None],
+    emit: Callable[[dict[str, Any]], None],
 ) -> None:
-    """Harvest on GPU leases while the lender's tenant keeps taking memory back; against
-    Harvest on host leases and the resident tokens, at half the experts, batch 1."""
+    """Harvest on GPU leases while the lender's tenant keeps taking memory back, against
+    the same offload with no revocations and against host leases; half the experts, batch
+    1, ``args.repeats`` repeats in alternating order. The revoked and the quiet GPU runs
+    share one offload (two would share the lender, and a reclaim could take the quiet
+    one's leases); before each run every expert is back in borrowed memory. Where the
+    host lender stands in for a GPU lender (no GPU), the host-lease offload lives only
+    for its own runs, so that every reclaim falls on the revoked run's leases."""
     from client.moe import offload_experts
 
     batch, fraction = 1, 0.5
     # On a node without a GPU lender (the CPU smoke run) the host lender stands in.
     fast = "cuda-vmm" if "cuda-vmm" in lenders else "host"
-    tokens, ref = 0, None  # set by the first mode, the revoked one
-    for mode in ("harvest-gpu-revoked", "harvest-gpu", "harvest-host"):
+    shared = fast == "host"
+    began = time.monotonic()
+    made: dict[str, Setup] = {}
+
+    def make(key: str, backend: str) -> Setup:
         model = copy.deepcopy(base)
-        backends = ("host",) if mode == "harvest-host" else (fast,)
         offload = offload_experts(
             model,
             client,
             fraction=fraction,
-            backends=backends,
+            backends=(backend,),
             slab_bytes=args.slab_bytes,
             refill_every=0.05,
             compute=args.compute,
         )
-        row: dict[str, Any] = {
-            "model": name,
-            "mode": mode,
-            "batch": batch,
-            "fraction": fraction,
-            "experiment": "revocations",
-        }
-        if mode == "harvest-gpu-revoked":
-            slab = max(s.lease.nbytes for s in offload.cache._slabs.slabs)
-            if args.spy:
-                threading.Timer(args.revoke_seconds / 2, spy_dump).start()
-            with revoking(client, lenders[fast], args.revoke_every, slab) as counts:
-                res = decode(
-                    model, batch, args.prompt, 8, args.warmup, device, seconds=args.revoke_seconds
-                )
-                if args.profile:
-                    profile_steps(model, batch, args.prompt, device, f"{name} {mode}")
-            row.update(counts, revoke_every_s=args.revoke_every)
-            tokens = res["tokens"].shape[1]
-            ref = reference(base, client, args, batch, tokens, device)
-        else:
-            res = decode(model, batch, args.prompt, tokens, args.warmup, device)
-        if ref is None:
-            raise RuntimeError("the revoked run, first, makes the reference tokens")
-        cstats = offload.cache.stats
-        row.update(
-            _public(res),
-            reads_by_tier=dict(cstats.hits),
-            revocations_seen=cstats.revocations,
-            refills=cstats.refills,
-            swaps=cstats.swaps,
-            fallbacks=cstats.fallbacks,
-            tokens_identical=bool(torch.equal(res["tokens"], ref["tokens"])),
-        )
-        offload.close()
-        record(row)
-        del model
-        gc.collect()
+        release(device)
+        return Setup(f"harvest-{key}", model, offload)
 
-
-def _public(res: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in res.items() if k != "tokens"}
-
-
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ratios from the same run: Harvest host vs accelerate, vs the PCIe bound, and the
-    revocation run vs host."""
-    out: dict[str, Any] = {}
-    key = lambda r: (r["model"], r["batch"], r["fraction"])  # noqa: E731
-    by = {(r["mode"], *key(r)): r for r in rows if "error" not in r and "experiment" not in r}
-    for (mode, model, batch, fraction), row in by.items():
-        if mode != "harvest-host":
-            continue
-        acc = by.get(("accelerate", model, batch, fraction))
-        res = by.get(("resident", model, batch, 0.0))
-        entry = {
-            "harvest_host_tokens_per_s": row["tokens_per_s"],
-            "of_pcie_bound": row.get("of_pcie_bound"),
-        }
-        if acc:
-            entry["vs_accelerate"] = row["tokens_per_s"] / acc["tokens_per_s"]
-        if res:
-            entry["of_resident"] = row["tokens_per_s"] / res["tokens_per_s"]
-            if row.get("pcie_bound_step_ms"):
-                # No step can beat the resident one, nor the link: the larger of the two
-                # is the bound this run can reach.
-                bound = max(res["step_ms_mean"], row["pcie_bound_step_ms"])
-                entry["of_reachable_bound"] = bound / row["step_ms_mean"]
-        gpu = by.get(("harvest-gpu", model, batch, fraction))
-        if gpu:
-            entry["gpu_lease_vs_host_lease"] = gpu["tokens_per_s"] / row["tokens_per_s"]
-        out[f"{model} batch {batch} fraction {fraction}"] = entry
-    for model in sorted({r["model"] for r in rows if r.get("experiment") == "revocations"}):
-        rev = {
-            r["mode"]: r
-            for r in rows
-            if r.get("experiment") == "revocations" and r["model"] == model
-        }
-        if {"harvest-gpu-revoked", "harvest-host", "harvest-gpu"} <= set(rev):
-            out[f"{model} revocations"] = {
-                "revoked_vs_host": rev["harvest-gpu-revoked"]["tokens_per_s"]
-                / rev["harvest-host"]["tokens_per_s"],
-                "revoked_vs_gpu": rev["harvest-gpu-revoked"]["tokens_per_s"]
-                / rev["harvest-gpu"]["tokens_per_s"],
-                "revocations": rev["harvest-gpu-revoked"].get("revoked"),
-                "tokens_identical": all(r["tokens_identical"] for r in rev.values()),
+    try:
+        made["gpu"] = make("gpu", fast)
+        if not shared:
+            made["host"] = make("host", "host")
+        offloaded = made["gpu"].offload.stats.bytes_offloaded
+        slab = max(s.lease.nbytes for s in made["gpu"].offload.cache._slabs.slabs)
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in REVOCATION_MODES}
+        tokens: dict[str, list[torch.Tensor]] = {m: [] for m in REVOCATION_MODES}
+        order: list[list[str]] = [[] for _ in range(args.repeats)]
+        for r, mode in alternating(REVOCATION_MODES, args.repeats):
+            order[r].append(mode)
+            if mode == "harvest-host":
+                setup = make("host", "host") if shared else made["host"]
+            else:
+                setup = made["gpu"]
+            try:
+                # Every expert borrowed again before the run (after a revoked one, too).
+                run: dict[str, Any] = borrowed(setup.offload)
+                before = setup.offload.cache.stats.refills
+                nan = float("nan")  # no PCIe bound here
+                if mode == "harvest-gpu-revoked":
+                    if args.spy and r == 0:
+                        threading.Timer(args.revoke_seconds / 2, spy_dump).start()
+                    with revoking(client, lenders[fast], args.revoke_every, slab) as counts:
+                        res = run_once(
+                            setup, batch, args, device, nan, args.steps, args.revoke_seconds, False
+                        )
+                    run.update(counts)
+                else:
+                    res = run_once(setup, batch, args, device, nan, args.steps, refill=False)
+                res["refills"] = setup.offload.cache.stats.refills - before
+            finally:
+                if shared and mode == "harvest-host":
+                    close(setup)
+            tokens[mode].append(res.pop("tokens"))
+            runs[mode].append({"repeat": r, "position": len(order[r]) - 1, **run, **res})
+        longest = max(t.shape[1] for ts in tokens.values() for t in ts)
+        ref = reference_tokens(base, client, args, batch, longest, device)
+        modes = {}
+        for mode in REVOCATION_MODES:
+            how = {
+                "harvest-gpu-revoked": (
+                    f"harvest-gpu (refill_every=0.05) while the {fast} lender's tenant "
+                    f"reclaims all idle memory and one slab every {args.revoke_every} s and "
+                    f"gives it back {args.revoke_every / 2} s later; decodes at least "
+                    f"{args.steps} steps and {args.revoke_seconds} s"
+                ),
+                "harvest-gpu": f"the same offload, no revocations ({fast} lender)",
+                "harvest-host": "half the experts in host leases, no revocations"
+                + (
+                    " (set up for each of its runs: one lender stands in for both)"
+                    if shared
+                    else ""
+                ),
+            }[mode]
+            entry = mode_entry(
+                mode,
+                Setup(mode, None, info={"offloaded_bytes": offloaded}),
+                runs[mode],
+                tokens[mode],
+                "resident" if args.compute == "eager" else "resident-same-code",
+                ref,
+                None,
+            )
+            entry["how"] = how
+            if mode == "harvest-gpu-revoked":
+                # Per repeat: leases the tenant's reclaims revoked, and revocations this
+                # offload's cache saw (its own leases taken mid-run).
+                entry["revocations"] = [r.get("revoked", 0) for r in runs[mode]]
+                entry["reclaims"] = [r.get("reclaims", 0) for r in runs[mode]]
+                entry["revocations_seen"] = [r.get("revocations_seen", 0) for r in runs[mode]]
+            modes[mode] = entry
+        emit(
+            {
+                "model": name,
+                "batch": batch,
+                "fraction": fraction,
+                "layers": args.layers[name],
+                "experiment": "revocations",
+                "lender_backend": fast
+                if fast == "cuda-vmm"
+                else "host (standing in for a GPU lender: no cuda-vmm lender on this node)",
+                "revoke_every_s": args.revoke_every,
+                "order": order,
+                "modes": modes,
+                "headline": {
+                    "revoked_vs_host": ratio(modes, "harvest-gpu-revoked", "harvest-host"),
+                    "revoked_vs_gpu": ratio(modes, "harvest-gpu-revoked", "harvest-gpu"),
+                },
+                "elapsed_s": round(time.monotonic() - began, 1),
             }
+        )
+    finally:
+        for setup in made.values():
+            close(setup)
+        made.clear()
+        release(device)
+
+
+# ---------------------------------------------------------------------- reporting
+
+
+def print_row(row: dict[str, Any]) -> None:
+    """A row as a table: each mode's median (min-max) over the repeats."""
+    what = "revocations, " if row.get("experiment") else ""
+    modes = row["modes"]
+    measured = [m for m in modes.values() if m.get("status") == "measured"]
+    shape = (
+        f"{measured[0]['repeats']} repeats x >= {measured[0]['steps']} steps" if measured else ""
+    )
+    print(
+        f"\n{row['model']} batch {row['batch']} fraction {row['fraction']} ({what}"
+        f"{row['layers']} layers; {shape}; median (min-max); {row['elapsed_s']} s)"
+    )
+    print(f"  {'mode':<20} {'tokens/s':>26} {'step ms':>24} {'of PCIe bound':>20}  tokens")
+    for mode, m in modes.items():
+        if m.get("status") != "measured":
+            print(f"  {mode:<20} {m.get('status')} {m.get('error', '')}")
+            continue
+        bound = fmt(m["of_pcie_bound"], digits=2) if "of_pcie_bound" in m else "-"
+        if m["reference"] == mode:
+            verdict = "reference" if m.get("tokens_identical") else "reference; repeats DIFFER"
+        elif m.get("tokens_identical"):
+            verdict = f"identical to {m['reference']}"
+        else:
+            verdict = f"DIFFER from {m['reference']}"
+        extra = ""
+        if "revocations" in m:
+            extra = (
+                f"  leases revoked per repeat {m['revocations']}, "
+                f"seen by its cache {m['revocations_seen']}"
+            )
+        elif any(r.get("revocations_seen") for r in m["runs"]):
+            extra = "  (REVOKED during the run)"
+        if m.get("all_borrowed") is False:
+            extra += "  (NOT every expert borrowed: some read from the host copy)"
+        print(
+            f"  {mode:<20} {fmt(m['tokens_per_s'], digits=2):>26} "
+            f"{fmt(m['step_ms_median'], digits=2):>24} {bound:>20}  {verdict}{extra}"
+        )
+    for key, h in row["headline"].items():
+        print(f"  {headline_line(key, h)}")
+
+
+def headline_line(key: str, h: dict[str, Any] | None) -> str:
+    if h is None:
+        return f"{key}: -"
+    if "ratio" not in h:
+        return f"{key}: {h.get('unavailable')}"
+    return f"{key}: {fmt(h['ratio'], digits=2)} x (baseline: {h['baseline']})"
+
+
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    """The headlines of every row, by row."""
+    out: dict[str, Any] = {}
+    for row in result["rows"]:
+        label = f"{row['model']} batch {row['batch']} fraction {row['fraction']}"
+        if row.get("experiment"):
+            label = f"{row['model']} revocations"
+        out[label] = row["headline"]
     return out
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Tokens/s against offloaded fraction, one panel per model and batch."""
+    """Tokens/s of every mode, median with min-max, one panel per model and batch."""
     plt = pyplot()
     if plt is None:
         return
-    rows = [r for r in result["rows"] if "error" not in r and "experiment" not in r]
+    rows = [r for r in result["rows"] if not r.get("experiment")]
     panels = sorted({(r["model"], r["batch"]) for r in rows})
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (model, batch) in zip(axes[0], panels, strict=True):
-        for mode in ("harvest-gpu", "harvest-host", "accelerate"):
-            pts = sorted(
-                (r["fraction"], r["tokens_per_s"])
-                for r in rows
-                if r["model"] == model and r["batch"] == batch and r["mode"] == mode
-            )
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
-        res = [
-            r["tokens_per_s"]
-            for r in rows
-            if r["model"] == model and r["batch"] == batch and r["mode"] == "resident"
-        ]
-        if res:
-            ax.axhline(res[0], color="grey", linestyle="--", label="resident")
+        ours = sorted(
+            (r for r in rows if r["model"] == model and r["batch"] == batch),
+            key=lambda r: r["fraction"],
+        )
+        modes = [m for m in MODES + OPTIONAL_MODES if any(m in r["modes"] for r in ours)]
+        width = 0.8 / max(1, len(modes))
+        for i, mode in enumerate(modes):
+            xs, med, lo, hi = [], [], [], []
+            for j, r in enumerate(ours):
+                m = r["modes"].get(mode, {})
+                if m.get("status") != "measured":
+                    continue
+                s = m["tokens_per_s"]
+                xs.append(j + (i - (len(modes) - 1) / 2) * width)
+                med.append(s["median"])
+                lo.append(s["median"] - s["min"])
+                hi.append(s["max"] - s["median"])
+            if xs:
+                ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=mode)
+        ax.set_xticks(range(len(ours)), [f"{r['fraction']:.0%} offloaded" for r in ours])
         ax.set_yscale("log")
         ax.set_title(f"{model}, batch {batch}")
-        ax.set_xlabel("experts offloaded")
-        ax.set_ylabel("decode tokens/s")
-        ax.legend(fontsize=7)
+        ax.set_ylabel("decode tokens/s (median, min-max)")
+        if ax is axes[0][0]:
+            ax.legend(fontsize=7)
     fig.suptitle(result.get("device", ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; print a table; write JSON and a plot."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lender-gpu", default="0", help="the GPU lending (index or UUID)")
+# ---------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--lender-gpu", default="0", help="the GPU(s) lending (index or UUID)")
     parser.add_argument("--device", default="cuda:0", help="the model's device")
     parser.add_argument("--models", default="mixtral,qwen2-moe")
-    parser.add_argument("--mixtral-layers", type=int, default=4)
-    parser.add_argument("--qwen-layers", type=int, default=8)
-    parser.add_argument("--fractions", default="0.25,0.5,1.0")
-    parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--modes", default="harvest-host,harvest-gpu,accelerate")
+    parser.add_argument("--mixtral-layers", type=int, default=2)
+    parser.add_argument("--qwen-layers", type=int, default=2)
+    parser.add_argument("--fractions", default="0.5")
+    parser.add_argument("--batches", default="1")
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"of {', '.join(MODES + OPTIONAL_MODES)} (resident is always run)",
+    )
     parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--accelerate-tokens", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=MIN_STEPS, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--slab-bytes", default="1GiB")
     parser.add_argument("--revoke-every", type=float, default=0.3)
     parser.add_argument(
-        "--revoke-seconds", type=float, default=4.0, help="how long the revocation run decodes"
+        "--revoke-seconds",
+        type=float,
+        default=1.5,
+        help="the revoked run decodes at least this long (and at least --steps steps)",
     )
     parser.add_argument("--revoke-models", default="mixtral,qwen2-moe")
     parser.add_argument("--host-bytes", default="40GiB")
@@ -648,20 +1082,13 @@ def main(argv: list[str] | None = None) -> int:
         "--compute",
         choices=("eager", "grouped"),
         default="eager",
-        help="how Harvest's experts module computes (offload_experts' "
-        "compute=); grouped runs are checked against the same module "
-        "with nothing offloaded",
-    )
-    parser.add_argument(
-        "--no-grouped",
-        dest="grouped",
-        action="store_false",
-        help="skip the resident run with transformers' grouped_mm experts",
+        help="how Harvest's experts module computes (offload_experts' compute=); grouped "
+        "runs are checked against the same module with nothing offloaded",
     )
     parser.add_argument(
         "--spy",
         action="store_true",
-        help="dump every thread's stack (py-spy) mid-way through the revocation run",
+        help="dump every thread's stack (py-spy) mid-way through the first revoked run",
     )
     parser.add_argument(
         "--profile",
@@ -669,19 +1096,35 @@ def main(argv: list[str] | None = None) -> int:
         help="print torch.profiler's top ops for each Harvest mode's decode",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from harvestd.sizes import parse_size
 
     if args.smoke:
-        args.device, args.batches, args.tokens, args.accelerate_tokens = "cpu", "1,3", 4, 2
+        args.device, args.batches = "cpu", "1,3"
         args.host_bytes, args.slab_bytes, args.revoke_seconds = "256MiB", "256KiB", 1.0
         args.mixtral_layers, args.qwen_layers = 2, 2
+    if args.repeats < MIN_REPEATS or args.steps < MIN_STEPS:
+        parser.error(f"--repeats must be >= {MIN_REPEATS} and --steps >= {MIN_STEPS}")
     args.slab_bytes = parse_size(args.slab_bytes)
     args.fractions = [float(f) for f in args.fractions.split(",")]
+    if not all(0.0 < f <= 1.0 for f in args.fractions):
+        parser.error("--fractions must lie in (0, 1]")
     args.batches = [int(b) for b in args.batches.split(",")]
-    args.modes = args.modes.split(",")
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - set(MODES + OPTIONAL_MODES)
+    if unknown:
+        parser.error(f"unknown modes {sorted(unknown)}")
+    required = {"resident"} | ({"resident-same-code"} if args.compute == "grouped" else set())
+    args.modes = [m for m in MODES + OPTIONAL_MODES if m in set(modes) | required]
     args.revoke_models = args.revoke_models.split(",")
     args.layers = {"mixtral": args.mixtral_layers, "qwen2-moe": args.qwen_layers}
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print tables; write JSON and a plot. Exit status 1 when
+    Harvest's tokens differ from their reference or a Harvest mode failed."""
+    parser, args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     attention = steady_attention()
@@ -698,6 +1141,17 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "parameters": {k: v for k, v in vars(args).items() if k != "layers"}
         | {"layers": args.layers},
+        "statistics": {
+            "repeats": args.repeats,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "order": "every mode once per repeat, the order rotated by one and reversed "
+            "every other repeat (benchkit.stats.alternating); the order is in each row",
+            "figures": "median with min and max over the repeats; every repeat kept "
+            "(runs), with every timed step (step_ms); a ratio is the median of the "
+            "per-repeat ratios, with their min and max",
+        },
+        "modes": {m: HOW[m] for m in args.modes},
         "rows": [],
     }
     out = Path(
@@ -705,21 +1159,26 @@ def main(argv: list[str] | None = None) -> int:
         if not args.smoke or args.out != parser.get_default("out")
         else "/tmp/moe_smoke.json"
     )
+    verdict = Verdict()
+    began = time.monotonic()
 
-    def record(row: dict[str, Any]) -> None:
-        result["rows"].append(row)
-        fields = [f"{row['model']:>9} {row['mode']:>20} b{row['batch']:<3} f{row['fraction']:<4}"]
-        if "error" in row:
-            fields.append(f"ERROR {row['error']}")
-        else:
-            fields.append(f"{row['tokens_per_s']:9.2f} tok/s  step {row['step_ms_median']:8.2f} ms")
-            if "of_pcie_bound" in row:
-                fields.append(f"{row['of_pcie_bound']:.2f} of PCIe bound")
-            if "tokens_identical" in row:
-                fields.append("tokens identical" if row["tokens_identical"] else "TOKENS DIFFER")
-        print("  ".join(fields), flush=True)
+    def save() -> None:
+        result["verdict"] = verdict.as_dict()
+        result["elapsed_s"] = round(time.monotonic() - began, 1)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1, default=str))
+
+    def emit(row: dict[str, Any]) -> None:
+        label = f"{row['model']} batch {row['batch']} fraction {row['fraction']}"
+        if row.get("experiment"):
+            label = f"{row['model']} revocations"
+        for mode, entry in row["modes"].items():
+            harvest = bool(row.get("experiment")) or mode in HARVEST_MODES
+            verdict.check(label, mode, entry, harvest)
+        result["rows"].append(row)
+        print_row(row)
+        sys.stdout.flush()
+        save()
 
     backend = "host" if device.type == "cpu" else "cuda-vmm"
     with bench_node(
@@ -734,16 +1193,60 @@ def main(argv: list[str] | None = None) -> int:
         result["pinned_h2d_gbps"] = pinned_h2d_gbps(device)
         print(f"pinned host-to-device, 1 GiB: {result['pinned_h2d_gbps']:.1f} GB/s")
         with node.connect() as client:
+            lenders = {l["backend"]: l for l in node.lenders()}
             for name in args.models.split(","):
-                run_model(
-                    name, args, node, client, device, dtype, result["pinned_h2d_gbps"], record
-                )
-    result["summary"] = summarise(result["rows"])
-    out.write_text(json.dumps(result, indent=1, default=str))
-    print(json.dumps(result["summary"], indent=1))
+                base = build(name, args.layers[name], device, dtype, args.smoke)
+                for fraction in args.fractions:
+                    try:
+                        run_fraction(
+                            name,
+                            base,
+                            fraction,
+                            args,
+                            client,
+                            lenders,
+                            device,
+                            result["pinned_h2d_gbps"],
+                            emit,
+                        )
+                    except Exception as exc:  # noqa: BLE001 - the other models still run
+                        # Without resident's tokens no Harvest run is checked: a failure.
+                        log.exception("%s fraction %s failed", name, fraction)
+                        verdict.harvest_errors.append(
+                            f"{name} fraction {fraction}: {type(exc).__name__}: {exc}"
+                        )
+                        save()
+                if args.revoke_every > 0 and name in args.revoke_models:
+                    try:
+                        run_revocations(name, base, args, client, lenders, device, emit)
+                    except Exception as exc:  # noqa: BLE001 - as above
+                        log.exception("%s revocations failed", name)
+                        verdict.harvest_errors.append(
+                            f"{name} revocations: {type(exc).__name__}: {exc}"
+                        )
+                        save()
+                del base
+                release(device)
+    result["summary"] = summarise(result)
+    save()
+    print("\nheadlines (median of per-repeat ratios, min-max):")
+    for label, heads in result["summary"].items():
+        for key, h in heads.items():
+            print(f"  {label}: {headline_line(key, h)}")
+    v = result["verdict"]
+    for line in v["baselines_with_other_tokens"]:
+        print(f"baseline with other tokens (reported, not a failure): {line}")
+    for line in v["baseline_errors"]:
+        print(f"baseline failed (reported, not a failure of the run): {line}")
+    for line in v["harvest_mismatches"]:
+        print(f"HARVEST TOKENS DIFFER: {line}")
+    for line in v["harvest_errors"]:
+        print(f"HARVEST MODE FAILED: {line}")
+    if not v["failed"]:
+        print("Harvest's tokens: identical to their reference in every run")
     plot(result, out.with_suffix(".png"))
-    print(f"results: {out}")
-    return 0
+    print(f"results: {out} ({result['elapsed_s']} s)")
+    return 1 if v["failed"] else 0
 
 
 if __name__ == "__main__":
