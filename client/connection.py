@@ -17,6 +17,7 @@ from client import metrics
 from client.devices import resolve_near
 from client.lease import Lease
 from client.striped import StripedLease, lease_striped
+from harvestd.channel import broker_channel
 from harvestd.errors import HarvestError, InvalidArgument, LeaseRevoked, Unavailable, from_rpc_error
 from harvestd.paths import node_name, resolve_address
 from lender.backends import BackendKind, Exported, get_backend
@@ -63,7 +64,7 @@ class Client:
         self.id = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.timeout_s = timeout_s
         self._margin = margin_s
-        self._channel = grpc.insecure_channel(address)
+        self._channel = broker_channel(address)
         self._broker = pb_grpc.BrokerStub(self._channel)
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}

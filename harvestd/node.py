@@ -24,6 +24,7 @@ from typing import Any, Callable, TypedDict
 import grpc
 
 from harvestd.broker import BROKER_ACTOR_NAME, RAY_NAMESPACE, BrokerConfig, broker_actor_class
+from harvestd.channel import broker_channel
 from harvestd.errors import FailedPrecondition, HarvestError, InvalidArgument, Unavailable
 from harvestd.paths import NodeInfo, StateDir, local_node_name
 from harvestd.sizes import reserve_parts
@@ -102,7 +103,7 @@ def _is_loopback(address: str) -> bool:
 
 def broker_ready(address: str, timeout_s: float = 1.0) -> pb.StatusReply | None:
     """The broker's status if it answers at ``address`` within ``timeout_s``, else None."""
-    channel = grpc.insecure_channel(address)
+    channel = broker_channel(address)
     try:
         return pb_grpc.BrokerStub(channel).Status(pb.StatusRequest(), timeout=timeout_s)
     except grpc.RpcError:

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from harvestd.channel import broker_channel
 from harvestd.errors import (
     FailedPrecondition,
     HarvestError,
@@ -77,7 +78,7 @@ class Lender:
         self._allocations: dict[str, Allocation] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()  # FREEs seen before a pick-up
         self._stop = threading.Event()
-        self._channel = grpc.insecure_channel(config.broker_address)
+        self._channel = broker_channel(config.broker_address)
         self._broker = pb_grpc.BrokerStub(self._channel)
         self._pickup = PickupServer(str(self.state.pickup_socket(self.id)), self._hand_out)
         self.metrics = LenderMetrics(self.id, config.gpu_uuid, self.memory_bytes)
@@ -154,8 +155,10 @@ class Lender:
         )
 
     def _call(self, method, request, timeout: float = 10.0):
+        # wait_for_ready: a broker that restarts is back within seconds, and a pick-up or
+        # a confirm that waits for it beats one that fails while the channel reconnects.
         try:
-            return method(request, timeout=timeout)
+            return method(request, timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 

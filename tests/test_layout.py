@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "harvestd.logs",
             "harvestd.signals",
             "harvestd.metrics",
+            "harvestd.channel",
         ),
     ),
     ("lender", ("lender",)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from harvestd.channel import broker_channel
 from harvestd.errors import Unavailable, from_rpc_error
 from harvestd.paths import resolve_address
 from protos import harvest_pb2_grpc as pb_grpc
@@ -11,7 +12,7 @@ from protos import harvest_pb2_grpc as pb_grpc
 
 def _stub(state_dir: str | None) -> tuple[pb_grpc.BrokerStub, grpc.Channel]:
     address = resolve_address(None, state_dir) if state_dir else resolve_address()
-    channel = grpc.insecure_channel(address)
+    channel = broker_channel(address)
     return pb_grpc.BrokerStub(channel), channel
 
 
