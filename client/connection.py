@@ -15,7 +15,8 @@ import grpc
 
 from client import metrics
 from client.devices import resolve_near
-from client.lease import Lease
+from client.lease import Lease, Mapper
+from client.placed.tensor import PlacedTensor
 from client.striped import StripedLease, lease_striped
 from harvestd.channel import broker_channel
 from harvestd.errors import HarvestError, InvalidArgument, LeaseRevoked, Unavailable, from_rpc_error
@@ -122,6 +123,7 @@ class Client:
         backend: str | BackendKind | None = None,
         device: Any = None,
         avoid: Iterable[str] = (),
+        mapper: Mapper | None = None,
     ) -> Lease:
         """Borrow ``nbytes`` on this node, mapped into this process.
 
@@ -135,6 +137,13 @@ class Client:
         Raises :class:`client.NoCapacity` at once when no lender can meet it, and
         :class:`client.LeaseRevoked` when the lease is revoked before it is handed over (a
         tenant reclaimed it at once): it is fenced and acknowledged by then.
+
+        ``mapper``: how the picked-up memory is mapped, for users that map it somewhere of
+        their own (:meth:`place` maps leases into a placed tensor's range): called as
+        ``mapper(kind, imported, alloc_bytes, device)`` with the backend's imported handle,
+        which it owns from then on; it returns the lease's
+        :class:`~lender.backends.base.Mapping`, whose ``fence`` a revocation calls before
+        it acknowledges. None: the backend's own ``map``.
         """
         if self._closed.is_set():
             raise InvalidArgument("this client is closed")
@@ -182,7 +191,7 @@ class Client:
             for lease_id in strays:
                 self._ack_id(lease_id)
         try:
-            mapping = self._pick_up(grant, device)
+            mapping = self._pick_up(grant, device, mapper)
         except BaseException as exc:
             with self._lock:
                 self._picking.discard(grant.id)
@@ -256,6 +265,16 @@ class Client:
             max_stripes=max_stripes,
         )
 
+    def place(self, source: Any, device: Any = None, **options: Any) -> PlacedTensor:
+        """``source``'s values at one address on ``device`` (default: where ``source``
+        is), backed chunk by chunk by this process's memory, leases and an authoritative
+        host copy; a revoked lease's chunks are remapped to that copy, never lost. See
+        :class:`client.placed.PlacedTensor` for ``options`` (``chunk_bytes``,
+        ``local_bytes``, ``lease_bytes``, ``ttl``, ``priority``, ``refill_s``)."""
+        if self._closed.is_set():
+            raise InvalidArgument("this client is closed")
+        return PlacedTensor(self, source, device, **options)
+
     def _settle(self, number: int) -> list[str]:
         """Under the lock, once Grant ``number`` has returned: the events no Grant in
         flight can claim any more are for leases that are not ours (released or fenced
@@ -269,7 +288,7 @@ class Client:
                     strays.append(lease_id)
         return strays
 
-    def _pick_up(self, grant: pb.Lease, device: Any):
+    def _pick_up(self, grant: pb.Lease, device: Any, mapper: Mapper | None = None):
         reply, fd = pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
         kind = BackendKind.from_pb(reply.backend)
         if kind.is_gpu and device is None:
@@ -285,6 +304,8 @@ class Client:
         )
         backend = _client_backend(kind)
         imported = backend.import_handle(exported)
+        if mapper is not None:
+            return mapper(kind, imported, reply.alloc_bytes, device)
         return backend.map(imported, reply.alloc_bytes, device)
 
     def leases(self) -> list[Lease]:

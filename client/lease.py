@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 
 RevokeCallback = Callable[["Lease", str], None]
 
+# How a picked-up allocation is mapped when its user maps it somewhere of its own:
+# (kind, the backend's imported handle, which it then owns, alloc_bytes, device) -> the
+# lease's Mapping. See Client.lease.
+Mapper = Callable[[BackendKind, Any, int, Any], Mapping]
+
 # How long after its fence a lease's mapping is closed (see Mapping.fence and close).
 _COVER_DELAY_S = 0.1
 

@@ -209,8 +209,9 @@ from lender.pickup import pick_up
 from lender.backends import get_backend, Exported, BackendKind
 from protos import harvest_pb2 as pb, harvest_pb2_grpc as pb_grpc
 stub = pb_grpc.BrokerStub(grpc.insecure_channel(sys.argv[1]))
+# A long TTL: the test revokes it, and a loaded machine must not let it lapse first.
 grant = stub.Grant(pb.GrantRequest(client_id="stuck", nbytes=1 << 20, node=sys.argv[2],
-                                   holder_pid=os.getpid()))
+                                   holder_pid=os.getpid(), ttl_s=60))
 reply, fd = pick_up(grant.pickup_address, grant.id, grant.token, grant.generation)
 host = get_backend("host")
 mapping = host.map(host.import_handle(Exported(BackendKind.HOST, reply.alloc_bytes, fd)),

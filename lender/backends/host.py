@@ -20,37 +20,10 @@ from typing import Any
 from harvestd.errors import BackendUnavailable, InvalidArgument
 from harvestd.sizes import round_up
 from lender.backends.base import Allocation, BackendKind, Exported
+from lender.backends.vm import MAP_ANONYMOUS, MAP_FIXED, map_pages, punch_hole, unmap
 from lender.host_device import LENDER, HostDevice
 
 log = logging.getLogger(__name__)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.fallocate.restype = ctypes.c_int
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
-_MAP_ANONYMOUS = getattr(mmap, "MAP_ANONYMOUS", 0x20)
-
-
-def _mmap(addr: int | None, nbytes: int, flags: int, fd: int) -> int:
-    ptr = _libc.mmap(addr, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
-    if ptr is None or ptr == _MAP_FAILED:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mmap of {nbytes} bytes failed: {os.strerror(err)}")
-    return ptr
 
 
 class HostMapping:
@@ -62,11 +35,11 @@ class HostMapping:
         self.nbytes = nbytes
         self._lock = threading.Lock()
         self._fenced = False
-        self._addr = _mmap(None, nbytes, mmap.MAP_SHARED, fd)
+        self._addr = map_pages(None, nbytes, mmap.MAP_SHARED, fd)
         # The ctypes array owns the address range: torch keeps it alive through every
         # tensor made from it, and the finalizer unmaps only when the last one is gone.
         self._buffer = (ctypes.c_ubyte * nbytes).from_address(self._addr)
-        weakref.finalize(self._buffer, _libc.munmap, self._addr, nbytes)
+        weakref.finalize(self._buffer, unmap, self._addr, nbytes)
         self._tensor: torch.Tensor | None = torch.frombuffer(self._buffer, dtype=torch.uint8)
         self._device = torch.device("cpu")
         self._pinned = False
@@ -114,7 +87,7 @@ class HostMapping:
                 torch.cuda.synchronize()
                 torch.cuda.cudart().cudaHostUnregister(self._addr)
                 self._pinned = False
-            _mmap(self._addr, self.nbytes, mmap.MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_FIXED, -1)
+            map_pages(self._addr, self.nbytes, mmap.MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
             self._fenced = True
 
     def close(self) -> None:
@@ -167,14 +140,7 @@ class HostBackend:
         Punching keeps the size, so a mapping still open elsewhere reads zeros rather
         than faulting (truncating would raise SIGBUS there).
         """
-        if (
-            _libc.fallocate(
-                alloc.handle, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, alloc.nbytes
-            )
-            != 0
-        ):
-            err = ctypes.get_errno()
-            raise OSError(err, f"zeroing a host allocation failed: {os.strerror(err)}")
+        punch_hole(alloc.handle, alloc.nbytes)
 
     def export(self, alloc: Allocation) -> Exported:
         """A duplicate of the memfd, for SCM_RIGHTS."""

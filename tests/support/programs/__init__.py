@@ -2,9 +2,10 @@
 their paths.
 
 The client programs (``holder.py``, ``gpu_holder.py``, ``peer_holder.py``,
-``gpu_tenant.py``) go to :meth:`support.nodes.Node.spawn`: each reads its arguments from
-``sys.argv``, finds its node through ``HARVEST_STATE_DIR``, reports on stdout as JSON
-lines (read them with :class:`support.holder.Holder`) and takes commands on stdin. They
+``gpu_tenant.py``, ``placed_holder.py``) go to :meth:`support.nodes.Node.spawn`: each
+reads its arguments from ``sys.argv``, finds its node through ``HARVEST_STATE_DIR``,
+reports on stdout as JSON lines (read them with :class:`support.holder.Holder`) and
+takes commands on stdin. They
 import Harvest's packages and torch, never ``support``.
 
 ``backend_lender.py`` is driven over a socket by
@@ -28,6 +29,10 @@ verified until revoked."""
 GPU_TENANT = _HERE / "gpu_tenant.py"
 """``gpu_tenant.py GPU_UUID LEAVE RESERVE``: the lender GPU's own tenant, growing into
 the reserve."""
+
+PLACED_HOLDER = _HERE / "placed_holder.py"
+"""``placed_holder.py NBYTES TTL``: a placed tensor in host leases, verified until told
+to stop."""
 
 PEER_HOLDER = _HERE / "peer_holder.py"
 """``peer_holder.py NBYTES MARKER TTL NEAR``: a borrower placed near its own GPU, reading

@@ -1,0 +1,62 @@
+"""The lock between a placed tensor's users and the remaps under it: uses share it, a
+remap (a revocation's fence, a refill's placement) has it alone. A remap that waits
+goes before uses that have not begun, so a stream of uses cannot starve a revocation."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+from harvestd.errors import FailedPrecondition
+
+
+class RemapLock:
+    """Shared for uses (re-entrant per thread), exclusive for remaps, remaps first."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._users: dict[int, int] = {}  # thread id: depth of its use() blocks
+        self._remapping = False
+        self._waiting = 0  # remaps waiting for the uses in flight
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[None]:
+        """Hold off remaps while the block runs. A thread already in a ``use`` block
+        enters again at once: a remap waiting for it would otherwise wait for itself."""
+        me = threading.get_ident()
+        with self._cond:
+            if not self._users.get(me):
+                while self._remapping or self._waiting:
+                    self._cond.wait()
+            self._users[me] = self._users.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users[me] -= 1
+                if not self._users[me]:
+                    del self._users[me]
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def remap(self) -> Iterator[None]:
+        """Wait for every use in flight (no new one starts meanwhile), then run alone."""
+        with self._cond:
+            if self._users.get(threading.get_ident()):
+                raise FailedPrecondition(
+                    "a remap cannot run inside a use() block of its own thread"
+                )
+            self._waiting += 1
+            try:
+                while self._remapping or self._users:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._remapping = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._remapping = False
+                self._cond.notify_all()

@@ -1,0 +1,364 @@
+"""A placed tensor: a tensor at one address for its whole life, whose pages lie in any
+tier (the borrower's own memory, leases, the authoritative host copy), and whose leases
+are revoked by remapping the authoritative pages under it rather than by copying.
+
+    placed = c.place(weights, device="cuda:0")
+    with placed.use():
+        y = x @ placed.tensor.T        # reads the pages where they lie
+    placed.tiers()                     # {"local": 0, "gpu-lease": ..., "host": ...}
+
+The authoritative copy is the range's own host memory, filled from ``source`` when the
+tensor is placed. Writes go through :meth:`PlacedTensor.write_`, which writes it and the
+placed pages together, so that a revocation, which maps the authoritative pages back and
+copies nothing, never loses a write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
+
+from client.lease import Lease, Mapper
+from client.placed.remap_lock import RemapLock
+from client.placed.space import AddressRange, LeasePages, Tier
+from harvestd.errors import FailedPrecondition, HarvestError, InvalidArgument, LeaseRevoked
+from harvestd.sizes import MiB
+from lender.backends.base import BackendKind
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 2 * MiB  # the H200's VMM granularity: the finest placement there
+DEFAULT_LEASE_BYTES = 256 * MiB  # a lease carries many chunks; it is the unit of revocation
+
+
+class LeaseSource(Protocol):
+    """Where a placed tensor's leases come from (:class:`client.connection.Client`)."""
+
+    def lease(
+        self,
+        nbytes: int,
+        ttl: float | None = None,
+        near: Any = None,
+        priority: int = 0,
+        backend: str | BackendKind | None = None,
+        device: Any = None,
+        avoid: Iterable[str] = (),
+        mapper: Mapper | None = None,
+    ) -> Lease:
+        """Grant, pick up and map one lease (through ``mapper``)."""
+
+
+def make_range(device: "torch.device", nbytes: int, chunk_bytes: int) -> AddressRange:
+    """The address range for ``device``: the CPU twin in host memory, or a GPU's."""
+    if device.type == "cpu":
+        from client.placed.host import HostRange
+
+        return HostRange(nbytes, chunk_bytes)
+    if device.type == "cuda":
+        from client.placed.cuda import CudaRange  # needs cuda-bindings
+
+        return CudaRange(nbytes, chunk_bytes, device)
+    raise InvalidArgument(f"cannot place a tensor on {device}: only cpu and cuda devices")
+
+
+class _PlacedMapping:
+    """The :class:`~lender.backends.base.Mapping` a placed tensor gives each of its leases:
+    the lease's fence is the placed tensor's remap."""
+
+    def __init__(self, owner: "PlacedTensor", pages: LeasePages, first: int, count: int):
+        self.owner = owner
+        self.pages = pages
+        self.first = first  # the chunks it covers
+        self.count = count
+        self.nbytes = pages.nbytes
+        self.placed = False
+        self.fence_ms: float | None = None  # how long the remap took, once fenced
+
+    @property
+    def device(self) -> Any:
+        """The device the placed range is addressed from."""
+        return self.owner.device
+
+    def as_tensor(self) -> Any:
+        """The lease's span of the placed range, as ``uint8`` (no copy)."""
+        return self.owner._space.tensor()[self.pages.offset : self.pages.offset + self.nbytes]
+
+    def fence(self) -> None:
+        """Map the authoritative pages over the lease's span and let go of its memory."""
+        self.owner._evict(self)
+
+    def close(self) -> None:
+        """The fence did everything."""
+        self.fence()
+
+
+class PlacedTensor:
+    """``source``'s values at one address on ``device`` for the tensor's whole life, chunk
+    by chunk in whatever tier Harvest can give (see the module's docstring).
+
+    ``chunk_bytes``: the unit of placement (rounded up to the range's granularity).
+    ``local_bytes``: how much of it to keep in this process's own memory (the first
+    chunks). ``lease_bytes``: the most one lease carries (the unit of revocation).
+    ``ttl``, ``priority``: the leases'. ``refill_s``: how often a background pass tries to
+    lease again what sits in the authoritative copy (None: only :meth:`refill`).
+    """
+
+    def __init__(
+        self,
+        lessor: LeaseSource,
+        source: "torch.Tensor",
+        device: Any = None,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        local_bytes: int = 0,
+        lease_bytes: int = DEFAULT_LEASE_BYTES,
+        ttl: float | None = None,
+        priority: int = 0,
+        refill_s: float | None = 1.0,
+    ) -> None:
+        import torch
+
+        if not isinstance(source, torch.Tensor):
+            raise InvalidArgument(f"place() takes a torch.Tensor, got {type(source).__name__}")
+        for name, value in (("chunk_bytes", chunk_bytes), ("lease_bytes", lease_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InvalidArgument(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(local_bytes, int) or local_bytes < 0:
+            raise InvalidArgument(f"local_bytes must be a non-negative int, got {local_bytes!r}")
+        if refill_s is not None and refill_s <= 0:
+            raise InvalidArgument(f"refill_s must be positive or None, got {refill_s!r}")
+        self.device = torch.device(device) if device is not None else source.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = source.dtype
+        self.shape = tuple(source.shape)
+        self.nbytes = source.numel() * source.element_size()
+        self._lessor = lessor
+        self._ttl = ttl
+        self._priority = priority
+        self._lease_bytes = lease_bytes
+        self._space = make_range(self.device, max(self.nbytes, 1), chunk_bytes)
+        self.chunk_bytes = self._space.granularity
+        self._lock = RemapLock()
+        self._version = 0  # bumped by every write_, so a refill knows its copy is stale
+        self._version_lock = threading.Lock()
+        self._refilling = threading.Lock()
+        self._closed = False
+        self._stop = threading.Event()
+        self._leases: dict[str, tuple[Lease, _PlacedMapping]] = {}
+        self.revocations = 0
+        self.remap_ms: list[float] = []  # each revocation's remap, in order
+        chunks = self._space.nbytes // self.chunk_bytes
+        self._tiers = [Tier.HOST] * chunks
+        try:
+            raw = source.detach().reshape(-1).contiguous()
+            if self.nbytes:
+                self._space.authoritative()[: self.nbytes].copy_(raw.view(torch.uint8))
+            self._authoritative = self._typed(self._space.authoritative())
+            self.tensor: torch.Tensor = self._typed(self._space.tensor())
+            local = min(chunks, -(-local_bytes // self.chunk_bytes))
+            if local:
+                self._space.map_local(0, local * self.chunk_bytes)
+                self._tiers[:local] = [Tier.LOCAL] * local
+            self.refill()
+        except BaseException:
+            self.close()
+            raise
+        self._refiller: threading.Thread | None = None
+        if refill_s is not None:
+            self._refiller = threading.Thread(
+                target=self._refill_every, args=(refill_s,), name="harvest-refill", daemon=True
+            )
+            self._refiller.start()
+
+    def _typed(self, raw: "torch.Tensor") -> "torch.Tensor":
+        return raw[: self.nbytes].view(self.dtype).view(self.shape)
+
+    def __repr__(self) -> str:
+        tiers = ", ".join(f"{k}={v}" for k, v in self.tiers().items() if v)
+        return f"PlacedTensor({self.dtype}, {list(self.shape)}, {self.device}, {tiers})"
+
+    # ------------------------------------------------------------ use
+
+    def tiers(self) -> dict[str, int]:
+        """Bytes of the tensor in each tier: ``local``, ``gpu-lease``, ``host-lease``,
+        ``host`` (the authoritative copy)."""
+        out = {tier.value: 0 for tier in Tier}
+        for i, tier in enumerate(self._tiers):
+            start = i * self.chunk_bytes
+            out[tier.value] += max(0, min(self.nbytes, start + self.chunk_bytes) - start)
+        return out
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator["torch.Tensor"]:
+        """Hold off remaps while the block reads or writes :attr:`tensor`; yields it.
+
+        Launch every kernel over the tensor inside a ``use`` block. A remap waits for the
+        blocks in flight, then for the device (``cuCtxSynchronize``) before it changes a
+        page, so kernels launched in a block need not finish before it ends; a kernel
+        launched outside any block may run while pages change under it."""
+        self._check_open()
+        with self._lock.use():
+            yield self.tensor
+
+    def write_(self, key: Any, value: Any) -> None:
+        """``tensor[key] = value``, kept in the authoritative copy too, so that no
+        revocation loses it."""
+        self._check_open()
+        with self._lock.use():
+            self._authoritative[key] = value
+            self.tensor[key] = value
+            with self._version_lock:
+                self._version += 1
+
+    def leases(self) -> list[Lease]:
+        """The leases under the tensor now."""
+        with self._version_lock:
+            return [lease for lease, _ in self._leases.values()]
+
+    # ------------------------------------------------------------ placement
+
+    def refill(self) -> int:
+        """Lease what sits in the authoritative copy, a lease per run of chunks, until no
+        lender has room; returns the bytes placed."""
+        placed = 0
+        with self._refilling:
+            for first, count in self._host_runs():
+                if self._closed or not self._lease_run(first, count):
+                    break
+                placed += count * self.chunk_bytes
+        return placed
+
+    def _host_runs(self) -> list[tuple[int, int]]:
+        per_lease = max(1, self._lease_bytes // self.chunk_bytes)
+        used = -(-max(self.nbytes, 1) // self.chunk_bytes)  # chunks the tensor touches
+        runs, i = [], 0
+        while i < used:
+            if self._tiers[i] is not Tier.HOST:
+                i += 1
+                continue
+            j = i
+            while j < used and self._tiers[j] is Tier.HOST and j - i < per_lease:
+                j += 1
+            runs.append((i, j - i))
+            i = j
+        return runs
+
+    def _lease_run(self, first: int, count: int) -> bool:
+        """Lease ``count`` chunks from ``first``, fill them, place them; False when no
+        lender has room (or the lease was revoked at once)."""
+        offset, nbytes = first * self.chunk_bytes, count * self.chunk_bytes
+        made: list[_PlacedMapping] = []
+
+        def mapper(kind: BackendKind, imported: Any, alloc_bytes: int, device: Any):
+            if kind.value != self._space.lease_backend:
+                raise FailedPrecondition(
+                    f"a {kind.value} lease cannot be placed in a {self.device} range"
+                )
+            pages = self._space.stage(imported, alloc_bytes, offset, nbytes)
+            made.append(_PlacedMapping(self, pages, first, count))
+            return made[-1]
+
+        with self._version_lock:
+            version = self._version
+        try:
+            lease = self._lessor.lease(
+                nbytes,
+                ttl=self._ttl,
+                priority=self._priority,
+                backend=self._space.lease_backend,
+                device=self.device if self.device.type == "cuda" else None,
+                mapper=mapper,
+            )
+        except LeaseRevoked:
+            return False
+        except HarvestError as err:  # NoCapacity, Unavailable: the copy serves meanwhile
+            log.debug("no lease for %d bytes of a placed tensor: %s", nbytes, err)
+            return False
+        mapping = made[-1]
+        with self._lock.remap():
+            usable = not lease.revoked and not self._closed
+            if usable:
+                with self._version_lock:
+                    stale = self._version != version
+                if stale:
+                    mapping.pages.fill()
+                self._space.synchronize()
+                mapping.pages.place()
+                mapping.placed = True
+                self._tiers[first : first + count] = [self._space.lease_tier] * count
+                with self._version_lock:
+                    self._leases[lease.id] = (lease, mapping)
+        if not usable:
+            lease.release()
+            return False
+        lease.on_revoke(self._revoked)
+        return True
+
+    def _evict(self, mapping: _PlacedMapping) -> None:
+        """A lease's fence: wait for the uses in flight, then the device, then map the
+        authoritative pages over its span."""
+        with self._lock.remap():
+            start = time.perf_counter()
+            was_placed = mapping.placed
+            if was_placed:
+                self._space.synchronize()
+            mapping.pages.evict()
+            if was_placed:
+                mapping.placed = False
+                self._tiers[mapping.first : mapping.first + mapping.count] = [Tier.HOST] * (
+                    mapping.count
+                )
+                mapping.fence_ms = (time.perf_counter() - start) * 1e3
+
+    def _revoked(self, lease: Lease, reason: str) -> None:
+        with self._version_lock:
+            entry = self._leases.pop(lease.id, None)
+        if entry is not None and lease.state == "revoked":
+            self.revocations += 1
+            if entry[1].fence_ms is not None:
+                self.remap_ms.append(entry[1].fence_ms)
+            log.info(
+                "placed tensor: lease %s revoked (%s); its chunks read the host copy",
+                lease.id,
+                reason,
+            )
+
+    def _refill_every(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.refill()
+            except Exception:  # noqa: BLE001 - the next pass tries again
+                log.exception("refilling a placed tensor failed")
+
+    # ------------------------------------------------------------ life
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition("this placed tensor is closed")
+
+    def close(self) -> None:
+        """Give every lease back and let the range go (once no tensor over it is left).
+        Idempotent; :attr:`tensor` must not be used afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        refiller = getattr(self, "_refiller", None)
+        if refiller is not None and refiller is not threading.current_thread():
+            refiller.join()
+        for lease in self.leases():
+            lease.release()
+        self._space.close()
+
+    def __enter__(self) -> "PlacedTensor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

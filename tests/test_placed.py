@@ -1,0 +1,273 @@
+"""Placed tensors on the CPU twin: host leases mapped into one reserved range, the
+authoritative copy mapped back over a revoked lease. Real node processes, real leases,
+real revocations; the same protocol the GPU range runs (tests/gpu/test_placed_gpu.py)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.programs import PLACED_HOLDER
+from support.waiting import wait_for
+
+from client import FailedPrecondition, InvalidArgument
+from client.placed import PlacedTensor, Tier
+from client.placed.remap_lock import RemapLock
+from harvestd.sizes import MiB
+
+
+def _source(nbytes: int, dtype=torch.float32) -> torch.Tensor:
+    n = nbytes // torch.empty((), dtype=dtype).element_size()
+    return (torch.arange(n) % 251).to(dtype)
+
+
+def _granted(node) -> int:
+    return sum(l["granted"] for l in node.json("lenders"))
+
+
+def test_place_equals_source_in_host_leases(plain_node):
+    source = _source(12 * MiB).view(3, -1)
+    with plain_node.connect() as c:
+        with c.place(source, chunk_bytes=MiB, lease_bytes=4 * MiB) as placed:
+            assert torch.equal(placed.tensor, source)
+            assert placed.tensor.shape == source.shape and placed.tensor.dtype == source.dtype
+            assert placed.tiers() == {"local": 0, "gpu-lease": 0, "host-lease": 12 * MiB, "host": 0}
+            assert len(placed.leases()) == 3  # 4 MiB a lease
+            # The tensor's address never changes: the leases were mapped under it.
+            assert _granted(plain_node) == 12 * MiB
+            # A lease's own view is its span of the placed range.
+            lease = placed.leases()[0]
+            assert lease.as_bytes().data_ptr() >= placed.tensor.data_ptr()
+        wait_for(lambda: _granted(plain_node) == 0, what="leases given back")
+
+
+def test_place_overflows_to_host_and_keeps_local(plain_node):
+    source = _source(80 * MiB)  # the node lends 64 MiB
+    with plain_node.connect() as c:
+        with c.place(
+            source, chunk_bytes=2 * MiB, local_bytes=4 * MiB, lease_bytes=16 * MiB, refill_s=None
+        ) as placed:
+            tiers = placed.tiers()
+            assert tiers["local"] == 4 * MiB
+            assert tiers["host-lease"] == 64 * MiB
+            assert tiers["host"] == 12 * MiB
+            assert sum(tiers.values()) == source.numel() * 4
+            assert torch.equal(placed.tensor, source)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int64, torch.uint8, torch.bool])
+def test_place_any_dtype_and_shape(plain_node, dtype):
+    source = torch.randint(0, 2 if dtype is torch.bool else 100, (5, 7, 333)).to(dtype)
+    with plain_node.connect() as c:
+        with c.place(source, chunk_bytes=4096, lease_bytes=8192) as placed:
+            assert torch.equal(placed.tensor, source)
+            assert sum(placed.tiers().values()) == source.numel() * source.element_size()
+
+
+def test_revocation_remaps_the_authoritative_copy(plain_node):
+    source = _source(16 * MiB)
+    with plain_node.connect() as c:
+        with c.place(source, chunk_bytes=MiB, lease_bytes=4 * MiB, refill_s=None) as placed:
+            address = placed.tensor.data_ptr()
+            placed.write_(slice(0, 10), -1.0)
+            source[:10] = -1.0
+            result = c.reclaim(plain_node.lender_id(), 60 * MiB)
+            assert len(result.revoked) >= 1
+            wait_for(lambda: placed.revocations == len(result.revoked), what="the remaps")
+            assert placed.tiers()["host"] >= 8 * MiB
+            assert placed.tensor.data_ptr() == address
+            assert torch.equal(placed.tensor, source)  # the write survived the remap
+            assert all(ms >= 0 for ms in placed.remap_ms)
+            # Lenders have room again: a refill leases the host chunks back.
+            c.restore(plain_node.lender_id())
+            wait_for(
+                lambda: placed.refill() >= 0 and placed.tiers()["host"] == 0,
+                timeout=15,
+                every=0.3,
+                what="the refill",
+            )
+            assert torch.equal(placed.tensor, source)
+
+
+def test_background_refill_after_revocation(plain_node):
+    source = _source(8 * MiB)
+    with plain_node.connect() as c:
+        with c.place(source, chunk_bytes=MiB, lease_bytes=2 * MiB, refill_s=0.1) as placed:
+            c.reclaim(plain_node.lender_id(), 60 * MiB)
+            wait_for(lambda: placed.revocations >= 1, what="a revocation")
+            c.restore(plain_node.lender_id())
+            wait_for(lambda: placed.tiers()["host"] == 0, timeout=15, what="the background refill")
+            assert torch.equal(placed.tensor, source)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    moments=st.lists(st.floats(0.0, 0.05), min_size=1, max_size=4),
+    writes=st.lists(st.integers(0, 2 * MiB - 1), max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_equal_through_revocations_at_random_moments(plain_node, moments, writes, seed):
+    """Readers check the tensor under use() while reclaims land at random moments and
+    writes go in between: every read equals the expected values."""
+    node = plain_node
+    rng = random.Random(seed)
+    expected = _source(8 * MiB)
+    with node.connect() as c:
+        placed = c.place(expected.clone(), chunk_bytes=MiB, lease_bytes=2 * MiB, refill_s=0.02)
+        wrong = []
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def read() -> None:
+            while not stop.is_set():
+                with lock, placed.use() as t:
+                    if not torch.equal(t, expected):
+                        wrong.append(time.monotonic())
+
+        readers = [threading.Thread(target=read) for _ in range(2)]
+        for r in readers:
+            r.start()
+        try:
+            for i, moment in enumerate(moments):
+                time.sleep(moment)
+                c.reclaim(node.lender_id(), rng.choice([2, 4, 8]) * MiB)
+                c.restore(node.lender_id())
+                for index in writes[i :: len(moments)]:
+                    with lock:
+                        value = float(rng.randrange(1000))
+                        placed.write_(index, value)
+                        expected[index] = value
+            time.sleep(0.05)
+        finally:
+            stop.set()
+            for r in readers:
+                r.join()
+            assert torch.equal(placed.tensor, expected)
+            placed.close()
+        assert wrong == []
+
+
+def test_lender_killed_tensor_stays_equal_and_refills(plain_node):
+    source = _source(8 * MiB)
+    with plain_node.connect() as c:
+        with c.place(source, chunk_bytes=MiB, lease_bytes=2 * MiB, refill_s=0.2) as placed:
+            assert placed.tiers()["host-lease"] == 8 * MiB
+            plain_node.lender.kill()
+            plain_node.lender.wait()
+            # The pages stay mapped (a memfd outlives its lender): equal while it is dead.
+            for _ in range(10):
+                assert torch.equal(placed.tensor, source)
+                time.sleep(0.05)
+            # Restarted, the lender registers anew and the broker ends the old leases: the
+            # authoritative copy is mapped back, then the refill leases from the new one.
+            plain_node.start_lender()
+            wait_for(lambda: placed.revocations == 4, what="the old leases to end")
+            assert torch.equal(placed.tensor, source)
+            wait_for(
+                lambda: placed.tiers()["host-lease"] == 8 * MiB,
+                timeout=20,
+                what="the refill onto the restarted lender",
+            )
+            assert torch.equal(placed.tensor, source)
+
+
+def test_holder_killed_gives_its_pages_back(plain_node):
+    holder = plain_node.spawn(PLACED_HOLDER, str(16 * MiB), "2")
+    placed = holder.expect("placed")
+    assert placed["tiers"]["host-lease"] == 16 * MiB
+    assert _granted(plain_node) == 16 * MiB
+    holder.kill()
+    holder.finish()
+    wait_for(lambda: _granted(plain_node) == 0, timeout=10, what="the dead holder's pages")
+
+
+def test_holder_reads_right_through_reclaims(plain_node):
+    holder = plain_node.spawn(PLACED_HOLDER, str(16 * MiB), "2")
+    holder.expect("placed")
+    with plain_node.connect() as c:
+        for _ in range(3):
+            c.reclaim(plain_node.lender_id(), 60 * MiB)
+            c.restore(plain_node.lender_id())
+            time.sleep(0.3)
+    holder.proc.stdin.write("stop\n")
+    holder.proc.stdin.flush()
+    done = holder.expect("done")
+    assert done["reads"] > 0 and done["wrong"] == 0
+
+
+def test_bad_input_is_a_clear_error(plain_node):
+    with plain_node.connect() as c:
+        with pytest.raises(InvalidArgument):
+            c.place([1, 2, 3])
+        with pytest.raises(InvalidArgument):
+            c.place(torch.ones(4), chunk_bytes=0)
+        with pytest.raises(InvalidArgument):
+            c.place(torch.ones(4), local_bytes=-1)
+        with pytest.raises(InvalidArgument):
+            c.place(torch.ones(4), device="meta")
+        placed = c.place(torch.ones(4))
+        placed.close()
+        placed.close()  # idempotent
+        with pytest.raises(FailedPrecondition):
+            with placed.use():
+                pass
+        with pytest.raises(FailedPrecondition):
+            placed.write_(0, 1.0)
+
+
+def test_empty_and_tiny_tensors(plain_node):
+    with plain_node.connect() as c:
+        with c.place(torch.empty(0)) as placed:
+            assert placed.tensor.numel() == 0 and sum(placed.tiers().values()) == 0
+        with c.place(torch.tensor(3.5)) as placed:
+            assert placed.tensor.item() == 3.5 and placed.tensor.shape == ()
+
+
+def test_remap_lock_orders_uses_and_remaps():
+    lock = RemapLock()
+    events = []
+    in_use = threading.Event()
+    release = threading.Event()
+
+    def user() -> None:
+        with lock.use():
+            in_use.set()
+            release.wait()
+            events.append("use ends")
+
+    def remapper() -> None:
+        with lock.remap():
+            events.append("remap")
+
+    u = threading.Thread(target=user)
+    u.start()
+    in_use.wait()
+    r = threading.Thread(target=remapper)
+    r.start()
+    time.sleep(0.05)
+    # A waiting remap goes before new uses: this one must wait for it.
+    late = threading.Thread(target=lambda: (lock.use().__enter__(), events.append("late use")))
+    late.start()
+    time.sleep(0.05)
+    assert events == []
+    release.set()
+    for t in (u, r, late):
+        t.join(5)
+    assert events == ["use ends", "remap", "late use"]
+    # Re-entrant for a thread's own uses; a remap inside a use is refused, not a deadlock.
+    lock2 = RemapLock()
+    with lock2.use():
+        with lock2.use():
+            with pytest.raises(FailedPrecondition):
+                with lock2.remap():
+                    pass
+
+
+def test_tiers_name_every_tier():
+    assert {t.value for t in Tier} == {"local", "gpu-lease", "host-lease", "host"}
+    assert PlacedTensor.__doc__
