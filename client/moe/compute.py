@@ -114,13 +114,24 @@ class GroupedPlan:
     fetched_ends: list[int]
 
 
-def grouped_plan(top_k_index: torch.Tensor, slot_of: torch.Tensor, resident: int) -> GroupedPlan:
+def grouped_plan(
+    top_k_index: torch.Tensor,
+    slot_of: torch.Tensor,
+    resident: int,
+    placed: Sequence[int] | None = None,
+) -> GroupedPlan:
     """Plan a layer: ``slot_of[e]`` is expert ``e``'s row in the resident weights, or -1
-    (a CPU tensor); ``resident`` is how many resident experts there are."""
+    (a CPU tensor); ``resident`` is how many resident experts there are. ``placed``: the
+    offloaded experts sit in placed weights in this order, and the second GEMM groups
+    them all, routed or not (an empty group reads nothing), so the placed weights are
+    read where they lie; None: group only the routed ones, to be fetched."""
     flat = top_k_index.reshape(-1).to("cpu")  # token-major, as transformers' grouped_mm: one sync
     slots = slot_of[flat]
     offloaded = slots < 0
-    fetched = torch.unique(flat[offloaded]).tolist() if bool(offloaded.any()) else []
+    if placed is not None:
+        fetched = list(placed)
+    else:
+        fetched = torch.unique(flat[offloaded]).tolist() if bool(offloaded.any()) else []
     key = slots.clone()
     if fetched:
         position = torch.full_like(slot_of, -1)
@@ -212,7 +223,7 @@ def grouped_experts(
                 act_fn,
             )
         )
-    if plan.fetched:
+    if plan.fetched and x.shape[0] > plan.resident_rows:
         if fetched is None:
             raise ValueError("the plan routes to fetched experts but none were given")
         if ready is not None:

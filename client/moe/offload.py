@@ -40,6 +40,7 @@ from client.moe.compute import (
     grouped_plan,
     stacked_rows,
 )
+from client.moe.placed import PlacedExperts
 from harvestd.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -155,15 +156,29 @@ class _Closer:
 
 
 class ExpertOffload:
-    """The experts taken off a model: the cache that holds them, the staging buffers
-    they are fetched into, and what moved. Made by :func:`offload_experts`."""
+    """The experts taken off a model: the cache that holds them and the staging buffers
+    they are fetched into (``placement="copy"``), or the placed tensors they are read in
+    (``placement="placed"``: ``cache`` is None), and what moved. Made by
+    :func:`offload_experts`."""
 
-    def __init__(self, cache: TieredCache) -> None:
+    def __init__(self, cache: TieredCache | None) -> None:
         self.cache = cache
         self.stats = OffloadStats()
-        self.modules: dict[str, OffloadedExperts] = {}
+        self.modules: dict[str, OffloadedExperts | PlacedExperts] = {}
         self._staging: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        self._closer = _Closer(self._redone) if cache.stream is not None else None
+        self._closer = (
+            _Closer(self._redone) if cache is not None and cache.stream is not None else None
+        )
+
+    def tiers(self) -> dict[str, int]:
+        """Bytes of the offloaded experts in each tier of their placed tensors (empty
+        for ``placement="copy"``: ask ``cache``)."""
+        out: dict[str, int] = {}
+        for module in self.modules.values():
+            if isinstance(module, PlacedExperts):
+                for tier, nbytes in module.tiers().items():
+                    out[tier] = out.get(tier, 0) + nbytes
+        return out
 
     def _redone(self, fetch: Fetch, rows: list[int]) -> None:
         # Cannot happen while the fetch's leases are held with device_work: their fence
@@ -183,6 +198,8 @@ class ExpertOffload:
         self, name: str, experts: Sequence[int], row_bytes: int
     ) -> tuple[Fetch, torch.Tensor]:
         """Start fetching ``experts`` of module ``name`` into staging rows (``[n, bytes]``)."""
+        if self.cache is None:
+            raise InvalidArgument("placed experts are read in place, never fetched")
         key = (row_bytes, torch.uint8)
         buf = self._staging.get(key)
         if buf is None or buf.shape[0] < len(experts):
@@ -199,10 +216,15 @@ class ExpertOffload:
         return self.cache.fetch([(name, e) for e in experts], rows), rows
 
     def close(self) -> None:
-        """Release the borrowed memory. The model keeps working from the host copies."""
+        """Release the borrowed memory. With ``placement="copy"`` the model keeps working
+        from the host copies; placed experts must not run afterwards."""
         if self._closer is not None:
             self._closer.stop()
-        self.cache.close()
+        if self.cache is not None:
+            self.cache.close()
+        for module in self.modules.values():
+            if isinstance(module, PlacedExperts):
+                module.close()
 
 
 class OffloadedExperts(nn.Module):
@@ -248,6 +270,9 @@ class OffloadedExperts(nn.Module):
                 gate_up.detach().index_select(0, index), requires_grad=False
             )
             self.down_proj = nn.Parameter(down.detach().index_select(0, index), requires_grad=False)
+            cache = owner.cache
+            if cache is None:
+                raise InvalidArgument("experts fetched per call need the owner's cache")
             for e in off:
                 row = torch.cat(
                     [
@@ -255,7 +280,7 @@ class OffloadedExperts(nn.Module):
                         down.detach()[e].reshape(-1).view(torch.uint8),
                     ]
                 )
-                owner.cache.put((name, e), row)
+                cache.put((name, e), row)
 
     def _stacked(self, rows: torch.Tensor) -> Weights:
         return stacked_rows(
@@ -348,6 +373,7 @@ def offload_experts(
     ttl: float | None = None,
     refill_every: float | None = 0.25,
     compute: Compute | str = Compute.EAGER,
+    placement: str = "copy",
 ) -> ExpertOffload:
     """Take ``fraction`` of every MoE layer's experts off the model's device into memory
     borrowed through ``client`` (a :func:`client.connect` client); the model then fetches
@@ -362,7 +388,17 @@ def offload_experts(
     moves experts back into borrowed memory after a revocation (``None``: never).
     ``compute`` is how routed experts are computed: ``"eager"`` (expert by expert, the
     tokens of transformers' eager experts) or ``"grouped"`` (grouped GEMMs, far fewer
-    kernels at a serving batch; the tokens of the same module with ``fraction=0``)."""
+    kernels at a serving batch; the tokens of the same module with ``fraction=0``).
+
+    ``placement``: ``"copy"`` fetches the routed experts into staging rows before they
+    are computed; ``"placed"`` puts each layer's offloaded experts in placed tensors
+    (:meth:`client.connection.Client.place`) that the compute reads where they lie, with
+    leases of ``slab_bytes`` at most, and reads the authoritative host copy in place where
+    nothing is leased (``borrow_bytes=0``: nothing is). ``backends`` and ``local_bytes``
+    are the copy path's: a placed tensor leases what its device can map (GPU leases on a
+    GPU, host leases on the CPU)."""
+    if placement not in ("copy", "placed"):
+        raise InvalidArgument(f"placement must be 'copy' or 'placed', got {placement!r}")
     if (
         isinstance(fraction, bool)
         or not isinstance(fraction, (int, float))
@@ -388,6 +424,19 @@ def offload_experts(
         row = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
         total += row * len(plan[name])
     device = _fused_weights(next(iter(modules.values())))[0].device
+    if placement == "placed":
+        return _place_experts(
+            model,
+            client,
+            modules,
+            plan,
+            compute,
+            device,
+            borrow_bytes != 0,
+            slab_bytes,
+            ttl,
+            refill_every,
+        )
     cache = TieredCache(
         client,
         device=device,
@@ -400,15 +449,50 @@ def offload_experts(
     )
     owner = ExpertOffload(cache)
     for name, module in modules.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        replacement = OffloadedExperts(module, name, plan[name], owner, compute)
-        setattr(parent, attr, replacement)
-        owner.modules[name] = replacement
-        owner.stats.experts_total += replacement.num_experts
-        owner.stats.experts_offloaded += len(replacement.offloaded)
-        owner.stats.bytes_offloaded += len(replacement.offloaded) * replacement.row_bytes
-        owner.stats.expert_bytes[name] = replacement.row_bytes
+        _replace(model, owner, name, OffloadedExperts(module, name, plan[name], owner, compute))
+    return _offloaded(owner, device)
+
+
+def _replace(
+    model: nn.Module, owner: ExpertOffload, name: str, replacement: OffloadedExperts | PlacedExperts
+) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, replacement)
+    owner.modules[name] = replacement
+    owner.stats.experts_total += replacement.num_experts
+    owner.stats.experts_offloaded += len(replacement.offloaded)
+    owner.stats.bytes_offloaded += len(replacement.offloaded) * replacement.row_bytes
+    owner.stats.expert_bytes[name] = replacement.row_bytes
+
+
+def _place_experts(
+    model: nn.Module,
+    client: Any,
+    modules: dict[str, nn.Module],
+    plan: dict[str, list[int]],
+    compute: Compute,
+    device: torch.device,
+    borrow: bool,
+    lease_bytes: int,
+    ttl: float | None,
+    refill_every: float | None,
+) -> ExpertOffload:
+    owner = ExpertOffload(None)
+    options = dict(
+        device=device, lease_bytes=lease_bytes, ttl=ttl, refill_s=refill_every, borrow=borrow
+    )
+    try:
+        for name, module in modules.items():
+            replacement = PlacedExperts(module, name, plan[name], client, compute, options)
+            _replace(model, owner, name, replacement)
+    except BaseException:
+        owner.close()
+        raise
+    return _offloaded(owner, device)
+
+
+def _offloaded(owner: ExpertOffload, device: torch.device) -> ExpertOffload:
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the offloaded experts' memory goes back to the device
     log.info(
@@ -416,6 +500,6 @@ def offload_experts(
         owner.stats.experts_offloaded,
         owner.stats.experts_total,
         owner.stats.bytes_offloaded,
-        len(modules),
+        len(owner.modules),
     )
     return owner

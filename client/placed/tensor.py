@@ -107,6 +107,8 @@ class PlacedTensor:
     chunks). ``lease_bytes``: the most one lease carries (the unit of revocation).
     ``ttl``, ``priority``: the leases'. ``refill_s``: how often a background pass tries to
     lease again what sits in the authoritative copy (None: only :meth:`refill`).
+    ``borrow=False``: lease nothing (the chunks past ``local_bytes`` read the
+    authoritative copy in place).
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class PlacedTensor:
         ttl: float | None = None,
         priority: int = 0,
         refill_s: float | None = 1.0,
+        borrow: bool = True,
     ) -> None:
         import torch
 
@@ -166,12 +169,13 @@ class PlacedTensor:
             if local:
                 self._space.map_local(0, local * self.chunk_bytes)
                 self._tiers[:local] = [Tier.LOCAL] * local
-            self.refill()
+            if borrow:
+                self.refill()
         except BaseException:
             self.close()
             raise
         self._refiller: threading.Thread | None = None
-        if refill_s is not None:
+        if refill_s is not None and borrow:
             self._refiller = threading.Thread(
                 target=self._refill_every, args=(refill_s,), name="harvest-refill", daemon=True
             )
