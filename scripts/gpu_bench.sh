@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
 # Every GPU figure, one command, on one lent GPU (nvidia-h200: one H200, 16 cores), within
 # one device call (run from anywhere):
-#   scripts/gpu_bench.sh                  every part, in the order below
-#   scripts/gpu_bench.sh reclaim tenant_ramp   only the named parts
+#   scripts/gpu_bench.sh                  the default parts, in the order below
+#   scripts/gpu_bench.sh kv_batch8 tenant_ramp   only the named parts (optional ones too)
 #   HARVEST_DRY_RUN=1 scripts/gpu_bench.sh   print each part's limit and command, run nothing
-# Parts, most wanted first (no H200 figures yet), their time limits (s) and commands
+# Default parts, those with no H200 figures first, their time limits (s) and commands
 # (python3 scripts/..., each with --out bench/results/<its>.json and a .png beside it):
-#   moe          225  bench_moe.py --lender-gpu 0
-#   kv           190  bench_kv.py --lender-gpu 0
-#   planner       75  bench_planner.py --lender-gpu 0
-#   bandwidth     60  bench_bandwidth.py --src-gpu 0 --dst-gpu 0
-#   reclaim       90  bench_reclaim.py --gpu 0 --configs 10GiB:1,10GiB:4,40GiB:16 --rounds 3
+#   kv           100  bench_kv.py --lender-gpu 0 --contexts 8192,32768 --batches 1
+#   planner       45  bench_planner.py --lender-gpu 0 --tokens 16384
+#   bandwidth     40  bench_bandwidth.py --src-gpu 0 --dst-gpu 0 --sizes 16KiB,1MiB,64MiB,1GiB
+#                     --gather-blocks 16KiB,1MiB
+#   reclaim       65  bench_reclaim.py --gpu 0 --configs 10GiB:4,40GiB:16 --rounds 3
+#   moe          240  bench_moe.py --lender-gpu 0
+# Optional parts, run only when named (a second call: 280 + 150 s fit in one; place, a
+# third, or beside tenant_ramp):
+#   kv_batch8    280  bench_kv.py --lender-gpu 0 --contexts 8192,32768 --batches 8 (kv_batch8.json)
 #   tenant_ramp  150  bench_tenant_ramp.py --gpu 0
+#   place        240  bench_place.py --gpu 0 --lender-gpu 0 (place.json: issue 15's placed tensors)
+# The default limits add up to 490 s: with the 15 s grace below and up to 30 s for the
+# wheels' install they fit the 540 s budget, so every default part starts even if each one
+# before it runs to its limit. Every part keeps 3 repeats and >= 64 timed steps per mode.
 # A part runs under `timeout` with its own limit, so a slow part cannot eat the others'
 # time. The call keeps within HARVEST_BENCH_BUDGET_S (default 540: 9 minutes, counted from
 # its start, the wheels' install included): a part starts only when the budget left covers
 # its whole limit, so the budget never cuts a part short; the parts that did not fit are
 # named at the end with the command that runs them (a second call).
 # HARVEST_<PART>_ARGS replaces a part's arguments, HARVEST_<PART>_TIMEOUT its limit
-# (PART in capitals: MOE, KV, PLANNER, BANDWIDTH, RECLAIM, TENANT_RAMP), e.g.
+# (PART in capitals: KV, PLANNER, BANDWIDTH, RECLAIM, MOE, KV_BATCH8, TENANT_RAMP, PLACE):
 #   HARVEST_MOE_ARGS="--lender-gpu 0 --models mixtral --out bench/results/moe.json"
 # HARVEST_RECLAIM_64=1 adds the 64-holder configuration (40GiB:64; its holders are slow to
-# start) and raises the reclaim limit to 150 s. HARVEST_GPU (default 0): the GPU.
+# start) and raises the reclaim limit to 135 s (the default parts then no longer all fit
+# for sure: moe, last, may be left for another call). HARVEST_GPU (default 0): the GPU.
 # HARVEST_WHEELS=0 skips installing .whl/ (Ray and friends, as gpu_tests.sh installs them);
 # HARVEST_PYTHON (default python3) runs the benchmarks; HARVEST_BENCH_RESULTS (default
 # bench/results) is where they write.
@@ -29,35 +38,66 @@
 # bench/results/gpu_bench/. Whatever a part leaves running (a detached node, Ray, a lender:
 # each process it starts carries its marker) is ended before the next part. With $OUT set,
 # after every part: $OUT/gpu_bench.tar.gz (every file this call wrote under the results,
-# the logs and the summary; unpack it in the repository's root) and each part's JSON: 7
-# files at most (a device call brings back 8).
+# the logs and the summary; unpack it in the repository's root) and each part's JSON: 8
+# files at most, and at most 6 in one call of the default parts (a device call brings
+# back 8).
 # Exit status: 0 when every part ran and exited 0; 1 when a part failed or overran its
 # limit; 3 when none failed but parts were left for another call; 2 on bad usage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
-PARTS=(moe kv planner bandwidth reclaim tenant_ramp)
-declare -A LIMIT=([moe]=225 [kv]=190 [planner]=75 [bandwidth]=60 [reclaim]=90 [tenant_ramp]=150)
+# Where the limits come from: moe is measured (one H200, 2026-12-01); the others are
+# estimates from each script's work (steps x shapes) at the H100's per-step rates, the
+# decode ones at 2 layers with 3 repeats x (2 + 64) steps of every mode.
+# - moe 240 (measured ~200 s before harvest-gpu-placed joined): 198 s of the script's
+#   own clock (mixtral 84 s, of which accelerate-default's 3 x 66 steps x 314 ms are 62 s;
+#   its revocations 15 s; qwen 34.5 s and 10 s; node start 9 s; the rest building models)
+#   plus imports and the plot (a fresh fontManager, a few seconds): it finished inside a
+#   225 s limit. harvest-gpu-placed adds one mode at harvest-gpu's speed (3 x 66 steps of
+#   ~4 ms per model) and its setup (the experts copied into the host copy's chunks):
+#   ~10-15 s, not yet measured.
+# - kv 100 (estimate ~75 s): batch 1 at 8k and 32k, 6 modes x 198 steps per point. At
+#   32k transformers' two offloaded caches copy 256 MiB down and up each step (~44 ms
+#   each): ~22 s, the other four ~6 s, fresh caches, loads and leases ~8 s; 8k ~14 s in
+#   all; import, node start (9 s), model and plot ~27 s. Batch 8 does not fit beside the
+#   others (32k x 8: ~270 ms a step for each offloaded cache, ~150 s for that point
+#   alone): it is the optional kv_batch8 (estimate ~230 s).
+# - planner 45 (estimate ~30 s): node start 9 s; 3 shapes at 16k tokens x batch 2, each
+#   up to 16 plans x 11 timed fetches of 3 to 13 ms (~6 s in all); import and plot ~10 s.
+#   (Its default, 16k and 32k, took 30 s of its own clock on the H100.)
+# - bandwidth 40 (estimate ~32 s): 4 copy sizes and 2 gather block sizes instead of 9
+#   and 4; pageable host memory dominates (a 256 MiB gather x 28 per block size at 1.6 to
+#   3 GB/s: ~7 s for both); lender process, 2 GiB of random host bytes, import, plot ~18 s.
+# - reclaim 65 (estimate ~55 s): 2 configurations, each on a fresh node (~5 s) with its
+#   holders starting (4 and 16 processes, ~5 to 10 s) and 3 rounds of ~3 s (1 s settle).
+# - tenant_ramp 150: 10 scenario runs, each on a fresh node (not timed on the H200).
+PARTS=(kv planner bandwidth reclaim moe)  # the default, in this order
+OPTIONAL=(kv_batch8 tenant_ramp place)    # run only when named
+declare -A LIMIT=([kv]=100 [planner]=45 [bandwidth]=40 [reclaim]=65 [moe]=240
+                  [kv_batch8]=280 [tenant_ramp]=150 [place]=240)
 declare -A SCRIPT=([bandwidth]=bench_bandwidth.py [reclaim]=bench_reclaim.py
                    [tenant_ramp]=bench_tenant_ramp.py [planner]=bench_planner.py
-                   [kv]=bench_kv.py [moe]=bench_moe.py)
+                   [kv]=bench_kv.py [kv_batch8]=bench_kv.py [moe]=bench_moe.py
+                   [place]=bench_place.py)
 gpu="${HARVEST_GPU:-0}"
 res="${HARVEST_BENCH_RESULTS:-bench/results}"
-reclaim_configs="10GiB:1,10GiB:4,40GiB:16"
+reclaim_configs="10GiB:4,40GiB:16"
 if [ "${HARVEST_RECLAIM_64:-0}" = "1" ]; then
   reclaim_configs="$reclaim_configs,40GiB:64"
-  LIMIT[reclaim]=150
+  LIMIT[reclaim]=135
 fi
 declare -A ARGS=(
-  [bandwidth]="--src-gpu $gpu --dst-gpu $gpu --out $res/bandwidth.json"
+  [kv]="--lender-gpu $gpu --contexts 8192,32768 --batches 1 --out $res/kv.json"
+  [planner]="--lender-gpu $gpu --tokens 16384 --out $res/planner.json"
+  [bandwidth]="--src-gpu $gpu --dst-gpu $gpu --sizes 16KiB,1MiB,64MiB,1GiB --gather-blocks 16KiB,1MiB --out $res/bandwidth.json"
   [reclaim]="--gpu $gpu --configs $reclaim_configs --rounds 3 --out $res/reclaim_gpu.json"
-  [tenant_ramp]="--gpu $gpu --out $res/tenant_ramp.json"
-  [planner]="--lender-gpu $gpu --out $res/planner.json"
-  [kv]="--lender-gpu $gpu --out $res/kv.json"
   [moe]="--lender-gpu $gpu --out $res/moe.json"
+  [kv_batch8]="--lender-gpu $gpu --contexts 8192,32768 --batches 8 --out $res/kv_batch8.json"
+  [tenant_ramp]="--gpu $gpu --out $res/tenant_ramp.json"
+  [place]="--gpu $gpu --lender-gpu $gpu --out $res/place.json"
 )
-for part in "${PARTS[@]}"; do  # the environment's overrides
+for part in "${PARTS[@]}" "${OPTIONAL[@]}"; do  # the environment's overrides
   upper="${part^^}"
   args_var="HARVEST_${upper}_ARGS"
   limit_var="HARVEST_${upper}_TIMEOUT"
@@ -69,7 +109,8 @@ usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' 
 parts=("${PARTS[@]}")
 if [ $# -gt 0 ]; then
   for p in "$@"; do
-    [[ " ${PARTS[*]} " == *" $p "* ]] || { echo "no part '$p' (${PARTS[*]})"; usage; }
+    [[ " ${PARTS[*]} ${OPTIONAL[*]} " == *" $p "* ]] ||
+      { echo "no part '$p' (${PARTS[*]}; optional: ${OPTIONAL[*]})"; usage; }
   done
   parts=("$@")
 fi
