@@ -95,14 +95,25 @@ MODES = (
     "accelerate-default",
     "harvest-host",
     "harvest-gpu",
+    "harvest-gpu-placed",
 )
 # Not run unless asked for (--modes): transformers' grouped GEMM experts, resident.
-OPTIONAL_MODES = ("resident-grouped-mm",)
+# host-placed: the placed path with nothing leased (--smoke runs it: on the CPU it is the
+# only placed mode; on a GPU, scripts/bench_place.py measures host pages read in place).
+OPTIONAL_MODES = ("resident-grouped-mm", "host-placed")
 # The modes whose tokens decide the exit status (the revocation run's modes too).
-HARVEST_MODES = ("harvest-host", "harvest-gpu")
+HARVEST_MODES = ("harvest-host", "harvest-gpu", "host-placed", "harvest-gpu-placed")
+# Modes whose experts sit in placed tensors, read where they lie (issue 15).
+PLACED_MODES = ("host-placed", "harvest-gpu-placed")
 REVOCATION_MODES = ("harvest-gpu-revoked", "harvest-gpu", "harvest-host")
 # Modes that run Harvest's experts module (computed as --compute says).
-HARVEST_CODE = ("resident-same-code", "best-host-offload", "harvest-host", "harvest-gpu")
+HARVEST_CODE = (
+    "resident-same-code",
+    "best-host-offload",
+    "harvest-host",
+    "harvest-gpu",
+    *PLACED_MODES,
+)
 NEEDS_CUDA = "skipped (needs CUDA)"
 
 HOW = {
@@ -157,6 +168,19 @@ HOW = {
         "every layer's experts in GPU leases (a cuda-vmm lender's memory: when --lender-gpu "
         "is the decoding GPU, its own memory, lent by another process); routed offloaded "
         "experts are fetched with device-to-device copies on the cache's stream."
+    ),
+    "host-placed": (
+        "offload_experts(model, client, fraction, placement='placed', borrow_bytes=0): that "
+        "fraction of every layer's experts in placed tensors with nothing leased, so the "
+        "compute reads them in place from the authoritative host copy (host-NUMA pages "
+        "mapped for the GPU through the VMM API; a memfd on the CPU): no fetch, no "
+        "staging, every read of an offloaded expert crosses the PCIe link inside the kernel."
+    ),
+    "harvest-gpu-placed": (
+        "offload_experts(model, client, fraction, placement='placed'): that fraction of "
+        "every layer's experts in placed tensors backed by GPU leases (cuda-vmm, mapped into "
+        "one address range per tensor), read in place by the same compute as the resident "
+        "experts: no fetch, no staging copy."
     ),
     "resident-grouped-mm": (
         "transformers' own model, every expert resident, experts_implementation="
@@ -416,6 +440,10 @@ def setup_mode(
         kwargs.update(fraction=fraction, backends=("host",))
     elif mode == "harvest-gpu":
         kwargs.update(fraction=fraction, backends=("cuda-vmm",))
+    elif mode == "host-placed":
+        kwargs.update(fraction=fraction, placement="placed", borrow_bytes=0, refill_every=None)
+    elif mode == "harvest-gpu-placed":
+        kwargs.update(fraction=fraction, placement="placed")
     else:
         raise SystemExit(f"unknown mode {mode!r} ({', '.join(MODES + OPTIONAL_MODES)})")
     offload = offload_experts(model, client, **kwargs)
@@ -424,9 +452,13 @@ def setup_mode(
         "offloaded_bytes": offload.stats.bytes_offloaded,
         "offloaded_experts": offload.stats.experts_offloaded,
         "experts": offload.stats.experts_total,
-        "borrowed_bytes": offload.cache.borrowed_bytes,
         "host_copy_pinned": device.type == "cuda",
     }
+    if mode in PLACED_MODES:
+        tiers = offload.tiers()
+        info.update(tiers=tiers, borrowed_bytes=tiers["gpu-lease"] + tiers["host-lease"])
+        return Setup(mode, model, offload, info)
+    info["borrowed_bytes"] = offload.cache.borrowed_bytes
     if mode == "best-host-offload" and offload.cache.borrowed_bytes:
         raise RuntimeError("best-host-offload borrowed memory: it must read its host copy")
     return Setup(mode, model, offload, info)
@@ -439,9 +471,11 @@ def close(setup: Setup) -> None:
 
 def skip_reason(mode: str, device: torch.device, lenders: dict[str, Any]) -> str | None:
     """Why ``mode`` cannot run here (None: it can)."""
-    if mode in ("harvest-gpu", "resident-grouped-mm") and device.type != "cuda":
+    if mode in ("harvest-gpu", "harvest-gpu-placed", "resident-grouped-mm") and (
+        device.type != "cuda"
+    ):
         return NEEDS_CUDA
-    if mode == "harvest-gpu" and "cuda-vmm" not in lenders:
+    if mode in ("harvest-gpu", "harvest-gpu-placed") and "cuda-vmm" not in lenders:
         return "skipped (no cuda-vmm lender on this node)"
     return None
 
@@ -460,6 +494,8 @@ def borrowed(offload: Any, timeout: float = 5.0) -> dict[str, Any]:
     earlier revocation."""
     from client.cache import Tier
 
+    if offload.placement == "placed":
+        return placed_borrowed(offload, timeout)
     keys = offloaded_keys(offload)
     began = time.monotonic()
     while True:
@@ -473,6 +509,17 @@ def borrowed(offload: Any, timeout: float = 5.0) -> dict[str, Any]:
         "offloaded_experts": len(keys),
         "refill_wait_s": round(time.monotonic() - began, 3),
     }
+
+
+def placed_borrowed(offload: Any, timeout: float) -> dict[str, Any]:
+    """:func:`borrowed` for placed experts: refill until no byte reads the host copy."""
+    began = time.monotonic()
+    placed = [p for m in offload.modules.values() for p in m.placed or ()]
+    while offload.tiers()["host"] and time.monotonic() - began < timeout:
+        for p in placed:
+            p.refill()
+        time.sleep(0.02)
+    return {"tiers": offload.tiers(), "refill_wait_s": round(time.monotonic() - began, 3)}
 
 
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -495,9 +542,10 @@ def run_once(
     off = setup.offload
     run: dict[str, Any] = {}
     fetched_at: list[int] = []
-    if off is not None:
-        if refill and setup.mode in ("harvest-host", "harvest-gpu"):
-            run.update(borrowed(off))
+    copies = off is not None and off.placement == "copy"
+    if off is not None and refill and setup.mode in ("harvest-host", "harvest-gpu", *PLACED_MODES):
+        run.update(borrowed(off))
+    if copies:
         stats = off.cache.stats
         before = (dict(stats.hits), stats.revocations, stats.fallbacks, off.stats.bytes_fetched)
     res = decode(
@@ -507,11 +555,13 @@ def run_once(
         steps,
         args.warmup,
         device,
-        between=None if off is None else lambda: fetched_at.append(off.stats.bytes_fetched),
+        between=None if not copies else lambda: fetched_at.append(off.stats.bytes_fetched),
         seconds=seconds,
     )
     per_step: float | None = None
-    if off is not None:
+    if off is not None and not copies:
+        run["tiers_after"] = off.tiers()
+    if copies:
         stats = off.cache.stats
         start = fetched_at[args.warmup - 1] if args.warmup else before[3]
         per_step = (fetched_at[-1] - start) / res["steps"]
@@ -659,7 +709,7 @@ def run_fraction(
     setups: dict[str, Setup] = {}
     absent: dict[str, dict[str, Any]] = {}
     # GPU leases last: the lender sees no more of this process's allocations after them.
-    for mode in sorted(args.modes, key=lambda m: m == "harvest-gpu"):
+    for mode in sorted(args.modes, key=lambda m: m in ("harvest-gpu", "harvest-gpu-placed")):
         reason = skip_reason(mode, device, lenders)
         if reason is not None:
             absent[mode] = {"status": reason, "how": HOW.get(mode, "")}
@@ -721,11 +771,20 @@ def run_fraction(
                             modes, "harvest-gpu", "best-host-offload"
                         ),
                         "harvest_gpu_vs_resident": ratio(modes, "harvest-gpu", "resident"),
+                        "harvest_gpu_placed_vs_resident": ratio(
+                            modes, "harvest-gpu-placed", "resident"
+                        ),
+                        "harvest_gpu_placed_vs_best_host_offload": ratio(
+                            modes, "harvest-gpu-placed", "best-host-offload"
+                        ),
                     },
                     "also": {
                         f"{a}_vs_{b}".replace("-", "_"): ratio(modes, a, b)
                         for a, b in (
                             ("harvest-gpu", "resident-same-code"),
+                            ("harvest-gpu-placed", "resident-same-code"),
+                            ("harvest-gpu-placed", "harvest-gpu"),
+                            ("host-placed", "best-host-offload"),
                             ("harvest-gpu", "accelerate-pinned"),
                             ("harvest-gpu", "accelerate-default"),
                             ("harvest-host", "best-host-offload"),
@@ -1102,6 +1161,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
         args.device, args.batches = "cpu", "1,3"
         args.host_bytes, args.slab_bytes, args.revoke_seconds = "256MiB", "256KiB", 1.0
         args.mixtral_layers, args.qwen_layers = 2, 2
+        args.modes = ",".join([*MODES, "host-placed"])
     if args.repeats < MIN_REPEATS or args.steps < MIN_STEPS:
         parser.error(f"--repeats must be >= {MIN_REPEATS} and --steps >= {MIN_STEPS}")
     args.slab_bytes = parse_size(args.slab_bytes)

@@ -250,8 +250,13 @@ def test_remap_lock_orders_uses_and_remaps():
     r = threading.Thread(target=remapper)
     r.start()
     time.sleep(0.05)
+
     # A waiting remap goes before new uses: this one must wait for it.
-    late = threading.Thread(target=lambda: (lock.use().__enter__(), events.append("late use")))
+    def late_user() -> None:
+        with lock.use():
+            events.append("late use")
+
+    late = threading.Thread(target=late_user)
     late.start()
     time.sleep(0.05)
     assert events == []

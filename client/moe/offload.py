@@ -41,7 +41,7 @@ from client.moe.compute import (
     stacked_rows,
 )
 from client.moe.placed import PlacedExperts
-from harvestd.errors import InvalidArgument
+from harvestd.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +162,21 @@ class ExpertOffload:
     :func:`offload_experts`."""
 
     def __init__(self, cache: TieredCache | None) -> None:
-        self.cache = cache
+        self._cache = cache
+        self.placement = "copy" if cache is not None else "placed"
         self.stats = OffloadStats()
         self.modules: dict[str, OffloadedExperts | PlacedExperts] = {}
         self._staging: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._closer = (
             _Closer(self._redone) if cache is not None and cache.stream is not None else None
         )
+
+    @property
+    def cache(self) -> TieredCache:
+        """The tiered cache the experts are fetched from (``placement="copy"``)."""
+        if self._cache is None:
+            raise FailedPrecondition("placed experts have no cache: see tiers()")
+        return self._cache
 
     def tiers(self) -> dict[str, int]:
         """Bytes of the offloaded experts in each tier of their placed tensors (empty
@@ -198,8 +206,6 @@ class ExpertOffload:
         self, name: str, experts: Sequence[int], row_bytes: int
     ) -> tuple[Fetch, torch.Tensor]:
         """Start fetching ``experts`` of module ``name`` into staging rows (``[n, bytes]``)."""
-        if self.cache is None:
-            raise InvalidArgument("placed experts are read in place, never fetched")
         key = (row_bytes, torch.uint8)
         buf = self._staging.get(key)
         if buf is None or buf.shape[0] < len(experts):
@@ -220,8 +226,8 @@ class ExpertOffload:
         from the host copies; placed experts must not run afterwards."""
         if self._closer is not None:
             self._closer.stop()
-        if self.cache is not None:
-            self.cache.close()
+        if self._cache is not None:
+            self._cache.close()
         for module in self.modules.values():
             if isinstance(module, PlacedExperts):
                 module.close()
@@ -271,8 +277,6 @@ class OffloadedExperts(nn.Module):
             )
             self.down_proj = nn.Parameter(down.detach().index_select(0, index), requires_grad=False)
             cache = owner.cache
-            if cache is None:
-                raise InvalidArgument("experts fetched per call need the owner's cache")
             for e in off:
                 row = torch.cat(
                     [

@@ -24,7 +24,12 @@ def main() -> None:
     placed = c.place(source, chunk_bytes=1 << 20, lease_bytes=4 << 20, ttl=ttl)
     print(json.dumps({"event": "placed", "tiers": placed.tiers()}), flush=True)
     stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+
+    def wait_for_stop() -> None:
+        sys.stdin.readline()
+        stop.set()
+
+    threading.Thread(target=wait_for_stop, daemon=True).start()
     reads = wrong = 0
     while not stop.wait(0.01):
         with placed.use() as t:
