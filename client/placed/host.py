@@ -133,12 +133,8 @@ class HostRange:
         return self._auth_tensor
 
     def _check_span(self, offset: int, nbytes: int) -> None:
-        if (
-            offset < 0
-            or nbytes <= 0
-            or offset + nbytes > self.nbytes
-            or (offset | nbytes) % self.granularity
-        ):
+        g = self.granularity
+        if offset < 0 or nbytes <= 0 or offset + nbytes > self.nbytes or offset % g or nbytes % g:
             raise InvalidArgument(
                 f"span [{offset}, {offset + nbytes}) is not whole granules "
                 f"of a {self.nbytes}-byte range"

@@ -81,6 +81,12 @@ class _PlacedMapping:
         self.fence_ms: float | None = None  # how long the remap took, once fenced
 
     @property
+    def steps_ms(self) -> dict[str, float]:
+        """The remap's steps, where the range times them (the GPU's: sync, unmap, map,
+        access, release); empty on the CPU twin or before the fence."""
+        return dict(getattr(self.pages, "fence_ms", None) or {})
+
+    @property
     def device(self) -> Any:
         """The device the placed range is addressed from."""
         return self.owner.device
@@ -163,8 +169,8 @@ class PlacedTensor:
             raw = source.detach().reshape(-1).contiguous()
             if self.nbytes:
                 self._space.authoritative()[: self.nbytes].copy_(raw.view(torch.uint8))
-            self._authoritative = self._typed(self._space.authoritative())
-            self.tensor: torch.Tensor = self._typed(self._space.tensor())
+            self._authoritative: torch.Tensor | None = self._typed(self._space.authoritative())
+            self._tensor: torch.Tensor | None = self._typed(self._space.tensor())
             local = min(chunks, -(-local_bytes // self.chunk_bytes))
             if local:
                 self._space.map_local(0, local * self.chunk_bytes)
@@ -181,12 +187,21 @@ class PlacedTensor:
             )
             self._refiller.start()
 
+    @property
+    def tensor(self) -> "torch.Tensor":
+        """The placed tensor: ``source``'s values, at one address for the tensor's life
+        (read it inside :meth:`use`)."""
+        if self._tensor is None:
+            raise FailedPrecondition("this placed tensor is closed")
+        return self._tensor
+
     def _typed(self, raw: "torch.Tensor") -> "torch.Tensor":
         return raw[: self.nbytes].view(self.dtype).view(self.shape)
 
     def __repr__(self) -> str:
         tiers = ", ".join(f"{k}={v}" for k, v in self.tiers().items() if v)
-        return f"PlacedTensor({self.dtype}, {list(self.shape)}, {self.device}, {tiers})"
+        state = ", closed" if self._closed else ""
+        return f"PlacedTensor({self.dtype}, {list(self.shape)}, {self.device}, {tiers}{state})"
 
     # ------------------------------------------------------------ use
 
@@ -216,6 +231,7 @@ class PlacedTensor:
         revocation loses it."""
         self._check_open()
         with self._lock.use():
+            assert self._authoritative is not None  # open: checked above
             self._authoritative[key] = value
             self.tensor[key] = value
             with self._version_lock:
@@ -291,10 +307,15 @@ class PlacedTensor:
             if usable:
                 with self._version_lock:
                     stale = self._version != version
-                if stale:
-                    mapping.pages.fill()
-                self._space.synchronize()
-                mapping.pages.place()
+                try:
+                    if stale:
+                        mapping.pages.fill()
+                    self._space.synchronize()
+                    mapping.pages.place()
+                except Exception:  # noqa: BLE001 - the authoritative copy serves on
+                    log.exception("placing lease %s failed; its chunks stay on the host", lease.id)
+                    usable = False
+            if usable:
                 mapping.placed = True
                 self._tiers[first : first + count] = [self._space.lease_tier] * count
                 with self._version_lock:
@@ -360,6 +381,9 @@ class PlacedTensor:
         for lease in self.leases():
             lease.release()
         self._space.close()
+        # The range and the authoritative copy go once no tensor over them is left: drop
+        # ours, so that only the caller's own views keep them.
+        self._tensor = self._authoritative = None
 
     def __enter__(self) -> "PlacedTensor":
         return self
