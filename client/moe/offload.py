@@ -21,16 +21,15 @@ GEMMs instead (see :mod:`client.moe.compute`).
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence, cast
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from client.cache.fetch import Fetch
 from client.cache.tiered import TieredCache
+from client.moe.closer import FetchCloser
 from client.moe.compute import (
     Compute,
     Weights,
@@ -41,6 +40,7 @@ from client.moe.compute import (
     stacked_rows,
 )
 from client.moe.placed import PlacedExperts
+from client.moe.split import SplitExperts, fused_weights
 from harvestd.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,6 @@ def find_experts(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _fused_weights(module: nn.Module) -> Weights:
-    """A fused experts module's ``gate_up_proj`` and ``down_proj`` (tensors: that is what
-    :func:`find_experts` looks for; ``nn.Module`` types its attributes as either)."""
-    return cast(torch.Tensor, module.gate_up_proj), cast(torch.Tensor, module.down_proj)
-
-
 @dataclass
 class OffloadStats:
     """What an offload moved: experts and bytes, and the cache's reads by tier."""
@@ -110,51 +104,6 @@ class OffloadStats:
     unverified_layers: int = 0  # a fence overlapped a read after its layer was computed
 
 
-class _Closer:
-    """Ends fetches once their copies have completed, on a thread of its own, so that
-    the model's thread never waits for a copy: it queues the next layer's kernels while
-    the copies run (the kernels that need a fetched expert wait for it on the device).
-    The fetch's leases stay in use, fence held off, until the copies are done."""
-
-    def __init__(self, on_redone: Callable[[Fetch, list[int]], None]) -> None:
-        self._queue: queue.SimpleQueue[Fetch | None] = queue.SimpleQueue()
-        self._pending = 0
-        self._idle = threading.Condition()
-        self._on_redone = on_redone
-        self._thread = threading.Thread(target=self._run, name="harvest-moe-closer", daemon=True)
-        self._thread.start()
-
-    def add(self, fetch: Fetch) -> None:
-        """End ``fetch`` once its copies complete."""
-        with self._idle:
-            self._pending += 1
-        self._queue.put(fetch)
-
-    def _run(self) -> None:
-        while (fetch := self._queue.get()) is not None:
-            try:
-                redone = fetch.wait()
-                if redone:
-                    self._on_redone(fetch, redone)
-            except Exception:  # noqa: BLE001 - the closer must outlive one bad fetch
-                log.exception("ending a fetch failed")
-            finally:
-                with self._idle:
-                    self._pending -= 1
-                    self._idle.notify_all()
-
-    def drain(self, timeout: float = 60.0) -> None:
-        """Wait until every fetch handed over has ended."""
-        with self._idle:
-            self._idle.wait_for(lambda: self._pending == 0, timeout)
-
-    def stop(self) -> None:
-        """End what is queued, then the thread."""
-        self.drain()
-        self._queue.put(None)
-        self._thread.join(timeout=10)
-
-
 class ExpertOffload:
     """The experts taken off a model: the cache that holds them and the staging buffers
     they are fetched into (``placement="copy"``), or the placed tensors they are read in
@@ -168,7 +117,7 @@ class ExpertOffload:
         self.modules: dict[str, OffloadedExperts | PlacedExperts] = {}
         self._staging: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._closer = (
-            _Closer(self._redone) if cache is not None and cache.stream is not None else None
+            FetchCloser(self._redone) if cache is not None and cache.stream is not None else None
         )
 
     @property
@@ -233,13 +182,9 @@ class ExpertOffload:
                 module.close()
 
 
-class OffloadedExperts(nn.Module):
+class OffloadedExperts(SplitExperts):
     """Stands in for a fused experts module: resident experts stay in ``gate_up_proj`` /
     ``down_proj`` (only those), offloaded ones are fetched per call."""
-
-    gate_up_proj: nn.Parameter
-    down_proj: nn.Parameter
-    act_fn: Callable[[torch.Tensor], torch.Tensor]
 
     def __init__(
         self,
@@ -249,35 +194,16 @@ class OffloadedExperts(nn.Module):
         owner: ExpertOffload,
         compute: Compute = Compute.EAGER,
     ) -> None:
-        super().__init__()
-        gate_up, down = _fused_weights(original)
-        self.num_experts = int(gate_up.shape[0])
-        self.name = name
-        self.compute = compute
-        self.act_fn = cast(Callable[[torch.Tensor], torch.Tensor], original.act_fn)
+        super().__init__(original, name, offloaded, compute)
+        gate_up, down = fused_weights(original)
         self._owner = owner
-        off = sorted(set(int(e) for e in offloaded))
-        if any(e < 0 or e >= self.num_experts for e in off):
-            raise InvalidArgument(f"{name}: experts to offload must lie in [0, {self.num_experts})")
-        resident = [e for e in range(self.num_experts) if e not in set(off)]
-        self._slot = [-1] * self.num_experts
-        for i, e in enumerate(resident):
-            self._slot[e] = i
-        self._slot_of = torch.tensor(self._slot, dtype=torch.long)  # for the grouped plan
-        self.offloaded = off
         self._gate_up_shape = tuple(gate_up.shape[1:])
         self._down_shape = tuple(down.shape[1:])
         self._dtype = gate_up.dtype
         self._gate_up_bytes = gate_up[0].numel() * gate_up.element_size()
-        self.row_bytes = self._gate_up_bytes + down[0].numel() * down.element_size()
+        cache = owner.cache
         with torch.no_grad():
-            index = torch.tensor(resident, dtype=torch.long, device=gate_up.device)
-            self.gate_up_proj = nn.Parameter(
-                gate_up.detach().index_select(0, index), requires_grad=False
-            )
-            self.down_proj = nn.Parameter(down.detach().index_select(0, index), requires_grad=False)
-            cache = owner.cache
-            for e in off:
+            for e in self.offloaded:
                 row = torch.cat(
                     [
                         gate_up.detach()[e].reshape(-1).view(torch.uint8),
@@ -421,13 +347,13 @@ def offload_experts(
     plan: dict[str, list[int]] = {}
     total = 0
     for name, module in modules.items():
-        gate_up, down = _fused_weights(module)
+        gate_up, down = fused_weights(module)
         count = gate_up.shape[0]
         share = max(1, round(float(fraction) * count)) if fraction > 0 else 0
         plan[name] = list(choose(name, count, share)) if share else []
         row = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
         total += row * len(plan[name])
-    device = _fused_weights(next(iter(modules.values())))[0].device
+    device = fused_weights(next(iter(modules.values())))[0].device
     if placement == "placed":
         return _place_experts(
             model,

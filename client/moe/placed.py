@@ -8,7 +8,7 @@ lease's experts read the host copy at the same addresses until a refill brings t
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence, cast
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -21,17 +21,13 @@ from client.moe.compute import (
     grouped_experts,
     grouped_plan,
 )
-from harvestd.errors import InvalidArgument
+from client.moe.split import SplitExperts, fused_weights
 
 
-class PlacedExperts(nn.Module):
+class PlacedExperts(SplitExperts):
     """Stands in for a fused experts module: resident experts stay in ``gate_up_proj`` /
     ``down_proj`` (only those), offloaded ones live in :attr:`placed` (two placed
     tensors) and are read there."""
-
-    gate_up_proj: nn.Parameter
-    down_proj: nn.Parameter
-    act_fn: Callable[[torch.Tensor], torch.Tensor]
 
     def __init__(
         self,
@@ -42,31 +38,12 @@ class PlacedExperts(nn.Module):
         compute: Compute = Compute.EAGER,
         place_options: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        gate_up = cast(torch.Tensor, original.gate_up_proj).detach()
-        down = cast(torch.Tensor, original.down_proj).detach()
-        self.num_experts = int(gate_up.shape[0])
-        self.name = name
-        self.compute = compute
-        self.act_fn = cast(Callable[[torch.Tensor], torch.Tensor], original.act_fn)
-        off = sorted(set(int(e) for e in offloaded))
-        if any(e < 0 or e >= self.num_experts for e in off):
-            raise InvalidArgument(f"{name}: experts to offload must lie in [0, {self.num_experts})")
-        resident = [e for e in range(self.num_experts) if e not in set(off)]
-        self._slot = [-1] * self.num_experts
-        for i, e in enumerate(resident):
-            self._slot[e] = i
-        self._slot_of = torch.tensor(self._slot, dtype=torch.long)
-        self._position = {e: i for i, e in enumerate(off)}
-        self.offloaded = off
-        self.row_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
-        with torch.no_grad():
-            index = torch.tensor(resident, dtype=torch.long, device=gate_up.device)
-            self.gate_up_proj = nn.Parameter(gate_up.index_select(0, index), requires_grad=False)
-            self.down_proj = nn.Parameter(down.index_select(0, index), requires_grad=False)
+        super().__init__(original, name, offloaded, compute)
+        gate_up, down = (w.detach() for w in fused_weights(original))
+        self._position = {e: i for i, e in enumerate(self.offloaded)}
         self.placed: tuple[Any, Any] | None = None
-        if off:
-            chosen = torch.tensor(off, dtype=torch.long, device=gate_up.device)
+        if self.offloaded:
+            chosen = torch.tensor(self.offloaded, dtype=torch.long, device=gate_up.device)
             options = dict(place_options or {})
             placed_gate_up = client.place(gate_up.index_select(0, chosen), **options)
             try:
