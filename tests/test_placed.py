@@ -276,3 +276,29 @@ def test_remap_lock_orders_uses_and_remaps():
 def test_tiers_name_every_tier():
     assert {t.value for t in Tier} == {"local", "gpu-lease", "host-lease", "host"}
     assert PlacedTensor.__doc__
+
+
+def test_a_remap_that_keeps_failing_refuses_every_use(plain_node, monkeypatch):
+    """A span the remap could not map back would fault the next kernel: the placed
+    tensor refuses uses instead, and the lease is not acknowledged."""
+    from client.placed import host
+
+    source = _source(4 * MiB)
+    with plain_node.connect() as c:
+        placed = c.place(source, chunk_bytes=MiB, lease_bytes=4 * MiB, refill_s=None)
+        calls = []
+
+        def broken_evict(self):
+            calls.append(self.offset)
+            raise OSError("injected: mmap failed")
+
+        monkeypatch.setattr(host.HostLeasePages, "evict", broken_evict)
+        c.reclaim(plain_node.lender_id(), 64 * MiB, timeout=0.5)
+        wait_for(lambda: len(calls) >= 3, what="the remap's attempts")
+        with pytest.raises(FailedPrecondition, match="unusable"):
+            with placed.use():
+                pass
+        with pytest.raises(FailedPrecondition):
+            placed.write_(0, 1.0)
+        monkeypatch.undo()
+        placed.close()

@@ -98,6 +98,7 @@ class _State:
     host_at: set[int] = field(default_factory=set)  # offsets where the range maps its host chunk
     spans: dict[int, tuple[int, int]] = field(default_factory=dict)  # offset: (bytes, key)
     scratch: dict[int, int] = field(default_factory=dict)  # staging address: bytes
+    ungranted: set[int] = field(default_factory=set)  # spans mapped back, access not yet set
     imports: dict[int, Any] = field(default_factory=dict)  # key: a lease's imported handle
     keys: Iterator[int] = field(default_factory=lambda: itertools.count(1))  # 0: local memory
     freed: bool = False
@@ -187,11 +188,12 @@ class CudaLeasePages:
             raise
 
     def evict(self) -> None:
-        """Map the host chunks back (when placed) and release the lease. Idempotent."""
+        """Map the host chunks back (when placed) and release the lease. Idempotent once
+        it has succeeded; after a failure, calling it again maps what is still missing."""
         if not self._evicted:
-            self._evicted = True
             scratch, self._scratch = self._scratch, None
             self.fence_ms = self._space._evict(self._key, scratch, self.offset, self.nbytes)
+            self._evicted = True
 
 
 class CudaRange:
@@ -340,11 +342,15 @@ class CudaRange:
             va = self._reserve(drv, size)
             try:
                 self._map(drv, va, size, handle)
+                try:
+                    self._grant(drv, va, size)
+                except BaseException:
+                    drv.cuMemUnmap(va, size)  # or the lease would stay mapped here
+                    raise
             except BaseException:
                 drv.cuMemAddressFree(va, size)
                 raise
             state.scratch[va] = size
-            self._grant(drv, va, size)
             return va
 
     def _free_scratch(self, drv: Any, va: int | None) -> None:
@@ -381,6 +387,13 @@ class CudaRange:
             self._grant(drv, state.base + offset, nbytes)
             raise
 
+    def _hole(self, offset: int, nbytes: int) -> bool:
+        """Whether a chunk of the span maps nothing, or was mapped without access yet."""
+        state, g = self._state, self.granularity
+        return bool(
+            set(range(offset, offset + nbytes, g)) - state.host_at or offset in state.ungranted
+        )
+
     def _map_host(self, drv: Any, offset: int, nbytes: int) -> None:
         state, g = self._state, self.granularity
         for o in range(offset, offset + nbytes, g):
@@ -411,10 +424,19 @@ class CudaRange:
                         cu.check(drv.cuMemUnmap(state.base + offset, nbytes), "cuMemUnmap")
                         del state.spans[offset]
                         marks.append(("unmap", time.perf_counter()))
+                        state.ungranted.add(offset)
                         self._map_host(drv, offset, nbytes)
                         marks.append(("map", time.perf_counter()))
                         self._grant(drv, state.base + offset, nbytes)
+                        state.ungranted.discard(offset)
                         marks.append(("access", time.perf_counter()))
+                    elif offset not in state.spans and self._hole(offset, nbytes):
+                        # An earlier evict unmapped the lease and failed to map the host
+                        # chunks back (or to grant access): finish it now.
+                        self._map_host(drv, offset, nbytes)
+                        self._grant(drv, state.base + offset, nbytes)
+                        state.ungranted.discard(offset)
+                        marks.append(("healed", time.perf_counter()))
                     self._free_scratch(drv, scratch)
                 finally:  # nothing maps the lease now (or, if the unmap failed, the mapping
                     # and not the handle keeps its pages): let go of it either way

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 2 * MiB  # the H200's VMM granularity: the finest placement there
 DEFAULT_LEASE_BYTES = 256 * MiB  # a lease carries many chunks; it is the unit of revocation
+_EVICT_ATTEMPTS = 3
 
 
 class LeaseSource(Protocol):
@@ -159,6 +160,7 @@ class PlacedTensor:
         self._version_lock = threading.Lock()
         self._refilling = threading.Lock()
         self._closed = False
+        self._broken = ""  # why the tensor can no longer be used (a remap failed)
         self._stop = threading.Event()
         self._leases: dict[str, tuple[Lease, _PlacedMapping]] = {}
         self.revocations = 0
@@ -334,7 +336,18 @@ class PlacedTensor:
             was_placed = mapping.placed
             if was_placed:
                 self._space.synchronize()
-            mapping.pages.evict()
+            for attempt in range(_EVICT_ATTEMPTS):
+                try:
+                    mapping.pages.evict()  # a retry maps what a failed one left out
+                    break
+                except Exception as err:
+                    if attempt + 1 == _EVICT_ATTEMPTS:
+                        # A span that maps nothing would fault the next kernel over it:
+                        # refuse every use from here on instead.
+                        self._broken = f"remapping {mapping.nbytes} bytes failed: {err}"
+                        raise
+                    log.warning("evicting a lease's pages failed (%s); retrying", err)
+                    time.sleep(0.01 * (attempt + 1))
             if was_placed:
                 mapping.placed = False
                 self._tiers[mapping.first : mapping.first + mapping.count] = [Tier.HOST] * (
@@ -367,6 +380,8 @@ class PlacedTensor:
     def _check_open(self) -> None:
         if self._closed:
             raise FailedPrecondition("this placed tensor is closed")
+        if self._broken:
+            raise FailedPrecondition(f"this placed tensor is unusable: {self._broken}")
 
     def close(self) -> None:
         """Give every lease back and let the range go (once no tensor over it is left).
