@@ -120,6 +120,7 @@ def check_gpus() -> list[Check]:
                 "use --backend cuda-ipc, or a driver that exports fd handles",
             )
         )
+    checks += [_placed_path(gpu.index, gpu.uuid) for gpu in gpus]
     for a in gpus:
         for b in gpus:
             if a.index < b.index:
@@ -132,6 +133,31 @@ def check_gpus() -> list[Check]:
                     )
                 )
     return checks
+
+
+def _placed_path(index: int, uuid: str) -> Check:
+    """Which path placed tensors take on a GPU: read in place, where the driver can map
+    pinned host memory through the VMM API (the authoritative copy), or the copy path."""
+    name = f"GPU {index} placed tensors"
+    try:
+        from lender.backends import cuda_driver
+        from lender.backends.vmm_host import host_location
+
+        _, granularity, where = host_location(cuda_driver.ordinal_of_uuid(uuid))
+    except Exception as exc:  # noqa: BLE001 - no bindings, no VMM host memory: a finding
+        return Check(
+            name,
+            False,
+            f"copy path: the driver cannot map VMM host memory here ({exc})",
+            "workloads fetch into staging (placement='copy'); a driver with host-NUMA "
+            "cuMemCreate (CUDA 12.2+) reads placed tensors in place",
+        )
+    return Check(
+        name,
+        True,
+        f"in place: the authoritative copy in {where} memory, chunks of "
+        f"{granularity >> 20} MiB (c.place, placement='placed')",
+    )
 
 
 def _text(value) -> str:

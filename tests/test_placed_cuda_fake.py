@@ -38,6 +38,7 @@ from harvestd.errors import (
 )
 from harvestd.sizes import MiB
 from lender.backends import cuda_driver as cu
+from lender.backends import vmm_host as vh
 
 MODULES = ("cuda", "cuda.bindings", "cuda.bindings.driver")
 SIZE = 40 * MiB  # the range every case asks for
@@ -79,7 +80,7 @@ def install(mp: pytest.MonkeyPatch) -> tuple[FakeDriver, list[pc._State]]:
     mp.setattr(cu, "_driver", None)
     mp.setattr(cu, "_contexts", {})
     mp.setattr(cu, "tensor_over", _tensor_over)
-    mp.setattr(pc, "_hosts", {})
+    mp.setattr(vh, "_hosts", {})
     mp.setattr(pc, "_streams", {})
     states: list[pc._State] = []
     real_state = pc._State
@@ -411,7 +412,7 @@ def test_evict_after_release_is_a_no_op(fake: FakeDriver, case: Case) -> None:
 
 def test_the_fake_is_gone_after_the_fixture() -> None:
     before = {name: sys.modules.get(name) for name in MODULES}
-    caches = (cu._driver, cu._contexts, cu.tensor_over, pc._hosts, pc._streams, pc._State)
+    caches = (cu._driver, cu._contexts, cu.tensor_over, vh._hosts, pc._streams, pc._State)
     with pytest.MonkeyPatch.context() as mp:
         drv, _ = install(mp)
         from cuda.bindings import driver as inside
@@ -419,10 +420,35 @@ def test_the_fake_is_gone_after_the_fixture() -> None:
         assert inside is drv and cu.driver() is drv
     assert {name: sys.modules.get(name) for name in MODULES} == before
     assert all(m is not drv for m in sys.modules.values())
-    after = (cu._driver, cu._contexts, cu.tensor_over, pc._hosts, pc._streams, pc._State)
+    after = (cu._driver, cu._contexts, cu.tensor_over, vh._hosts, pc._streams, pc._State)
     assert all(a is b for a, b in zip(after, caches, strict=True))
     try:  # the real bindings where installed (GPU machines), else none at all (CI)
         real: Any = importlib.import_module("cuda.bindings.driver")
     except ImportError:
         real = None
     assert real is not drv
+
+
+# ---------------------------------------------------------------- harvestd doctor
+
+
+def test_doctor_names_the_in_place_path_where_the_driver_maps_host_memory(
+    fake: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harvestd.doctor import _placed_path
+
+    monkeypatch.setattr(cu, "ordinal_of_uuid", lambda uuid: 0)
+    check = _placed_path(0, "GPU-fake")
+    assert check.ok is True and "in place" in check.detail and "host-numa" in check.detail
+
+
+def test_doctor_names_the_copy_path_where_it_cannot(
+    fake: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harvestd.doctor import _placed_path
+
+    monkeypatch.setattr(cu, "ordinal_of_uuid", lambda uuid: 0)
+    fake.numa_supported = False  # no host-NUMA memory, and the plain host one fails too
+    fake.fail("cuMemCreate", nth=2)
+    check = _placed_path(0, "GPU-fake")
+    assert check.ok is False and "copy path" in check.detail and check.fix
