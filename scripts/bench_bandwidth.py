@@ -20,6 +20,17 @@ pinned host).
         --out bench/results/bandwidth.json      # + bandwidth.png when matplotlib is there
     python3 scripts/bench_bandwidth.py --src-gpu 1 --dst-gpu 0 \
         --out bench/results/bandwidth_nvlink.json   # lender on GPU 1, reads into GPU 0
+    python3 scripts/bench_bandwidth.py --smoke --out /tmp/bandwidth_smoke/bandwidth.json
+
+--smoke: the CPU twin, tiny sizes, a few seconds, no GPU. A node with one host lender as
+a plain process (benchkit.multi.plain_host_node, as the other --smoke runs start one)
+lends a host lease (memfd pages of the lender process, mapped here); the same single
+copies and batched gathers read it into this process's memory, against the same reads
+from local memory (``local_cpu``, the ceiling) and a copy-per-block loop from the lease,
+timed by the wall clock. Same JSON shape (sources, ratios, gather_verified), with
+``"platform": "cpu"`` and the CPU as ``device``; the ratios that need a GPU (pinned
+host-to-device) are null. These are CPU-twin figures: they check the protocol, and say
+nothing about any GPU's bandwidth; never set them beside GPU figures.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -38,6 +50,8 @@ from typing import Any, Callable
 from benchkit.node import REPO, pyplot
 
 from harvestd.sizes import GiB, KiB, MiB
+
+TWIN_BUDGET_BYTES = 2e8  # bytes one figure of the CPU twin moves, at most (see timed)
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -133,20 +147,32 @@ def timed(
     budget_bytes: float = 4e9,
     reps: int | None = None,
     inner: int = 1,
+    wall: bool = False,
 ) -> dict[str, float]:
     """Median seconds of ``fn(i)`` over CUDA events, and GB/s for ``nbytes`` moved.
 
     ``inner`` calls run back to back between one pair of events (the time is divided by
     it): sustained throughput, with Python's launch overhead hidden behind the GPU's work.
-    With 1, the launch latency of that one call is part of the time."""
+    With 1, the launch latency of that one call is part of the time. ``wall``: the CPU
+    twin's clock (``time.perf_counter`` around the same calls) instead of CUDA events, and
+    at most ``TWIN_BUDGET_BYTES`` moved per figure (a CPU copies 100 times slower)."""
     import torch
 
+    if wall:
+        budget_bytes = min(budget_bytes, TWIN_BUDGET_BYTES)
     reps = reps or int(max(5, min(50, budget_bytes // max(nbytes * inner, 1))))
     for i in range(warmup):
         fn(i)
-    torch.cuda.synchronize()
+    if not wall:
+        torch.cuda.synchronize()
     times = []
     for i in range(reps):
+        if wall:
+            t0 = time.perf_counter()
+            for j in range(inner):
+                fn(warmup + i * inner + j)
+            times.append((time.perf_counter() - t0) / inner)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for j in range(inner):
@@ -165,7 +191,7 @@ def timed(
 
 
 def bench_words(
-    src: Any, device: Any, block: int = 16 * KiB, total: int = 256 * MiB
+    src: Any, device: Any, block: int = 16 * KiB, total: int = 256 * MiB, wall: bool = False
 ) -> dict[str, float]:
     """GB/s of one ``index_select`` gathering ``block``-byte rows, per word type: which
     element width torch's kernel moves bytes fastest in (client/blocks.py picks 16)."""
@@ -183,7 +209,8 @@ def bench_words(
         def select(i: int, table: Any = table, dst: Any = dst) -> None:
             torch.index_select(table, 0, sets[i % 3], out=dst)
 
-        out[str(dtype).replace("torch.", "")] = round(timed(select, total, inner=5)["GBps"], 1)
+        row = timed(select, total, inner=5, wall=wall)
+        out[str(dtype).replace("torch.", "")] = round(row["GBps"], 1)
     return out
 
 
@@ -225,9 +252,16 @@ def bench_lifecycle(lender: "Lender", nbytes: int, device: Any) -> dict[str, Any
 
 
 def bench_source(
-    name: str, src: Any, sizes: list[int], gather_blocks: list[int], gather_bytes: int, device: Any
+    name: str,
+    src: Any,
+    sizes: list[int],
+    gather_blocks: list[int],
+    gather_bytes: int,
+    device: Any,
+    wall: bool = False,
 ) -> dict[str, list[dict[str, float]]]:
-    """Single copies and batched gathers from one source into ``device``."""
+    """Single copies and batched gathers from one source into ``device`` (``wall``: timed
+    by the wall clock, the CPU twin)."""
     import torch
 
     from client.blocks import gather
@@ -244,7 +278,7 @@ def bench_source(
             start = (i % slots) * size  # walk the source: no block stays in L2
             dst.copy_(src[start : start + size], non_blocking=True)
 
-        row = timed(copy, size)
+        row = timed(copy, size, wall=wall)
         result["single_copy"].append(row)
         print(f"  {name:18s} copy   {size:>11,d} B  {row['GBps']:8.1f} GB/s", flush=True)
     gen = torch.Generator().manual_seed(0)
@@ -259,7 +293,7 @@ def bench_source(
         def batch(i: int, sets: list = sets, block: int = block, out: Any = out) -> None:
             gather(src, sets[i % 3], block, out, check=False)
 
-        row = timed(batch, n * block, inner=5)
+        row = timed(batch, n * block, inner=5, wall=wall)
         row.update(block_bytes=block, blocks=n)
         result["gather"].append(row)
         print(f"  {name:18s} gather {block:>11,d} B x {n:6d}  {row['GBps']:8.1f} GB/s", flush=True)
@@ -430,6 +464,140 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+# --smoke's sizes, where the command line left the GPU run's defaults.
+SMOKE = {
+    "sizes": "16KiB,256KiB,4MiB",
+    "gather_blocks": "16KiB,256KiB",
+    "gather_bytes": 4 * MiB,
+    "source_bytes": 32 * MiB,
+    "out": "/tmp/bandwidth_smoke/bandwidth.json",
+}
+TWIN_NOTE = (
+    "CPU-twin figures: a host lease (memfd pages of a lender process) and local memory "
+    "read into this process's memory on the CPU, wall clock; they check the protocol and "
+    "are not comparable with any GPU figure"
+)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def run_smoke(args: argparse.Namespace) -> dict[str, Any]:
+    """The CPU twin of :func:`run`: a host lease from a node's host lender (a plain
+    process) against local memory, both read on the CPU; returns the JSON document."""
+    import torch
+    from benchkit.multi import plain_host_node
+
+    from client.blocks import gather
+
+    device = torch.device("cpu")
+    # One thread: on a small, shared CI machine torch's intra-op pool waits for threads
+    # that are not scheduled, and a 256 KiB copy then takes milliseconds.
+    torch.set_num_threads(1)
+    sizes, blocks, nbytes = (
+        parse_sizes(args.sizes),
+        parse_sizes(args.gather_blocks),
+        args.source_bytes,
+    )
+    doc: dict[str, Any] = {
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "platform": "cpu",
+        "smoke": True,
+        "device": f"cpu: {cpu_name()} ({os.cpu_count()} CPUs)",
+        "twin": TWIN_NOTE,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "source_bytes": nbytes,
+        "gather_bytes": args.gather_bytes,
+        "timing": "wall clock (time.perf_counter), median; single_copy: one .copy_ per "
+        "timing; gather: 5 calls back to back per timing; lifecycle: wall clock",
+        "sources": {},
+    }
+    # Room for the measured lease and, beside it, the lifecycle's leases.
+    with plain_host_node(lenders=1, host_bytes=f"{2 * nbytes // MiB + 16}MiB") as node:
+        client = node.connect()
+        try:
+            grant_ms, release_ms = [], []
+            for _ in range(4):  # the first pays for imports and connections: dropped
+                t0 = time.perf_counter()
+                probe = client.lease(nbytes, backend="host")
+                probe.as_bytes()[::4096].fill_(1)  # touch every page: mapped for real
+                t1 = time.perf_counter()
+                probe.release()
+                grant_ms.append((t1 - t0) * 1e3)
+                release_ms.append((time.perf_counter() - t1) * 1e3)
+            doc["lease_lifecycle"] = {
+                "grant_map_touch_ms": statistics.median(grant_ms[1:]),
+                "release_ms": statistics.median(release_ms[1:]),
+                "what": "client.lease (grant, pick-up, map) and a write to every page; "
+                "then release (fence, unmap, tell the broker)",
+            }
+            lease = client.lease(nbytes, backend="host")
+            with lease.use():
+                src = lease.as_bytes()
+                doc["lease"] = {
+                    "id": lease.id,
+                    "lender": lease.lender,
+                    "backend": lease.backend.value,
+                    "bytes": lease.nbytes,
+                }
+                src.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
+                local = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+                for name, source in (("host_lease", src), ("local_cpu", local)):
+                    doc["sources"][name] = bench_source(
+                        name, source, sizes, blocks, args.gather_bytes, device, wall=True
+                    )
+                # The anti-pattern: a .copy_ per 16 KiB block, from the lease.
+                n = min(2048, nbytes // (16 * KiB))
+                idx = torch.randperm(nbytes // (16 * KiB))[:n].tolist()
+                out = torch.empty((n, 16 * KiB), dtype=torch.uint8)
+
+                def loop(_: int) -> None:
+                    for j, k in enumerate(idx):
+                        out[j].copy_(src[k * 16 * KiB : (k + 1) * 16 * KiB])
+
+                doc["loop_copy_16k_lease"] = timed(loop, n * 16 * KiB, warmup=1, reps=5, wall=True)
+                total = min(args.gather_bytes, nbytes // 2)
+                doc["gather16k_by_word"] = {
+                    "local_cpu": bench_words(local, device, total=total, wall=True),
+                    "host_lease": bench_words(src, device, total=total, wall=True),
+                }
+                # Check the fast path moved the right bytes, not just many bytes.
+                check = torch.randperm(nbytes // (16 * KiB))[:64] * (16 * KiB)
+                got = gather(src, check, 16 * KiB, torch.empty(64 * 16 * KiB, dtype=torch.uint8))
+                ref = torch.cat([src[o : o + 16 * KiB] for o in check.tolist()])
+                doc["gather_verified"] = bool(torch.equal(got, ref))
+            lease.release()
+        finally:
+            client.close()
+    g16 = {
+        name: next((r["GBps"] for r in src["gather"] if r["block_bytes"] == 16 * KiB), None)
+        for name, src in doc["sources"].items()
+    }
+    # The GPU run's ratio names; those that need a GPU (pinned host-to-device) are null.
+    doc["ratios"] = {
+        "gather16k_lease_over_local": _ratio(g16["host_lease"], g16["local_cpu"]),
+        "gather16k_pinned_host_lease_over_pinned_h2d_1GiB": None,
+        "gather16k_lease_over_pinned_host_lease": None,
+        "gather16k_lease_over_loop_copy_16k": _ratio(
+            g16["host_lease"], doc["loop_copy_16k_lease"]["GBps"]
+        ),
+    }
+    doc["ratio_baselines"] = {
+        "gather16k_lease_over_local": "local_cpu gather, 16 KiB blocks, this run",
+        "gather16k_lease_over_loop_copy_16k": "loop_copy_16k_lease, this run",
+    }
+    return doc
+
+
 def report(doc: dict[str, Any]) -> None:
     """The table the reply shows last."""
     print(
@@ -470,6 +638,28 @@ def report(doc: dict[str, Any]) -> None:
             )
 
 
+def report_twin(doc: dict[str, Any]) -> None:
+    """The CPU twin's table, labelled as such."""
+    print(f"\nCPU twin (not GPU figures): {doc['device']}  lease from {doc['lease']['lender']}")
+    print(f"{'source':18s} {'gather 16KiB GB/s':>18s} {'copy 16KiB':>11s} {'copy largest':>13s}")
+    for name, src in doc["sources"].items():
+        g = next((r["GBps"] for r in src["gather"] if r["block_bytes"] == 16 * KiB), 0.0)
+        c = {r["bytes"]: r["GBps"] for r in src["single_copy"]}
+        big = c[max(c)] if c else 0.0
+        print(f"{name:18s} {g:18.1f} {c.get(16 * KiB, 0.0):11.2f} {big:13.1f}")
+    print(f"copy-per-block 16 KiB from the lease: {doc['loop_copy_16k_lease']['GBps']:.2f} GB/s")
+    life = doc["lease_lifecycle"]
+    print(
+        f"host lease of {doc['source_bytes'] // MiB} MiB: grant+map+touch "
+        f"{life['grant_map_touch_ms']:.2f} ms, release {life['release_ms']:.2f} ms"
+    )
+    print(f"gather 16 KiB by word type: {doc['gather16k_by_word']}")
+    print(f"gather verified: {doc['gather_verified']}")
+    for key, value in doc["ratios"].items():
+        print(f"ratio {key}: {value if value is not None else 'n/a (needs a GPU)'}")
+    print(doc["twin"])
+
+
 def plot(doc: dict[str, Any], path: Path) -> None:
     """Bandwidth against size, single copies and gathers, one line per source."""
     plt = pyplot()
@@ -481,7 +671,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         axes[0].plot([r["bytes"] for r in rows], [r["GBps"] for r in rows], "o-", label=name)
         rows = src["gather"]
         axes[1].plot([r["block_bytes"] for r in rows], [r["GBps"] for r in rows], "o-", label=name)
-    axes[1].axhline(doc["pinned_h2d_1GiB"]["GBps"], ls="--", c="gray", label="pinned H2D 1 GiB")
+    if "pinned_h2d_1GiB" in doc:  # none on the CPU twin
+        axes[1].axhline(doc["pinned_h2d_1GiB"]["GBps"], ls="--", c="gray", label="pinned H2D 1 GiB")
     for ax, title, xlabel in (
         (axes[0], "one .copy_ of one block", "block bytes"),
         (axes[1], f"gather of {doc['gather_bytes'] // MiB} MiB in one launch", "block bytes"),
@@ -493,7 +684,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{doc['device']}: borrowed memory into the GPU")
+    fig.suptitle(
+        f"CPU twin, {doc['device']}: a host lease read on the CPU (not GPU figures)"
+        if doc.get("platform") == "cpu"
+        else f"{doc['device']}: borrowed memory into the GPU"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -508,18 +703,40 @@ def main() -> int:
     parser.add_argument("--gather-bytes", type=int, default=256 * MiB)
     parser.add_argument("--source-bytes", type=int, default=GiB)
     parser.add_argument("--out", default=str(REPO / "bench/results/bandwidth.json"))
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the CPU twin: a host lease against local memory, tiny sizes, a few seconds",
+    )
     parser.add_argument("--serve-lender", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_lender is not None:
         serve_lender(args.serve_lender, args.src_gpu, args.source_bytes)
         return 0
-    doc = run(args)
+    if args.smoke:
+        for key, value in SMOKE.items():  # what the command line left at the GPU defaults
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+        doc = run_smoke(args)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no CUDA GPU here: nothing to measure (try --smoke, the CPU twin)")
+            return 2
+        doc = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     plot(doc, out.with_suffix(".png"))
-    report(doc)
+    if args.smoke:
+        report_twin(doc)
+    else:
+        report(doc)
     print(f"wrote {out}")
+    if args.smoke and not doc["gather_verified"]:
+        print("the gather from the lease moved the wrong bytes")
+        return 1
     return 0
 
 

@@ -338,13 +338,13 @@ def test_revoke_during_pickup(
             revoke_and_wait_until_forgotten(reply.id)
         return reply
 
-    def revoked_around_pick_up(grant, device):
+    def revoked_around_pick_up(grant, device, mapper=None):
         # The tenant's reclaim lands here, between Grant and the lease's registration.
         granted.append(grant.id)
         if when == "before-pickup":
             revoke_and_wait_until_forgotten(grant.id)
-            return real_pick_up(grant, device)
-        mapping = real_pick_up(grant, device)
+            return real_pick_up(grant, device, mapper)
+        mapping = real_pick_up(grant, device, mapper)
         stub.Revoke(pb.RevokeRequest(lease_id=grant.id), timeout=5)
         wait_for(
             lambda: row(grant.id).state == pb.REVOKED, timeout=10, what="the revocation to end"
