@@ -17,6 +17,7 @@ import fcntl
 import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 
 from harvestd.errors import InvalidArgument, NoCapacity
@@ -42,6 +43,7 @@ class HostDevice:
         if os.fstat(self._fd).st_size < _SIZE:
             os.close(self._fd)
             raise InvalidArgument(f"{self.path} is not a host device")
+        self._threads = threading.Lock()
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], total: int) -> HostDevice:
@@ -86,6 +88,13 @@ class HostDevice:
     def _change(self, who: str, delta: int) -> None:
         if who not in (TENANT, LENDER):
             raise InvalidArgument(f"a host device is used by {TENANT!r} or {LENDER!r}")
+        # flock excludes other processes only: threads of this one share the open file
+        # and would all hold the lock at once (the lender frees from several threads), so
+        # a lock of our own comes first, or two changes read the same books and one is lost.
+        with self._threads:
+            self._change_locked(who, delta)
+
+    def _change_locked(self, who: str, delta: int) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             total, tenant, lender = self._books()

@@ -205,3 +205,28 @@ def test_allocate_passes_other_errors_on_and_needs_a_size_to_ask_for(twin):
             tenant.allocate(broken)
         with pytest.raises(InvalidArgument, match="pass nbytes"):
             tenant.allocate(out_of_memory)
+
+
+def test_the_host_device_books_stay_exact_under_threads_of_one_process(tmp_path):
+    """The lender frees from several threads: flock alone lets threads of one process in
+    together (they share the open file), and a change was lost (a reclaim then never saw
+    its memory free). Every change must land."""
+    import threading
+
+    path = tmp_path / "device"
+    device = HostDevice.create(path, 1 << 40)
+    rounds, threads = 300, 8
+
+    def churn() -> None:
+        for _ in range(rounds):
+            device.allocate("lender", 4096)
+            device.free("lender", 4096)
+            device.allocate("lender", 4096)
+
+    workers = [threading.Thread(target=churn) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert device.used("lender") == rounds * threads * 4096
+    device.close()
