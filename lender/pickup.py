@@ -179,17 +179,23 @@ def _exchange(
             sock.connect(path)
         except OSError as exc:
             raise Unavailable(f"lender socket {path} does not answer: {exc}") from exc
-        sock.sendall(_frame(request))
-        header, fds, _, _ = socket.recv_fds(sock, _HEADER.size, 1)
-        if len(header) < _HEADER.size:
-            header += _recv_exact(sock, _HEADER.size - len(header))
-        (size,) = _HEADER.unpack(header)
-        reply = pb.PickupReply.FromString(_recv_exact(sock, size))
+        fds: list[int] = []
+        try:
+            sock.sendall(_frame(request))
+            header, fds, _, _ = socket.recv_fds(sock, _HEADER.size, 1)
+            if len(header) < _HEADER.size:
+                header += _recv_exact(sock, _HEADER.size - len(header))
+            (size,) = _HEADER.unpack(header)
+            reply = pb.PickupReply.FromString(_recv_exact(sock, size))
+        except OSError as exc:  # reset, closed, timed out: the lender went away mid-way
+            for fd in fds:
+                os.close(fd)
+            raise Unavailable(f"lender socket {path} broke off the pick-up: {exc}") from exc
     finally:
         sock.close()
-    fd = fds[0] if fds else None
+    received = fds[0] if fds else None
     if not reply.ok:
-        if fd is not None:
-            os.close(fd)
+        if received is not None:
+            os.close(received)
         raise from_code(reply.error_code, reply.error_message)
-    return reply, fd
+    return reply, received

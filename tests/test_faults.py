@@ -287,3 +287,28 @@ def test_a_use_covering_device_work_is_never_fenced_under(plain_node):
         assert int(data.count_nonzero()) == 0
         row = {l["id"]: l for l in plain_node.json("leases", "--all")}[lease.id]
         assert "did not acknowledge" in row["reason"]
+
+
+def test_a_lender_that_breaks_off_a_pick_up_is_unavailable(tmp_path):
+    """A lender socket that resets or closes mid-pick-up is the lender going away: a
+    clear Unavailable, never a raw OSError (a placed tensor's refill then tries again)."""
+    import socket as socket_module
+    import threading
+
+    from harvestd.errors import Unavailable
+    from lender.pickup import pick_up
+
+    path = str(tmp_path / "lender.sock")
+    server = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def hang_up() -> None:
+        conn, _ = server.accept()
+        conn.recv(1024)
+        conn.close()  # no reply at all
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    with pytest.raises(Unavailable, match="broke off"):
+        pick_up(path, "lease-x", b"token", 1)
+    server.close()
