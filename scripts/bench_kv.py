@@ -22,6 +22,14 @@ into the JSON):
   harvest-gpu           HarvestCache on CUDA VMM leases; on a one-GPU machine lent by that
                         same GPU (the blocks stay in its memory: a stand-in for a peer GPU)
 
+and, computing on the K/V where they lie (issue 15; reported apart, under "placed"):
+
+  harvest-gpu-placed    HarvestCache(placement="placed"): each layer's K/V in one placed
+                        tensor backed by CUDA VMM leases, read in place by attention
+  host-placed           the same with nothing leased: the host copy read in place over
+                        PCIe (optional: --modes, or --smoke, where it is the placed mode
+                        the CPU runs)
+
 Statistics (benchkit.stats): per context and batch, --repeats repeats (at least 3) in
 this one run, every mode once per repeat, the modes in alternating order from repeat to
 repeat; each run loads a fresh cache, decodes --warmup steps, then times --decode steps
@@ -40,6 +48,14 @@ against plain, as the median (min-max) of per-repeat ratios; rows where Harvest 
 say so. Reload: every layer's blocks fetched at once from the leases (the decode path's
 fetch), against a pinned host-to-device copy of 1 GiB measured in the same run.
 
+Placed modes: each runs right after its copy counterpart in every repeat (host-placed
+after harvest-host, harvest-gpu-placed after harvest-gpu; after plain when that one is
+not run), so it takes that mode's place in the alternating order. Their runs, summary and
+headline are under "placed" in the JSON (the issue-14 document keeps its shape); each
+headline row gets harvest_gpu_placed_vs_plain (issue 15's target: 0.90), against the best
+baseline and against harvest-gpu, and the host-placed ratios. Their tokens and logits
+must equal plain's like every Harvest mode's. No reload (nothing is fetched).
+
 The JSON is written after every context and batch ("complete": false until the last), so
 a run cut short keeps the points it finished. On the GPU (nvidia-h200), as
 scripts/gpu_bench.sh runs it; about 3 minutes with these defaults (an estimate from the
@@ -48,6 +64,7 @@ H100 run of the earlier script: transformers' two offloaded caches take most of 
     python scripts/bench_kv.py --lender-gpu 0 --out bench/results/kv.json   # + kv.png
     python scripts/bench_kv.py --lender-gpu 0 --batches 1,8   # the earlier grid: ~4.5 min
     python scripts/bench_kv.py --smoke --out /tmp/kv_smoke/kv.json  # CPU, tiny, host node
+    python scripts/bench_kv.py --lender-gpu 0 --modes plain,harvest-gpu,harvest-gpu-placed
 """
 
 from __future__ import annotations
@@ -59,7 +76,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from benchkit.kvmodes import (
     BASELINES,
@@ -77,6 +94,27 @@ from benchkit.stats import MIN_REPEATS, MIN_STEPS, alternating, fmt, spread
 from harvestd.sizes import GiB, MiB
 
 SKIPPED_CPU = "skipped (needs CUDA)"
+# Modes whose K/V sit in placed tensors, read in place (issue 15): reported apart, under
+# doc["placed"], so that the issue-14 document (MODES) keeps its shape.
+PLACED_MODES = ("host-placed", "harvest-gpu-placed")
+OPTIONAL_MODES = ("host-placed",)  # run only when asked for (--modes); --smoke runs it
+PLACED_NEEDS_CUDA = frozenset({"harvest-gpu-placed"})
+PLACED_AFTER = {"host-placed": "harvest-host", "harvest-gpu-placed": "harvest-gpu"}
+KNOWN = (*MODES, *PLACED_MODES)
+TARGET_VS_PLAIN = 0.90  # issue 15: harvest-gpu-placed decode at least 0.90 of plain
+PLACED_CONFIG = {
+    "harvest-gpu-placed": "client.kv.HarvestCache(placement='placed', backends=('cuda-vmm',), "
+    "max_tokens=context + warm-up + timed steps + 1, refill_every=None): each layer's K and "
+    "V in one placed tensor [2, batch, kv_heads, max_tokens, head_dim] whose 2 MiB chunks are "
+    "CUDA VMM leases of --lender-gpu mapped into one reserved range (on a one-GPU machine "
+    "that GPU's own memory, lent by the lender process), plus the authoritative host-NUMA "
+    "copy; each update writes the new token into the leased pages and the host copy and "
+    "returns [:, :, :tokens] views that attention reads in place: no fetch, no staging",
+    "host-placed": "client.kv.HarvestCache(placement='placed', borrow_bytes=0, max_tokens=..., "
+    "refill_every=None): the same placed tensors with nothing leased: attention reads the "
+    "authoritative host copy in place (host-NUMA pages mapped for the GPU through the VMM "
+    "API; a memfd on the CPU), every step's K/V crossing the PCIe link inside the kernel",
+}
 MEMORY_FIELDS = (
     "gpu_bytes",
     "gpu_bytes_with_leases",
@@ -216,9 +254,21 @@ def make_cache(
     """An empty cache of ``mode``."""
     from client.kv import HarvestCache
 
+    slab = args.slab_bytes
+    if mode in PLACED_MODES:
+        return HarvestCache(
+            client,
+            block_tokens=args.block_tokens,
+            config=model.config,
+            placement="placed",
+            max_tokens=max_tokens,
+            backends=("cuda-vmm",) if mode == "harvest-gpu-placed" else ("host",),
+            slab_bytes=slab,
+            borrow_bytes=0 if mode == "host-placed" else kv_bytes + 2 * slab + GiB,
+            refill_every=None,
+        )
     if mode not in HARVEST:
         return make_baseline(mode, model.config, max_tokens, args.block_tokens)
-    slab = args.slab_bytes
     return HarvestCache(
         client,
         block_tokens=args.block_tokens,
@@ -341,6 +391,8 @@ def run(args: argparse.Namespace, client: Any, device: Any) -> dict[str, Any]:
     free_memory(device)  # the float32 weights it was cast from
     memory = GpuMemory(device)
     modes = [m for m in args.modes if device.type == "cuda" or m not in NEEDS_CUDA]
+    placed = [m for m in args.placed_modes if device.type == "cuda" or m not in PLACED_NEEDS_CUDA]
+    after = {p: PLACED_AFTER[p] if PLACED_AFTER[p] in modes else PLAIN for p in placed}
     doc: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -401,6 +453,31 @@ def run(args: argparse.Namespace, client: Any, device: Any) -> dict[str, Any]:
         "runs": [],
         "reload": [],
         "errors": [],
+        "placed": {
+            "about": (
+                "issue 15: the K/V in placed tensors, read in place by attention; each "
+                "placed mode runs right after the mode of ran_after in every repeat; "
+                "headline ratios are per repeat, median (min-max), against modes of "
+                "doc['runs'] (same context, batch and repeat)"
+            ),
+            "modes": {
+                m: {
+                    "config": PLACED_CONFIG[m],
+                    "status": "run"
+                    if m in placed
+                    else SKIPPED_CPU
+                    if m in args.placed_modes
+                    else "left out",
+                    "ran_after": after.get(m),
+                }
+                for m in PLACED_MODES
+            },
+            "skipped_modes": {m: SKIPPED_CPU for m in args.placed_modes if m not in placed},
+            "target_vs_plain": TARGET_VS_PLAIN,
+            "runs": [],
+            "summary": [],
+            "headline": [],
+        },
     }
     doc["pinned_h2d_1GiB"] = pinned_h2d(device)
     for context in args.contexts:
@@ -417,17 +494,23 @@ def run(args: argparse.Namespace, client: Any, device: Any) -> dict[str, Any]:
                 flush=True,
             )
             outputs: dict[tuple[str, int], tuple[Any, Any]] = {}
-            rows = []
+            rows: list[dict[str, Any]] = []
+            placed_rows: list[dict[str, Any]] = []
             slot, last = 0, -1
-            for repeat, mode in alternating(modes, args.repeats):
-                slot = slot + 1 if repeat == last else 0
-                last = repeat
+            for repeat, mode in with_placed(modes, after, args.repeats):
+                if mode not in PLACED_MODES:  # the order among the issue-14 modes
+                    slot = slot + 1 if repeat == last else 0
+                    last = repeat
                 try:
                     row, tokens, logits = run_mode(
                         doc, mode, repeat, model, client, args, device, memory, kv, first
                     )
-                    row["order"] = slot
-                    rows.append(row)
+                    if mode in PLACED_MODES:
+                        row["ran_after"] = after[mode]
+                        placed_rows.append(row)
+                    else:
+                        row["order"] = slot
+                        rows.append(row)
                     outputs[(mode, repeat)] = (tokens, logits)
                 except Exception as exc:  # noqa: BLE001 - one mode failing must not lose the rest
                     doc["errors"].append(
@@ -441,14 +524,24 @@ def run(args: argparse.Namespace, client: Any, device: Any) -> dict[str, Any]:
                     )
                     print(f"  r{repeat} {mode:20s} FAILED: {exc!r}", flush=True)
                 free_memory(device)
-            judge(rows, outputs)
+            judge(rows + placed_rows, outputs)
             doc["runs"].extend(rows)
+            doc["placed"]["runs"].extend(placed_rows)
             del kv, first, outputs
             free_memory(device)
             summarize(doc)
             save(doc, Path(args.out))  # after every point: a run cut short keeps what it did
     doc["complete"] = True
     return doc
+
+
+def with_placed(modes: list[str], after: dict[str, str], repeats: int) -> Iterator[tuple[int, str]]:
+    """``alternating(modes)``, each placed mode right after the mode ``after`` names."""
+    for repeat, mode in alternating(modes, repeats):
+        yield repeat, mode
+        for placed, before in after.items():
+            if before == mode:
+                yield repeat, placed
 
 
 def save(doc: dict[str, Any], out: Path) -> None:
@@ -513,7 +606,7 @@ def run_mode(
         }
         if hasattr(cache, "host_bytes"):  # PinnedHostCache
             row.update(host_bytes=cache.host_bytes, device_bytes=cache.device_bytes)
-        if mode in HARVEST:
+        if mode in HARVEST or mode in PLACED_MODES:
             stats = cache.stats
             row.update(
                 tier_bytes=stats.tier_bytes,
@@ -523,7 +616,14 @@ def run_mode(
                 revocations=stats.revocations,
                 redone_rows=stats.redone_rows,
             )
-            if mode == "harvest-gpu" and args.leases_here and row["gpu_bytes"] is not None:
+            if mode in PLACED_MODES:
+                # The authoritative copy is the placed tensors' whole capacity.
+                row["host_bytes"] = sum(p.nbytes for p in cache.placed.tensors())
+            if (
+                mode in ("harvest-gpu", "harvest-gpu-placed")
+                and args.leases_here
+                and row["gpu_bytes"] is not None
+            ):
                 # On one GPU the leases are this GPU's memory (another process's: torch
                 # does not count them, and the lender pools freed memory, so NVML's
                 # delta misses them after the first run).
@@ -572,9 +672,10 @@ def verdict(mode: str, tokens: bool | None, logits: bool | None) -> str:
     """One line: what a mode's outputs say about it."""
     if mode == PLAIN:
         return "reference" if tokens else "reference, but its repeats differ"
+    harvest = mode in HARVEST or mode in PLACED_MODES
     if tokens is None:
-        return "no reference (plain did not run)" + (": FAIL" if mode in HARVEST else "")
-    if mode in HARVEST:
+        return "no reference (plain did not run)" + (": FAIL" if harvest else "")
+    if harvest:
         if not tokens:
             return "FAIL: tokens differ from plain"
         return "same tokens and logits as plain" if logits else "FAIL: logits differ from plain"
@@ -585,49 +686,30 @@ def verdict(mode: str, tokens: bool | None, logits: bool | None) -> str:
 
 def summarize(doc: dict[str, Any]) -> None:
     """Per context, batch and mode: median (min-max) over repeats and the verdict; per
-    context and batch: the headline; and whether the run passes."""
+    context and batch: the headline (with the placed modes' ratios); and whether the run
+    passes."""
     layers = doc["model"]["layers"]
-    keys = sorted({(r["context"], r["batch"]) for r in doc["runs"]})
+    placed = doc["placed"]
+    keys = sorted({(r["context"], r["batch"]) for r in doc["runs"] + placed["runs"]})
     doc["summary"], doc["headline"] = [], []
+    placed["summary"], placed["headline"] = [], []
     for key in keys:
         at = [r for r in doc["runs"] if (r["context"], r["batch"]) == key]
+        placed_at = [r for r in placed["runs"] if (r["context"], r["batch"]) == key]
         by_mode: dict[str, dict[str, Any]] = {}
-        for mode in MODES:
-            runs = [r for r in at if r["mode"] == mode]
+        for mode in KNOWN:
+            runs = [r for r in at + placed_at if r["mode"] == mode]
             if not runs:
                 continue
-            tokens: bool | None = all(r["tokens_equal_plain"] for r in runs)
-            logits: bool | None = all(r["logits_equal_plain"] for r in runs)
-            if any(r["tokens_equal_plain"] is None for r in runs):
-                tokens = logits = None
-            row: dict[str, Any] = {
-                "context": key[0],
-                "batch": key[1],
-                "mode": mode,
-                "repeats": len(runs),
-                "steps": min(r["steps"] for r in runs),
-                "warmup": runs[0]["warmup"],
-                "tokens_per_s": spread([r["tokens_per_s"] for r in runs]),
-                "ms_per_step": spread([r["ms_per_step"] for r in runs]),
-                "load_s": spread([r["load_s"] for r in runs]),
-                "kv_bytes": runs[0]["kv_bytes"],
-                "tokens_equal_plain": tokens,
-                "logits_equal_plain": logits,
-                "verdict": verdict(mode, tokens, logits),
-            }
-            for field in MEMORY_FIELDS:
-                values = [r[field] for r in runs if r.get(field) is not None]
-                row[field] = spread(values) if values else None
-            per_layer = row["kv_bytes"] / layers
-            held = row["gpu_bytes_with_leases"] or row["gpu_bytes"]
-            if held is not None:  # layers' worth of K/V on this GPU
-                row["gpu_layers"] = round(float(held["median"]) / per_layer, 2)
-            if mode in HARVEST:
-                row["revocations"] = [r["revocations"] for r in runs]
-            doc["summary"].append(row)
+            row = summary_row(key, mode, runs, layers)
+            (placed["summary"] if mode in PLACED_MODES else doc["summary"]).append(row)
             by_mode[mode] = row
-        doc["headline"].append(headline(key, at, by_mode))
-    harvest = [r for r in doc["runs"] if r["mode"] in HARVEST]
+        line = headline(key, at, by_mode)
+        ratios = placed_ratios(at + placed_at, line["best_baseline"])
+        line.update(ratios)
+        doc["headline"].append(line)
+        placed["headline"].append({"context": key[0], "batch": key[1], **ratios})
+    harvest = [r for r in doc["runs"] if r["mode"] in HARVEST] + placed["runs"]
     doc["harvest_tokens_equal_plain"] = all(r["tokens_equal_plain"] is True for r in harvest)
     doc["harvest_logits_equal_plain"] = all(r["logits_equal_plain"] is True for r in harvest)
     doc["baselines_with_other_tokens"] = [
@@ -665,10 +747,73 @@ def summarize(doc: dict[str, Any]) -> None:
     failures += [
         f"{e['mode']} failed at context {e['context']} batch {e['batch']}: {e['error']}"
         for e in doc["errors"]
-        if e["mode"] in HARVEST or e["mode"] == PLAIN
+        if e["mode"] in HARVEST or e["mode"] in PLACED_MODES or e["mode"] == PLAIN
     ]
     doc["failures"] = failures
     doc["ok"] = not failures
+
+
+def summary_row(
+    key: tuple[int, int], mode: str, runs: list[dict[str, Any]], layers: int
+) -> dict[str, Any]:
+    """One mode's runs at one context and batch: median (min-max) and the verdict."""
+    tokens: bool | None = all(r["tokens_equal_plain"] for r in runs)
+    logits: bool | None = all(r["logits_equal_plain"] for r in runs)
+    if any(r["tokens_equal_plain"] is None for r in runs):
+        tokens = logits = None
+    row: dict[str, Any] = {
+        "context": key[0],
+        "batch": key[1],
+        "mode": mode,
+        "repeats": len(runs),
+        "steps": min(r["steps"] for r in runs),
+        "warmup": runs[0]["warmup"],
+        "tokens_per_s": spread([r["tokens_per_s"] for r in runs]),
+        "ms_per_step": spread([r["ms_per_step"] for r in runs]),
+        "load_s": spread([r["load_s"] for r in runs]),
+        "kv_bytes": runs[0]["kv_bytes"],
+        "tokens_equal_plain": tokens,
+        "logits_equal_plain": logits,
+        "verdict": verdict(mode, tokens, logits),
+    }
+    for field in MEMORY_FIELDS:
+        values = [r[field] for r in runs if r.get(field) is not None]
+        row[field] = spread(values) if values else None
+    per_layer = row["kv_bytes"] / layers
+    held = row["gpu_bytes_with_leases"] or row["gpu_bytes"]
+    if held is not None:  # layers' worth of K/V on this GPU
+        row["gpu_layers"] = round(float(held["median"]) / per_layer, 2)
+    if mode in HARVEST or mode in PLACED_MODES:
+        row["revocations"] = [r["revocations"] for r in runs]
+    return row
+
+
+def placed_ratios(runs: list[dict[str, Any]], best: str | None) -> dict[str, Any]:
+    """The placed modes' tokens per second against other modes', per repeat: median
+    (min-max), None where either did not run; and whether issue 15's target is met."""
+    rate = {(r["mode"], r["repeat"]): r["tokens_per_s"] for r in runs}
+
+    def ratio(mode: str, against: str | None) -> dict[str, Any] | None:
+        values = [
+            rate[(mode, r)] / rate[(against, r)]
+            for m, r in sorted(rate)
+            if m == mode and against is not None and (against, r) in rate
+        ]
+        return spread(values) if values else None
+
+    out: dict[str, Any] = {
+        "harvest_gpu_placed_vs_plain": ratio("harvest-gpu-placed", PLAIN),
+        "harvest_gpu_placed_vs_best_baseline": ratio("harvest-gpu-placed", best),
+        "harvest_gpu_placed_vs_harvest_gpu": ratio("harvest-gpu-placed", "harvest-gpu"),
+        "host_placed_vs_plain": ratio("host-placed", PLAIN),
+        "host_placed_vs_harvest_host": ratio("host-placed", "harvest-host"),
+        "host_placed_vs_pinned_host_readonly": ratio("host-placed", "pinned-host-readonly"),
+    }
+    vs_plain = out["harvest_gpu_placed_vs_plain"]
+    out["harvest_gpu_placed_meets_target"] = (
+        None if vs_plain is None else float(vs_plain["median"]) >= TARGET_VS_PLAIN
+    )
+    return out
 
 
 def headline(
@@ -716,9 +861,10 @@ def report(doc: dict[str, Any]) -> None:
         f"{doc['block_tokens']}-token blocks; {doc['repeats']} repeats of {doc['steps']} "
         f"timed steps (after {doc['warmup']}), modes alternating; median (min-max)"
     )
-    summary = {(s["context"], s["batch"], s["mode"]): s for s in doc["summary"]}
-    keys = sorted({(s["context"], s["batch"]) for s in doc["summary"]})
-    modes = [m for m in MODES if any(s["mode"] == m for s in doc["summary"])]
+    summaries = doc["summary"] + doc["placed"]["summary"]
+    summary = {(s["context"], s["batch"], s["mode"]): s for s in summaries}
+    keys = sorted({(s["context"], s["batch"]) for s in summaries})
+    modes = [m for m in KNOWN if any(s["mode"] == m for s in summaries)]
     print("\ndecode tokens/s (* tokens differ from plain's)")
     print(f"{'context x batch':>16s} " + " ".join(f"{m:>24s}" for m in modes))
     for key in keys:
@@ -728,10 +874,10 @@ def report(doc: dict[str, Any]) -> None:
             mark = "*" if s and s["tokens_equal_plain"] is False else ""
             cells.append(fmt(s["tokens_per_s"]) + mark if s else "-")
         print(f"{label(*key):>16s} " + " ".join(f"{c:>24s}" for c in cells))
-    if any(s["gpu_bytes"] is not None for s in doc["summary"]):
+    if any(s["gpu_bytes"] is not None for s in summaries):
         print(
             "\nGPU MiB held at steady state (torch allocated, + leases on this GPU for "
-            "harvest-gpu; in layers' worth of K/V)"
+            "harvest-gpu and harvest-gpu-placed; in layers' worth of K/V)"
         )
         print(f"{'context x batch':>16s} " + " ".join(f"{m:>24s}" for m in modes))
         for key in keys:
@@ -748,7 +894,7 @@ def report(doc: dict[str, Any]) -> None:
                     cell += f"+{leased:.0f}"
                 cells.append(f"{cell} ({s['gpu_layers']})")
             print(f"{label(*key):>16s} " + " ".join(f"{c:>24s}" for c in cells))
-        if any(s["nvml_delta_bytes"] is not None for s in doc["summary"]):
+        if any(s["nvml_delta_bytes"] is not None for s in summaries):
             print(
                 "\nwhole-GPU used memory added since before the cache (NVML, MiB; every "
                 "process; a lender's pooled memory shows only when first allocated)"
@@ -775,6 +921,7 @@ def report(doc: dict[str, Any]) -> None:
                 f"{label(h['context'], h['batch']):>16s} {mode:13s} x{vs_best} {best}, "
                 f"x{vs_plain} plain{lose}"
             )
+    report_placed(doc)
     for context, batch, mode in sorted(
         {(r["context"], r["batch"], r["mode"]) for r in doc["reload"]}
     ):
@@ -792,14 +939,14 @@ def report(doc: dict[str, Any]) -> None:
     if "host_reload_over_pinned_h2d" in doc:
         got = doc["host_reload_over_pinned_h2d"]
         print(f"host-lease reload / pinned H2D: {got['median']} ({got['min']}-{got['max']})")
-    for s in doc["summary"]:
+    for s in summaries:
         if s["mode"] != PLAIN and s["tokens_equal_plain"] is not True:
             print(f"{label(s['context'], s['batch'])} {s['mode']}: {s['verdict']}")
     print(
         f"Harvest's tokens equal plain's: {doc['harvest_tokens_equal_plain']}; logits: "
         f"{doc['harvest_logits_equal_plain']}; reloads verified: {doc['all_reloads_verified']}"
     )
-    for mode, why in doc["skipped_modes"].items():
+    for mode, why in {**doc["skipped_modes"], **doc["placed"]["skipped_modes"]}.items():
         print(f"{mode}: {why}")
     for err in doc["errors"]:
         print(
@@ -810,16 +957,47 @@ def report(doc: dict[str, Any]) -> None:
         print(f"FAIL: {failure}")
 
 
+def report_placed(doc: dict[str, Any]) -> None:
+    """The placed modes' ratios (issue 15), one line per context, batch and ratio."""
+    names = {
+        "harvest_gpu_placed_vs_plain": "harvest-gpu-placed / plain",
+        "harvest_gpu_placed_vs_best_baseline": "harvest-gpu-placed / best baseline",
+        "harvest_gpu_placed_vs_harvest_gpu": "harvest-gpu-placed / harvest-gpu",
+        "host_placed_vs_plain": "host-placed / plain",
+        "host_placed_vs_harvest_host": "host-placed / harvest-host",
+        "host_placed_vs_pinned_host_readonly": "host-placed / pinned-host-readonly",
+    }
+    lines = [
+        (h, name, h[key])
+        for h in doc["placed"]["headline"]
+        for key, name in names.items()
+        if h[key]
+    ]
+    if not lines:
+        return
+    target = doc["placed"]["target_vs_plain"]
+    print(f"\nplaced K/V, read in place (issue 15; target: harvest-gpu-placed >= {target} x plain)")
+    for h, name, got in lines:
+        miss = ""
+        if (
+            name == names["harvest_gpu_placed_vs_plain"]
+            and not h["harvest_gpu_placed_meets_target"]
+        ):
+            miss = "  <- below the target"
+        print(f"{label(h['context'], h['batch']):>16s} {name:36s} x{fmt(got, digits=2)}{miss}")
+
+
 def plot(doc: dict[str, Any], path: Path) -> None:
     """Tokens per second by mode (median, min-max bars; hatched: tokens differ from
     plain's), and the GPU memory each holds, one group per context and batch."""
     plt = pyplot()
     if plt is None:
         return
-    summary = {(s["context"], s["batch"], s["mode"]): s for s in doc["summary"]}
-    keys = sorted({(s["context"], s["batch"]) for s in doc["summary"]})
-    modes = [m for m in MODES if any(s["mode"] == m for s in doc["summary"])]
-    has_memory = any(s["gpu_bytes"] is not None for s in doc["summary"])
+    rows = doc["summary"] + doc["placed"]["summary"]
+    summary = {(s["context"], s["batch"], s["mode"]): s for s in rows}
+    keys = sorted({(s["context"], s["batch"]) for s in rows})
+    modes = [m for m in KNOWN if any(s["mode"] == m for s in rows)]
+    has_memory = any(s["gpu_bytes"] is not None for s in rows)
     fig, axes = plt.subplots(
         2 if has_memory else 1, 1, figsize=(11, 8 if has_memory else 4.5), squeeze=False
     )
@@ -845,7 +1023,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                 else 0.0
                 for i, s in enumerate(at)
             ]
-            if any(leased):  # harvest-gpu on one GPU: its leases are this GPU's memory
+            if any(leased):  # GPU leases on one GPU: this GPU's memory
                 axes[1][0].bar(
                     [i + j * width for i in xs],
                     leased,
@@ -894,7 +1072,11 @@ def main() -> int:
     parser.add_argument("--cap", default="12GiB", help="GPU memory the node lends")
     parser.add_argument("--reserve", default="4GiB", help="GPU memory kept for its tenant")
     parser.add_argument("--host-bytes", default="12GiB", help="host memory the node lends")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument(
+        "--modes",
+        default=",".join([*MODES, "harvest-gpu-placed"]),
+        help=f"comma-separated, of {', '.join(KNOWN)} (optional: {', '.join(OPTIONAL_MODES)})",
+    )
     parser.add_argument("--no-reload", dest="reload", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--out", default=str(REPO / "bench/results/kv.json"))
@@ -906,17 +1088,20 @@ def main() -> int:
             args.out = "/tmp/kv_smoke/kv.json"
         args.layers, args.block_tokens = 2, 16
         args.contexts, args.batches, args.slab_bytes = "100,300", "1,2", "1MiB"
+        if args.modes == parser.get_default("modes"):  # the CPU's placed mode too
+            args.modes += ",host-placed"
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     asked = [m for m in args.modes.split(",") if m]
     args.modes = [m for m in MODES if m in asked]  # in MODES' order
+    args.placed_modes = [m for m in PLACED_MODES if m in asked]
     args.slab_bytes = parse_size(args.slab_bytes)
-    unknown = set(asked) - set(MODES)
+    unknown = set(asked) - set(KNOWN)
     if unknown:
-        parser.error(f"unknown modes: {', '.join(sorted(unknown))} (known: {', '.join(MODES)})")
+        parser.error(f"unknown modes: {', '.join(sorted(unknown))} (known: {', '.join(KNOWN)})")
     if args.decode < MIN_STEPS or args.repeats < MIN_REPEATS:
         parser.error(f"at least {MIN_STEPS} timed steps (--decode) and {MIN_REPEATS} repeats")
-    if any(m != PLAIN for m in args.modes) and PLAIN not in args.modes:
+    if any(m != PLAIN for m in args.modes + args.placed_modes) and PLAIN not in args.modes:
         parser.error("plain is the reference: keep it in --modes")
     import torch
 

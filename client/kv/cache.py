@@ -27,6 +27,11 @@ Device memory: the tails (one block per layer), two staging buffers and the K an
 buffers (one layer each, grown by doubling). The K/V that ``update`` returns are views of
 the work buffers: valid until the next ``update``, which is how attention uses them.
 
+``placement="placed"`` computes on the K/V where they lie instead: each layer's K and V
+in one placed tensor (leases, or the authoritative host copy), written in place, and
+``update`` returns views of it that attention reads there: no staging, no fetch
+(:mod:`client.kv.placed`).
+
 Unsupported, refused with :class:`~harvestd.errors.InvalidArgument`: sliding-window,
 chunked and linear-attention layers (pass ``config`` to have them refused up front),
 K and V of different shapes (MLA), beam search and anything else that reorders the batch
@@ -47,7 +52,8 @@ from transformers.cache_utils import Cache
 
 from client.cache.entry import Tier
 from client.cache.tiered import TieredCache
-from client.kv.layer import BEAMS, HarvestLayer, check_config
+from client.kv.layer import BEAMS, HarvestLayer, check_config, check_update
+from client.kv.placed import PLACEMENTS, PlacedKV, PlacedOptions
 from client.kv.prefetch import LayerFetch, Prefetcher
 from harvestd.errors import FailedPrecondition, InvalidArgument
 
@@ -88,6 +94,7 @@ class _Owned:
     owns_cache: bool = True
     prefetcher: Prefetcher | None = None
     keys: set[Hashable] = field(default_factory=set)
+    placed: PlacedKV | None = None
     closed: bool = False
 
 
@@ -106,6 +113,8 @@ def _release(owned: _Owned) -> None:
         return
     owned.closed = True
     try:
+        if owned.placed is not None:
+            owned.placed.close()
         if owned.prefetcher is not None:
             owned.prefetcher.close()
         if owned.cache is not None:
@@ -131,7 +140,18 @@ class HarvestCache(Cache):
     next layer while this one computes. ``release_idle_s``: once the cache has been idle
     this long (generation over), finish the fetch it launched for a step that did not
     come, so that it holds no lease in use (``None``: never; a revocation of an idle
-    cache then waits out its grace period)."""
+    cache then waits out its grace period).
+
+    ``placement="placed"``: compute on the K/V where they lie (:mod:`client.kv.placed`):
+    each layer in one placed tensor with room for ``max_tokens`` tokens (more is
+    refused; without it, the first update's tokens rounded up to whole ``block_tokens``,
+    doubled when outgrown, which places the layer again), in chunks of ``chunk_bytes``,
+    leased ``slab_bytes`` at most at a time, with ``ttl``; ``refill_every`` is how often
+    each placed tensor leases again what a revocation sent back to its host copy. A
+    layer leases only if its device's lease backend (``cuda-vmm`` on a GPU, ``host`` on
+    the CPU) is in ``backends`` and its bytes fit, with the layers placed before it,
+    under ``borrow_bytes`` (``0``: nothing is leased, the host copy is read in place).
+    ``cache``, ``prefetch`` and ``release_idle_s`` are the copy path's."""
 
     def __init__(
         self,
@@ -147,10 +167,27 @@ class HarvestCache(Cache):
         refill_every: float | None = 0.25,
         prefetch: bool = True,
         release_idle_s: float | None = 0.05,
+        placement: str = "copy",
+        max_tokens: int | None = None,
+        chunk_bytes: int = 2 << 20,
     ) -> None:
         if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens <= 0:
             raise InvalidArgument(f"block_tokens must be a positive int, got {block_tokens!r}")
+        if placement not in PLACEMENTS:
+            raise InvalidArgument(f"placement must be 'copy' or 'placed', got {placement!r}")
+        if max_tokens is not None and (
+            placement != "placed"
+            or isinstance(max_tokens, bool)
+            or not isinstance(max_tokens, int)
+            or max_tokens <= 0
+        ):
+            raise InvalidArgument(
+                f"max_tokens must be a positive int, for placement='placed'; got {max_tokens!r}"
+            )
+        if placement == "placed" and cache is not None:
+            raise InvalidArgument("placed K/V are in placed tensors: cache= is the copy path's")
         super().__init__(layers=[])
+        self.placement = placement
         self.block_tokens = block_tokens
         self._num_layers = check_config(config) if config is not None else None
         self._client = client
@@ -166,6 +203,18 @@ class HarvestCache(Cache):
         self._uid = next(_IDS)
         self._owned = _Owned(cache=cache, owns_cache=cache is None)
         self._work: list[torch.Tensor | None] = [None, None]
+        if placement == "placed":
+            options = PlacedOptions(
+                max_tokens=max_tokens,
+                granule=block_tokens,
+                borrow_bytes=borrow_bytes,
+                backends=tuple(backends),
+                chunk_bytes=chunk_bytes,
+                lease_bytes=slab_bytes,
+                ttl=ttl,
+                refill_s=refill_every,
+            )
+            self._owned.placed = PlacedKV(client, self.layers, options)
         self._finalizer = weakref.finalize(self, _release, self._owned)
         if cache is not None:
             self._owned.prefetcher = Prefetcher(cache, release_idle_s)
@@ -186,8 +235,15 @@ class HarvestCache(Cache):
 
     @property
     def cache(self) -> TieredCache | None:
-        """The tiered cache holding the blocks (made on the first update)."""
+        """The tiered cache holding the blocks (made on the first update; None with
+        ``placement="placed"``)."""
         return self._owned.cache
+
+    @property
+    def placed(self) -> PlacedKV | None:
+        """The placed layers (``placement="placed"``; None for ``"copy"``): their placed
+        tensors, tiers, leases, refill."""
+        return self._owned.placed
 
     def _open(self, device: torch.device) -> TieredCache:
         if self._owned.closed:
@@ -204,7 +260,10 @@ class HarvestCache(Cache):
         return self._owned.cache
 
     def block_keys(self, layer_idx: int) -> list[Hashable]:
-        """The tiered cache's keys of a layer's full blocks, in token order."""
+        """The tiered cache's keys of a layer's full blocks, in token order (none when
+        placed)."""
+        if self._owned.placed is not None:
+            return []
         layer = self._layers[layer_idx]
         return [(self._uid, layer_idx, block) for block in range(layer.blocks)]
 
@@ -219,7 +278,11 @@ class HarvestCache(Cache):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the new tokens' K/V to layer ``layer_idx``; return all its K/V
-        (``[batch, kv_heads, tokens, head_dim]`` each, views valid until the next update)."""
+        (``[batch, kv_heads, tokens, head_dim]`` each, views valid until the next update;
+        placed: views of the placed tensor, which hold off its remaps while alive)."""
+        if self._owned.placed is not None:
+            check_update(key_states, value_states, layer_idx)
+            return self._owned.placed.update(key_states, value_states, layer_idx)
         layer = self._layer(key_states, value_states, layer_idx)
         fetched = self._fetch_blocks(layer)
         return self._assemble(layer, fetched, key_states, value_states)
@@ -227,20 +290,7 @@ class HarvestCache(Cache):
     def _layer(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
     ) -> HarvestLayer:
-        if not isinstance(key_states, torch.Tensor) or key_states.dim() != 4:
-            raise InvalidArgument("key_states must be a [batch, kv_heads, tokens, head_dim] tensor")
-        if (
-            not isinstance(value_states, torch.Tensor)
-            or value_states.shape != key_states.shape
-            or value_states.dtype != key_states.dtype
-            or value_states.device != key_states.device
-        ):
-            raise InvalidArgument(
-                "K and V must have the same shape, dtype and device "
-                "(K/V of different head sizes, as in MLA, are not supported)"
-            )
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-            raise InvalidArgument(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+        check_update(key_states, value_states, layer_idx)
         self._open(key_states.device)
         if (
             layer_idx == 0
@@ -394,7 +444,10 @@ class HarvestCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove ``-tokens_to_remove`` tokens from every layer (a positive value, as in
         transformers, is the length to keep). A block that becomes the tail again is read
-        back to the device."""
+        back to the device (placed: nothing moves)."""
+        if self._owned.placed is not None:
+            self._owned.placed.crop(tokens_to_remove)
+            return
         for layer in self._layers:
             length = layer.tokens
             if tokens_to_remove > 0:
@@ -424,6 +477,9 @@ class HarvestCache(Cache):
 
     def reset(self) -> None:
         """Forget every token (the layers stay; a new batch size is accepted after)."""
+        if self._owned.placed is not None:
+            self._owned.placed.reset()
+            return
         for layer in self._layers:
             if not self._owned.closed:
                 for key in self.block_keys(layer.index):
@@ -468,6 +524,9 @@ class HarvestCache(Cache):
         stats = KVStats(
             layers=len(self.layers), tokens=self.get_seq_length(), block_tokens=self.block_tokens
         )
+        if self._owned.placed is not None:
+            self._owned.placed.fill_stats(stats)
+            return stats
         cache, prefetcher = self._owned.cache, self._owned.prefetcher
         for layer in self._layers:
             if not layer.is_initialized:
@@ -499,6 +558,8 @@ class HarvestCache(Cache):
 
     def tier_of(self, layer_idx: int, block: int) -> Tier:
         """The fastest tier holding a layer's full block now."""
+        if self._owned.placed is not None:
+            raise InvalidArgument("placed K/V have no blocks: see cache.placed.tiers()")
         if not 0 <= layer_idx < len(self.layers) or not 0 <= block < self._layers[layer_idx].blocks:
             raise KeyError(f"layer {layer_idx} has no full block {block}")
         assert self._owned.cache is not None  # the block is in it

@@ -1,5 +1,6 @@
 """One layer of a :class:`client.kv.HarvestCache` as transformers sees it, and the
-check that a model's layers are ones it can hold (full attention only)."""
+checks that a model's layers are ones it can hold (full attention only) and that an
+update's K/V are ones it can take."""
 
 from __future__ import annotations
 
@@ -40,43 +41,45 @@ def check_config(config: Any) -> int:
     return len(types)
 
 
-class HarvestLayer(CacheLayerMixin):
-    """One layer's K/V: ``blocks`` full blocks in the tiered cache, then ``tail_len``
-    tokens in ``tail`` on the device. Updated through its :class:`HarvestCache`."""
+def check_update(key_states: Any, value_states: Any, layer_idx: Any) -> None:
+    """Refuse an ``update`` a HarvestCache cannot hold (either placement)."""
+    if not isinstance(key_states, torch.Tensor) or key_states.dim() != 4:
+        raise InvalidArgument("key_states must be a [batch, kv_heads, tokens, head_dim] tensor")
+    if (
+        not isinstance(value_states, torch.Tensor)
+        or value_states.shape != key_states.shape
+        or value_states.dtype != key_states.dtype
+        or value_states.device != key_states.device
+    ):
+        raise InvalidArgument(
+            "K and V must have the same shape, dtype and device "
+            "(K/V of different head sizes, as in MLA, are not supported)"
+        )
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+        raise InvalidArgument(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+
+
+class KVLayer(CacheLayerMixin):
+    """What the layers of a :class:`HarvestCache` share, whatever holds their K/V:
+    ``tokens`` held, the ``(batch, kv_heads, head_dim)`` shape, dtype and device of the
+    first K/V. Updated, reset and cropped through the cache."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, index: int, block_tokens: int) -> None:
+    def __init__(self, index: int) -> None:
         super().__init__()
         self.index = index
-        self.block_tokens = block_tokens
         self.tokens = 0
-        self.blocks = 0
-        self.tail_len = 0
-        self.epoch = 0  # a crop or reset starts a new one: fetches in flight go stale
-        self.tail: torch.Tensor | None = None  # [2, batch, heads, block_tokens, head_dim]
         self.shape: tuple[int, int, int] | None = None  # (batch, kv_heads, head_dim)
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Take the batch, heads, head size, dtype and device of the first K/V."""
+    def _take_shape(self, key_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
         self.shape = (int(batch), int(heads), int(dim))
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.tail = torch.empty(
-            (2, batch, heads, self.block_tokens, dim), dtype=self.dtype, device=self.device
-        )
-        self.is_initialized = True
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one block (K and V); of an initialized layer."""
-        assert self.shape is not None and self.dtype is not None, "layer not initialized"
-        batch, heads, dim = self.shape
-        return 2 * batch * heads * self.block_tokens * dim * self.dtype.itemsize
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -97,7 +100,7 @@ class HarvestLayer(CacheLayerMixin):
         return -1
 
     def offload(self) -> None:
-        """Nothing to do: the blocks are in the tiered cache already."""
+        """Nothing to do: the cache keeps the K/V where they belong itself."""
 
     def prefetch(self) -> None:
         """Nothing to do: the cache prefetches across layers itself."""
@@ -121,3 +124,33 @@ class HarvestLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Unsupported."""
         raise InvalidArgument(BEAMS.format(what="batch_select_indices"))
+
+
+class HarvestLayer(KVLayer):
+    """One layer's K/V: ``blocks`` full blocks in the tiered cache, then ``tail_len``
+    tokens in ``tail`` on the device. Updated through its :class:`HarvestCache`."""
+
+    def __init__(self, index: int, block_tokens: int) -> None:
+        super().__init__(index)
+        self.block_tokens = block_tokens
+        self.blocks = 0
+        self.tail_len = 0
+        self.epoch = 0  # a crop or reset starts a new one: fetches in flight go stale
+        self.tail: torch.Tensor | None = None  # [2, batch, heads, block_tokens, head_dim]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Take the batch, heads, head size, dtype and device of the first K/V."""
+        self._take_shape(key_states)
+        assert self.shape is not None  # just taken
+        batch, heads, dim = self.shape
+        self.tail = torch.empty(
+            (2, batch, heads, self.block_tokens, dim), dtype=self.dtype, device=self.device
+        )
+        self.is_initialized = True
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one block (K and V); of an initialized layer."""
+        assert self.shape is not None and self.dtype is not None, "layer not initialized"
+        batch, heads, dim = self.shape
+        return 2 * batch * heads * self.block_tokens * dim * self.dtype.itemsize
