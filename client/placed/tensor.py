@@ -300,7 +300,9 @@ class PlacedTensor:
             )
         except LeaseRevoked:
             return False
-        except HarvestError as err:  # NoCapacity, Unavailable: the copy serves meanwhile
+        except (HarvestError, OSError) as err:
+            # No room (NoCapacity), no lender (Unavailable), or this side could not map the
+            # lease (OSError): the authoritative copy serves meanwhile.
             log.debug("no lease for %d bytes of a placed tensor: %s", nbytes, err)
             return False
         mapping = made[-1]
