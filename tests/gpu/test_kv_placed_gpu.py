@@ -32,6 +32,10 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+# The models and generate() of the copy path's GPU tests: the placed cache must give
+# what they give.
+from test_kv_gpu import generate, tiny_llama, tiny_opt, wide_llama  # noqa: E402
+
 DEVICE = "cuda:0"
 CAP = 1 << 30
 
@@ -57,71 +61,8 @@ def node():
         yield n
 
 
-def tiny_llama() -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).to(DEVICE).eval()
-
-
-def tiny_opt() -> torch.nn.Module:
-    cfg = transformers.OPTConfig(
-        vocab_size=256,
-        hidden_size=64,
-        ffn_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=64,
-        max_position_embeddings=2048,
-    )
-    torch.manual_seed(0)
-    return transformers.OPTForCausalLM(cfg).to(DEVICE).eval()
-
-
-def wide_llama() -> torch.nn.Module:
-    """8 KV heads of 128 in bfloat16, as Llama-3-8B (a layer of 1040 tokens of 2
-    sequences is 8.1 MiB of K/V: several 2 MiB chunks, more than one lease)."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=1024,
-        intermediate_size=2048,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=4096,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).to(DEVICE, torch.bfloat16).eval()
-
-
 CASES = {"llama": (tiny_llama, 150), "opt": (tiny_opt, 150), "llama-8b-heads": (wide_llama, 1000)}
 NEW = 40
-
-
-def generate(model, cache=None, prompt: int = 150, tokens: int = NEW):
-    torch.manual_seed(1)
-    ids = torch.randint(3, 256, (2, prompt), device=DEVICE)
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            do_sample=False,
-            pad_token_id=0,
-            past_key_values=cache,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences, torch.stack(out.logits)
 
 
 def placed_cache(client, model, prompt: int, **kwargs):
