@@ -39,7 +39,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-MiB = 1 << 20
+from harvestd.sizes import MiB
 
 
 class DriverMisuse(AssertionError):
