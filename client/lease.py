@@ -8,7 +8,7 @@ import logging
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from harvestd.errors import HarvestError, InvalidArgument, LeaseRevoked
 from lender.backends.base import BackendKind, Mapping
@@ -27,6 +27,24 @@ Mapper = Callable[[BackendKind, Any, int, Any], Mapping]
 
 # How long after its fence a lease's mapping is closed (see Mapping.fence and close).
 _COVER_DELAY_S = 0.1
+
+
+class LeaseSource(Protocol):
+    """What grants single leases (:class:`client.connection.Client`): the striped leases
+    and the placed tensors borrow through it."""
+
+    def lease(
+        self,
+        nbytes: int,
+        ttl: float | None = None,
+        near: Any = None,
+        priority: int = 0,
+        backend: str | BackendKind | None = None,
+        device: Any = None,
+        avoid: Iterable[str] = (),
+        mapper: Mapper | None = None,
+    ) -> Lease:
+        """Grant, pick up and map one lease (through ``mapper`` if given)."""
 
 
 class LeaseOwner(Protocol):

@@ -25,10 +25,10 @@ import functools
 import logging
 import operator
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 from client.devices import resolve_near
-from client.lease import Lease
+from client.lease import Lease, LeaseSource
 from client.striping import DEFAULT_UNIT, StripeLayout, StripePlan, auto_stripes
 from harvestd.errors import HarvestError, InvalidArgument, LeaseRevoked, NoCapacity
 from lender.backends.base import BackendKind
@@ -45,23 +45,11 @@ _SIBLING_WAIT_S = 2.0
 StripedCallback = Callable[["StripedLease", str], None]
 
 
-class Lessor(Protocol):
+class Lessor(LeaseSource, Protocol):
     """Where stripes come from: a connection that grants single leases and lists the
     lenders (:class:`client.connection.Client`)."""
 
     node: str
-
-    def lease(
-        self,
-        nbytes: int,
-        ttl: float | None = None,
-        near: Any = None,
-        priority: int = 0,
-        backend: str | BackendKind | None = None,
-        device: Any = None,
-        avoid: Iterable[str] = (),
-    ) -> Lease:
-        """Grant, pick up and map one lease."""
 
     def lenders(self) -> list[Any]:
         """Every lender the broker knows, as the broker describes it."""

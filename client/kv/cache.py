@@ -52,7 +52,14 @@ from transformers.cache_utils import Cache
 
 from client.cache.entry import Tier
 from client.cache.tiered import TieredCache
-from client.kv.layer import BEAMS, HarvestLayer, check_config, check_update
+from client.kv.layer import (
+    BEAMS,
+    HarvestLayer,
+    check_config,
+    check_update,
+    stack_blocks,
+    write_tail,
+)
 from client.kv.placed import PLACEMENTS, PlacedKV, PlacedOptions
 from client.kv.prefetch import LayerFetch, Prefetcher
 from harvestd.errors import FailedPrecondition, InvalidArgument
@@ -304,13 +311,7 @@ class HarvestCache(Cache):
         layer = self._layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
-        batch, heads, _, dim = key_states.shape
-        if (batch, heads, dim) != layer.shape or key_states.dtype != layer.dtype:
-            raise InvalidArgument(
-                f"layer {layer_idx} holds K/V of batch, heads, head size "
-                f"{layer.shape} in {layer.dtype}; got {(batch, heads, dim)} "
-                f"in {key_states.dtype} (reset() the cache for a new batch)"
-            )
+        layer.check_like(key_states)
         return layer
 
     def _next_layer(self, index: int) -> HarvestLayer | None:
@@ -407,35 +408,20 @@ class HarvestCache(Cache):
         """Write the blocks that filled to the tiered cache (one batched write); keep the
         rest as the tail."""
         assert layer.shape is not None and layer.tail is not None  # initialized by _layer
-        batch, heads, dim = layer.shape
         size = self.block_tokens
         stored = layer.blocks * size
         full = (total - stored) // size
         if full:
-            blocks = torch.empty(
-                (full, 2, batch, heads, size, dim), dtype=layer.dtype, device=layer.device
-            )
-            for half, src in ((0, keys), (1, values)):
-                blocks[:, half].copy_(
-                    src[:, :, stored : stored + full * size]
-                    .view(batch, heads, full, size, dim)
-                    .permute(2, 0, 1, 3, 4)
-                )
+            blocks = stack_blocks(keys, values, stored, full, size)
             new = [(self._uid, layer.index, layer.blocks + j) for j in range(full)]
             assert self._owned.cache is not None  # _layer opened it
             self._owned.cache.put_many(new, blocks)
             self._owned.keys.update(new)
             layer.blocks += full
         kept = layer.blocks * size
-        if full:
-            rest = total - kept
-            layer.tail[0, :, :, :rest].copy_(keys[:, :, kept:total])
-            layer.tail[1, :, :, :rest].copy_(values[:, :, kept:total])
-        else:
-            rest = total - stored
-            old = layer.tail_len
-            layer.tail[0, :, :, old:rest].copy_(keys[:, :, stored + old : total])
-            layer.tail[1, :, :, old:rest].copy_(values[:, :, stored + old : total])
+        rest = total - kept
+        old = 0 if full else layer.tail_len  # what the tail holds already
+        write_tail(layer.tail, keys, values, old, kept + old, total)
         layer.tail_len = rest
         layer.tokens = total
 

@@ -59,6 +59,36 @@ def check_update(key_states: Any, value_states: Any, layer_idx: Any) -> None:
         raise InvalidArgument(f"layer_idx must be a non-negative int, got {layer_idx!r}")
 
 
+def stack_blocks(
+    keys: torch.Tensor, values: torch.Tensor, first: int, count: int, block_tokens: int
+) -> torch.Tensor:
+    """``count`` whole blocks of ``block_tokens`` tokens from token ``first`` of a layer's
+    K and V (``[batch, kv_heads, tokens, head_dim]`` each), as one
+    ``[count, 2, batch, kv_heads, block_tokens, head_dim]`` tensor, K then V per block:
+    what a block store takes in one write."""
+    batch, heads, _, dim = keys.shape
+    blocks = torch.empty(
+        (count, 2, batch, heads, block_tokens, dim), dtype=keys.dtype, device=keys.device
+    )
+    for half, src in ((0, keys), (1, values)):
+        blocks[:, half].copy_(
+            src[:, :, first : first + count * block_tokens]
+            .view(batch, heads, count, block_tokens, dim)
+            .permute(2, 0, 1, 3, 4)
+        )
+    return blocks
+
+
+def write_tail(
+    tail: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, old: int, first: int, last: int
+) -> None:
+    """Tokens ``[first, last)`` of a layer's K and V into its tail (``[2, batch, kv_heads,
+    block_tokens, head_dim]``) from tail position ``old`` on."""
+    end = old + last - first
+    tail[0, :, :, old:end].copy_(keys[:, :, first:last])
+    tail[1, :, :, old:end].copy_(values[:, :, first:last])
+
+
 class KVLayer(CacheLayerMixin):
     """What the layers of a :class:`HarvestCache` share, whatever holds their K/V:
     ``tokens`` held, the ``(batch, kv_heads, head_dim)`` shape, dtype and device of the
@@ -80,6 +110,17 @@ class KVLayer(CacheLayerMixin):
         batch, heads, _, dim = key_states.shape
         self.shape = (int(batch), int(heads), int(dim))
         self.dtype, self.device = key_states.dtype, key_states.device
+
+    def check_like(self, key_states: torch.Tensor) -> None:
+        """Refuse K/V of another batch, head count, head size or dtype than the layer
+        holds: a new batch needs a reset cache."""
+        batch, heads, _, dim = key_states.shape
+        if (batch, heads, dim) != self.shape or key_states.dtype != self.dtype:
+            raise InvalidArgument(
+                f"layer {self.index} holds K/V of batch, heads, head size "
+                f"{self.shape} in {self.dtype}; got {(batch, heads, dim)} "
+                f"in {key_states.dtype} (reset() the cache for a new batch)"
+            )
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any

@@ -24,6 +24,8 @@ from typing import Any, cast
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from client.kv.layer import stack_blocks, write_tail
+
 PLAIN = "plain"
 BASELINES = ("offloaded-dynamic", "offloaded-static", "pinned-host-readonly")
 HARVEST = ("harvest-host", "harvest-gpu")
@@ -324,20 +326,11 @@ class PinnedHostCache(Cache):
         """Blocks that filled go to the host (one copy, on the side stream); the rest
         stays the tail."""
         assert layer.shape is not None and layer.tail is not None and layer.host is not None
-        batch, heads, dim = layer.shape
         size = self.block_tokens
         stored = layer.blocks * size
         full = (total - stored) // size
         if full:
-            blocks = torch.empty(
-                (full, 2, batch, heads, size, dim), dtype=layer.dtype, device=layer.device
-            )
-            for half, src in ((0, keys), (1, values)):
-                blocks[:, half].copy_(
-                    src[:, :, stored : stored + full * size]
-                    .view(batch, heads, full, size, dim)
-                    .permute(2, 0, 1, 3, 4)
-                )
+            blocks = stack_blocks(keys, values, stored, full, size)
             dst = layer.host[layer.blocks : layer.blocks + full]
             if self._stream is None:
                 dst.copy_(blocks)
@@ -353,9 +346,7 @@ class PinnedHostCache(Cache):
         kept = layer.blocks * size
         rest = total - kept
         old = 0 if full else layer.tail_len  # what the tail holds already
-        first = kept + old
-        layer.tail[0, :, :, old:rest].copy_(keys[:, :, first:total])
-        layer.tail[1, :, :, old:rest].copy_(values[:, :, first:total])
+        write_tail(layer.tail, keys, values, old, kept + old, total)
         layer.tail_len = rest
         layer.tokens = total
 
