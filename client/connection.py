@@ -265,12 +265,13 @@ class Client:
             max_stripes=max_stripes,
         )
 
-    def place(self, source: Any, device: Any = None, **options: Any) -> PlacedTensor:
+    def place(self, source: Any = None, device: Any = None, **options: Any) -> PlacedTensor:
         """``source``'s values at one address on ``device`` (default: where ``source``
         is), backed chunk by chunk by this process's memory, leases and an authoritative
         host copy; a revoked lease's chunks are remapped to that copy, never lost. See
         :class:`client.placed.PlacedTensor` for ``options`` (``chunk_bytes``,
-        ``local_bytes``, ``lease_bytes``, ``ttl``, ``priority``, ``refill_s``)."""
+        ``local_bytes``, ``lease_bytes``, ``ttl``, ``priority``, ``refill_s``,
+        ``borrow``; ``shape`` and ``dtype`` with no ``source``: an empty tensor)."""
         if self._closed.is_set():
             raise InvalidArgument("this client is closed")
         return PlacedTensor(self, source, device, **options)

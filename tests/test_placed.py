@@ -210,6 +210,12 @@ def test_bad_input_is_a_clear_error(plain_node):
             c.place(torch.ones(4), local_bytes=-1)
         with pytest.raises(InvalidArgument):
             c.place(torch.ones(4), device="meta")
+        with pytest.raises(InvalidArgument, match="shape= and dtype="):
+            c.place(None, shape=(4,))
+        with pytest.raises(InvalidArgument, match="negative"):
+            c.place(None, shape=(4, -1), dtype=torch.float32)
+        with pytest.raises(InvalidArgument, match="no source"):
+            c.place(torch.ones(4), shape=(4,), dtype=torch.float32)
         placed = c.place(torch.ones(4))
         placed.close()
         placed.close()  # idempotent
@@ -218,6 +224,24 @@ def test_bad_input_is_a_clear_error(plain_node):
                 pass
         with pytest.raises(FailedPrecondition):
             placed.write_(0, 1.0)
+
+
+def test_an_empty_placed_tensor_takes_its_values_from_writes(plain_node):
+    """No source: the shape and dtype asked for, in host leases, values from write_ on;
+    through a revocation they stay."""
+    want = _source(4 * MiB).view(4, -1)
+    with plain_node.connect() as c:
+        with c.place(
+            None, shape=want.shape, dtype=want.dtype, chunk_bytes=MiB, lease_bytes=2 * MiB
+        ) as placed:
+            assert placed.device == torch.device("cpu")
+            assert placed.tensor.shape == want.shape and placed.tensor.dtype == want.dtype
+            assert placed.tiers()["host-lease"] == 4 * MiB
+            placed.write_(slice(None), want)
+            assert torch.equal(placed.tensor, want)
+            c.reclaim(plain_node.lender_id(), 64 * MiB)
+            wait_for(lambda: placed.tiers()["host"] == 4 * MiB, what="the remaps")
+            assert torch.equal(placed.tensor, want)
 
 
 def test_empty_and_tiny_tensors(plain_node):

@@ -33,6 +33,7 @@ returns views.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from dataclasses import dataclass
@@ -159,16 +160,10 @@ class PlacedKV:
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
-        batch, heads, _, dim = key_states.shape
-        if (
-            (batch, heads, dim) != layer.shape
-            or key_states.dtype != layer.dtype
-            or key_states.device != layer.device
-        ):
+        layer.check_like(key_states)
+        if key_states.device != layer.device:  # its placed tensor lives on that device
             raise InvalidArgument(
-                f"layer {layer_idx} holds K/V of batch, heads, head size {layer.shape} in "
-                f"{layer.dtype} on {layer.device}; got {(batch, heads, dim)} in "
-                f"{key_states.dtype} on {key_states.device} (reset() the cache for a new batch)"
+                f"layer {layer_idx} holds K/V on {layer.device}; got {key_states.device}"
             )
         start = layer.tokens
         end = start + int(key_states.shape[2])
@@ -210,23 +205,22 @@ class PlacedKV:
         assert layer.shape is not None and layer.dtype is not None and layer.device is not None
         capacity = self._capacity(layer, need)
         batch, heads, dim = layer.shape
-        # The placed tensor copies its source into its authoritative host copy: a host
-        # source costs no device memory, and what it holds is never read (only tokens
-        # written since are).
-        source = torch.empty((2, batch, heads, capacity, dim), dtype=layer.dtype)
-        nbytes = source.numel() * source.element_size()
+        # Empty: only tokens written from here on are ever read, so nothing is copied in.
+        shape = (2, batch, heads, capacity, dim)
+        nbytes = math.prod(shape) * torch.empty((), dtype=layer.dtype).element_size()
         borrow = self._may_borrow(layer, nbytes)
         opts = self.options
         placed = self._client.place(
-            source,
+            None,
             device=layer.device,
+            shape=shape,
+            dtype=layer.dtype,
             chunk_bytes=opts.chunk_bytes,
             lease_bytes=opts.lease_bytes,
             ttl=opts.ttl,
             refill_s=opts.refill_s,
             borrow=borrow,
         )
-        del source
         old = layer.placed
         if old is not None:
             try:

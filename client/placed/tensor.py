@@ -19,9 +19,9 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from client.lease import Lease, Mapper
+from client.lease import Lease, LeaseSource
 from client.placed.remap_lock import RemapLock
 from client.placed.space import AddressRange, LeasePages, Tier
 from harvestd.errors import FailedPrecondition, HarvestError, InvalidArgument, LeaseRevoked
@@ -36,23 +36,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 2 * MiB  # the H200's VMM granularity: the finest placement there
 DEFAULT_LEASE_BYTES = 256 * MiB  # a lease carries many chunks; it is the unit of revocation
 _EVICT_ATTEMPTS = 3
-
-
-class LeaseSource(Protocol):
-    """Where a placed tensor's leases come from (:class:`client.connection.Client`)."""
-
-    def lease(
-        self,
-        nbytes: int,
-        ttl: float | None = None,
-        near: Any = None,
-        priority: int = 0,
-        backend: str | BackendKind | None = None,
-        device: Any = None,
-        avoid: Iterable[str] = (),
-        mapper: Mapper | None = None,
-    ) -> Lease:
-        """Grant, pick up and map one lease (through ``mapper``)."""
 
 
 def make_range(device: "torch.device", nbytes: int, chunk_bytes: int) -> AddressRange:
@@ -116,14 +99,21 @@ class PlacedTensor:
     lease again what sits in the authoritative copy (None: only :meth:`refill`).
     ``borrow=False``: lease nothing (the chunks past ``local_bytes`` read the
     authoritative copy in place).
+
+    ``source=None`` with ``shape`` and ``dtype``: a tensor of that shape whose values are
+    undefined until written (as ``torch.empty``), on ``device`` (default: the CPU), for
+    a caller that writes every value before it reads it (the KV cache): nothing is copied
+    in to fill it.
     """
 
     def __init__(
         self,
         lessor: LeaseSource,
-        source: "torch.Tensor",
+        source: "torch.Tensor | None",
         device: Any = None,
         *,
+        shape: Sequence[int] | None = None,
+        dtype: "torch.dtype | None" = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         local_bytes: int = 0,
         lease_bytes: int = DEFAULT_LEASE_BYTES,
@@ -134,8 +124,21 @@ class PlacedTensor:
     ) -> None:
         import torch
 
-        if not isinstance(source, torch.Tensor):
+        if source is None:
+            if shape is None or not isinstance(dtype, torch.dtype):
+                raise InvalidArgument(
+                    "place() takes a source tensor, or shape= and dtype= for an empty one"
+                )
+            shape = tuple(int(n) for n in shape)
+            if any(n < 0 for n in shape):
+                raise InvalidArgument(f"shape {shape} has a negative size")
+            like = torch.empty(shape, dtype=dtype, device="meta")  # its size, no memory
+        elif not isinstance(source, torch.Tensor):
             raise InvalidArgument(f"place() takes a torch.Tensor, got {type(source).__name__}")
+        elif shape is not None or dtype is not None:
+            raise InvalidArgument("shape= and dtype= are for a placed tensor with no source")
+        else:
+            like = source
         for name, value in (("chunk_bytes", chunk_bytes), ("lease_bytes", lease_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InvalidArgument(f"{name} must be a positive int, got {value!r}")
@@ -143,12 +146,13 @@ class PlacedTensor:
             raise InvalidArgument(f"local_bytes must be a non-negative int, got {local_bytes!r}")
         if refill_s is not None and refill_s <= 0:
             raise InvalidArgument(f"refill_s must be positive or None, got {refill_s!r}")
-        self.device = torch.device(device) if device is not None else source.device
+        default = torch.device("cpu") if source is None else source.device
+        self.device = torch.device(device) if device is not None else default
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = source.dtype
-        self.shape = tuple(source.shape)
-        self.nbytes = source.numel() * source.element_size()
+        self.dtype = like.dtype
+        self.shape = tuple(like.shape)
+        self.nbytes = like.numel() * like.element_size()
         self._lessor = lessor
         self._ttl = ttl
         self._priority = priority
@@ -168,8 +172,8 @@ class PlacedTensor:
         chunks = self._space.nbytes // self.chunk_bytes
         self._tiers = [Tier.HOST] * chunks
         try:
-            raw = source.detach().reshape(-1).contiguous()
-            if self.nbytes:
+            if source is not None and self.nbytes:
+                raw = source.detach().reshape(-1).contiguous()
                 self._space.authoritative()[: self.nbytes].copy_(raw.view(torch.uint8))
             self._authoritative: torch.Tensor | None = self._typed(self._space.authoritative())
             self._tensor: torch.Tensor | None = self._typed(self._space.tensor())
