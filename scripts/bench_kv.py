@@ -76,7 +76,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from benchkit.kvmodes import (
     BASELINES,
@@ -865,48 +865,46 @@ def report(doc: dict[str, Any]) -> None:
     summary = {(s["context"], s["batch"], s["mode"]): s for s in summaries}
     keys = sorted({(s["context"], s["batch"]) for s in summaries})
     modes = [m for m in KNOWN if any(s["mode"] == m for s in summaries)]
+
+    def table(cell: Callable[[dict[str, Any] | None], str]) -> None:
+        """A row per context x batch, a column per mode; ``cell`` of each mode's summary."""
+        print(f"{'context x batch':>16s} " + " ".join(f"{m:>24s}" for m in modes))
+        for key in keys:
+            cells = [cell(summary.get((*key, m))) for m in modes]
+            print(f"{label(*key):>16s} " + " ".join(f"{c:>24s}" for c in cells))
+
+    def tokens_per_s(s: dict[str, Any] | None) -> str:
+        if s is None:
+            return "-"
+        return fmt(s["tokens_per_s"]) + ("*" if s["tokens_equal_plain"] is False else "")
+
+    def gpu_mib(s: dict[str, Any] | None) -> str:
+        if s is None or s["gpu_bytes"] is None:
+            return "-"
+        mib = float(s["gpu_bytes"]["median"]) / MiB
+        cell = f"{mib:.0f}"
+        if s["gpu_bytes_with_leases"] is not None:
+            cell += f"+{float(s['gpu_bytes_with_leases']['median']) / MiB - mib:.0f}"
+        return f"{cell} ({s['gpu_layers']})"
+
+    def nvml_mib(s: dict[str, Any] | None) -> str:
+        nv = s["nvml_delta_bytes"] if s else None
+        return f"{float(nv['median']) / MiB:.0f}" if nv else "-"
+
     print("\ndecode tokens/s (* tokens differ from plain's)")
-    print(f"{'context x batch':>16s} " + " ".join(f"{m:>24s}" for m in modes))
-    for key in keys:
-        cells = []
-        for m in modes:
-            s = summary.get((*key, m))
-            mark = "*" if s and s["tokens_equal_plain"] is False else ""
-            cells.append(fmt(s["tokens_per_s"]) + mark if s else "-")
-        print(f"{label(*key):>16s} " + " ".join(f"{c:>24s}" for c in cells))
+    table(tokens_per_s)
     if any(s["gpu_bytes"] is not None for s in summaries):
         print(
             "\nGPU MiB held at steady state (torch allocated, + leases on this GPU for "
             "harvest-gpu and harvest-gpu-placed; in layers' worth of K/V)"
         )
-        print(f"{'context x batch':>16s} " + " ".join(f"{m:>24s}" for m in modes))
-        for key in keys:
-            cells = []
-            for m in modes:
-                s = summary.get((*key, m))
-                if s is None or s["gpu_bytes"] is None:
-                    cells.append("-")
-                    continue
-                mib = float(s["gpu_bytes"]["median"]) / MiB
-                cell = f"{mib:.0f}"
-                if s["gpu_bytes_with_leases"] is not None:
-                    leased = float(s["gpu_bytes_with_leases"]["median"]) / MiB - mib
-                    cell += f"+{leased:.0f}"
-                cells.append(f"{cell} ({s['gpu_layers']})")
-            print(f"{label(*key):>16s} " + " ".join(f"{c:>24s}" for c in cells))
+        table(gpu_mib)
         if any(s["nvml_delta_bytes"] is not None for s in summaries):
             print(
                 "\nwhole-GPU used memory added since before the cache (NVML, MiB; every "
                 "process; a lender's pooled memory shows only when first allocated)"
             )
-            print(f"{'context x batch':>16s} " + " ".join(f"{m:>24s}" for m in modes))
-            for key in keys:
-                cells = []
-                for m in modes:
-                    s = summary.get((*key, m))
-                    nv = s["nvml_delta_bytes"] if s else None
-                    cells.append(f"{float(nv['median']) / MiB:.0f}" if nv else "-")
-                print(f"{label(*key):>16s} " + " ".join(f"{c:>24s}" for c in cells))
+            table(nvml_mib)
     print("\nHarvest against the best baseline with plain's tokens, and against plain")
     for h in doc["headline"]:
         best = h["best_baseline"] or "none"
