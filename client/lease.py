@@ -314,21 +314,31 @@ class Lease:
             from client import metrics
 
             metrics.REVOCATIONS.labels(how="acknowledged" if ack else "ended").inc()
-        if ack:
-            self._client._ack(self)
-            self.timeline["acked"] = time.monotonic()
-        if fence_ok:
-            # Covering the fenced range with private memory is not on the tenant's path:
-            # it waits until a mass revocation's fences (other holders' too) are done.
-            cover = threading.Timer(_COVER_DELAY_S, self._close_mapping)
-            cover.daemon = True
-            cover.start()
+        try:
+            if ack:
+                self._client._ack(self)
+                self.timeline["acked"] = time.monotonic()
+        finally:
+            if fence_ok:
+                self._cover()
         for callback in callbacks:
             try:
                 callback(self, reason)
             except Exception:  # noqa: BLE001 - one bad callback must not hide the others
                 log.exception("on_revoke callback for %s failed", self.id)
         log.info("lease %s %s: %s", self.id, state, reason)
+
+    def _cover(self) -> None:
+        """Close the fenced mapping: at once where its users wait for that (a placed
+        tensor's), else a little later."""
+        if getattr(self._mapping, "cover_at_once", False):
+            self._close_mapping()
+            return
+        # Covering the fenced range with private memory is not on the tenant's path: it
+        # waits until a mass revocation's fences (other holders' too) are done.
+        cover = threading.Timer(_COVER_DELAY_S, self._close_mapping)
+        cover.daemon = True
+        cover.start()
 
     def _close_mapping(self) -> None:
         try:

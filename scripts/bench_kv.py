@@ -277,6 +277,7 @@ def make_cache(
         slab_bytes=slab,
         borrow_bytes=kv_bytes + 2 * slab + GiB,
         refill_every=None,
+        placement="copy",
     )
 
 

@@ -6,12 +6,12 @@
 #   HARVEST_DRY_RUN=1 scripts/gpu_bench.sh   print each part's limit and command, run nothing
 # Default parts, those with no H200 figures first, their time limits (s) and commands
 # (python3 scripts/..., each with --out bench/results/<its>.json and a .png beside it):
-#   kv           100  bench_kv.py --lender-gpu 0 --contexts 8192,32768 --batches 1
-#   planner       45  bench_planner.py --lender-gpu 0 --tokens 16384
+#   kv            90  bench_kv.py --lender-gpu 0 --contexts 8192,32768 --batches 1
+#   planner       35  bench_planner.py --lender-gpu 0 --tokens 16384
 #   bandwidth     40  bench_bandwidth.py --src-gpu 0 --dst-gpu 0 --sizes 16KiB,1MiB,64MiB,1GiB
 #                     --gather-blocks 16KiB,1MiB
-#   reclaim       65  bench_reclaim.py --gpu 0 --configs 10GiB:4,40GiB:16 --rounds 3
-#   moe          240  bench_moe.py --lender-gpu 0
+#   reclaim       55  bench_reclaim.py --gpu 0 --configs 10GiB:4,40GiB:16 --rounds 3
+#   moe          270  bench_moe.py --lender-gpu 0
 # Optional parts, run only when named (a second call: 280 + 150 s fit in one; place, a
 # third, or beside tenant_ramp):
 #   kv_batch8    280  bench_kv.py --lender-gpu 0 --contexts 8192,32768 --batches 8 (kv_batch8.json)
@@ -47,34 +47,23 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
-# Where the limits come from: moe is measured (one H200, 2026-12-01); the others are
-# estimates from each script's work (steps x shapes) at the H100's per-step rates, the
-# decode ones at 2 layers with 3 repeats x (2 + 64) steps of every mode.
-# - moe 240 (measured ~200 s before harvest-gpu-placed joined): 198 s of the script's
-#   own clock (mixtral 84 s, of which accelerate-default's 3 x 66 steps x 314 ms are 62 s;
-#   its revocations 15 s; qwen 34.5 s and 10 s; node start 9 s; the rest building models)
-#   plus imports and the plot (a fresh fontManager, a few seconds): it finished inside a
-#   225 s limit. harvest-gpu-placed adds one mode at harvest-gpu's speed (3 x 66 steps of
-#   ~4 ms per model) and its setup (the experts copied into the host copy's chunks):
-#   ~10-15 s, not yet measured.
-# - kv 100 (estimate ~75 s): batch 1 at 8k and 32k, 6 modes x 198 steps per point. At
-#   32k transformers' two offloaded caches copy 256 MiB down and up each step (~44 ms
-#   each): ~22 s, the other four ~6 s, fresh caches, loads and leases ~8 s; 8k ~14 s in
-#   all; import, node start (9 s), model and plot ~27 s. Batch 8 does not fit beside the
-#   others (32k x 8: ~270 ms a step for each offloaded cache, ~150 s for that point
-#   alone): it is the optional kv_batch8 (estimate ~230 s).
-# - planner 45 (estimate ~30 s): node start 9 s; 3 shapes at 16k tokens x batch 2, each
-#   up to 16 plans x 11 timed fetches of 3 to 13 ms (~6 s in all); import and plot ~10 s.
-#   (Its default, 16k and 32k, took 30 s of its own clock on the H100.)
-# - bandwidth 40 (estimate ~32 s): 4 copy sizes and 2 gather block sizes instead of 9
-#   and 4; pageable host memory dominates (a 256 MiB gather x 28 per block size at 1.6 to
-#   3 GB/s: ~7 s for both); lender process, 2 GiB of random host bytes, import, plot ~18 s.
-# - reclaim 65 (estimate ~55 s): 2 configurations, each on a fresh node (~5 s) with its
-#   holders starting (4 and 16 processes, ~5 to 10 s) and 3 rounds of ~3 s (1 s settle).
-# - tenant_ramp 150: 10 scenario runs, each on a fresh node (not timed on the H200).
+# Where the limits come from: every default part measured in one call on one H200
+# (2026-12-01, 412 s in all, wheels' install included): kv 74 s, planner 27 s, bandwidth
+# 31 s, reclaim 41 s, moe 235 s (226 s of its own clock: mixtral with its revocations 99 s,
+# accelerate-default's 314 ms steps the largest share; qwen2-moe 58 s; node start 9 s; the
+# rest building models and the plot). Each limit is that plus room: moe's most (the placed
+# revocation modes joined it after that run, ~15-20 s by their step counts).
+# - kv: batch 1 at 8k and 32k only. Batch 8 does not fit beside the others (32k x 8:
+#   ~270 ms a step for each offloaded cache, ~150 s for that point alone): it is the
+#   optional kv_batch8 (estimate ~230 s).
+# - reclaim 55: 2 configurations, each on a fresh node with its holders starting (4 and
+#   16 processes) and 3 rounds; the 64-holder one (HARVEST_RECLAIM_64=1) adds ~70 s.
+# - tenant_ramp 150: 10 scenario runs, each on a fresh node (its time not yet taken).
+# - place 240: the tiers and the remaps took 25 s of its own clock on the H200 at
+#   --rounds 5 (its default is 7); the limit leaves room for larger --bytes.
 PARTS=(kv planner bandwidth reclaim moe)  # the default, in this order
 OPTIONAL=(kv_batch8 tenant_ramp place)    # run only when named
-declare -A LIMIT=([kv]=100 [planner]=45 [bandwidth]=40 [reclaim]=65 [moe]=240
+declare -A LIMIT=([kv]=90 [planner]=35 [bandwidth]=40 [reclaim]=55 [moe]=270
                   [kv_batch8]=280 [tenant_ramp]=150 [place]=240)
 declare -A SCRIPT=([bandwidth]=bench_bandwidth.py [reclaim]=bench_reclaim.py
                    [tenant_ramp]=bench_tenant_ramp.py [planner]=bench_planner.py

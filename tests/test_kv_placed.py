@@ -307,7 +307,7 @@ def test_bad_input_is_refused(plain_node):
             with pytest.raises(InvalidArgument, match="max_tokens"):
                 HarvestCache(client, placement="placed", max_tokens=ill_typed(bad))
         with pytest.raises(InvalidArgument, match="max_tokens"):
-            HarvestCache(client, max_tokens=64)  # the copy path has no capacity
+            HarvestCache(client, placement="copy", max_tokens=64)  # no capacity there
         with pytest.raises(InvalidArgument, match="chunk_bytes"):
             HarvestCache(client, placement="placed", chunk_bytes=0)
         with pytest.raises(InvalidArgument, match="slab_bytes"):
@@ -351,3 +351,10 @@ def test_bad_input_is_refused(plain_node):
         cache.close()
         with pytest.raises(FailedPrecondition, match="closed"):
             cache.update(k, k, 0)
+
+
+def test_auto_placement_is_the_copy_path_on_the_cpu(plain_node):
+    with plain_node.connect() as client:
+        cache = HarvestCache(client, config=llama().config, max_tokens=64)  # "auto"
+        assert cache.placement == "copy"  # which ignores max_tokens
+        cache.close()

@@ -122,3 +122,10 @@ def test_placement_is_checked(plain_node):
     with plain_node.connect() as client:
         with pytest.raises(InvalidArgument):
             offload_experts(qwen_moe(), client, placement="elsewhere")
+
+
+def test_auto_placement_is_the_copy_path_on_the_cpu(plain_node):
+    with plain_node.connect() as client:
+        offload = offload_experts(mixtral(), client, fraction=0.5)  # placement="auto"
+        assert offload.placement == "copy" and offload.cache is not None
+        offload.close()

@@ -297,6 +297,71 @@ def test_remap_lock_orders_uses_and_remaps():
                     pass
 
 
+def test_a_remap_begun_in_one_thread_can_end_in_another():
+    lock = RemapLock()
+    lock.begin_remap()
+    entered = threading.Event()
+
+    def user() -> None:
+        with lock.use():
+            entered.set()
+
+    t = threading.Thread(target=user)
+    t.start()
+    assert not entered.wait(0.1)  # held off while the remap is open
+    ender = threading.Thread(target=lock.end_remap)
+    ender.start()
+    ender.join(5)
+    assert entered.wait(5)
+    t.join(5)
+
+
+def test_a_revocation_acknowledges_before_the_host_pages_are_back(plain_node, monkeypatch):
+    """The lease is cut off, acknowledged (its lender may free it), and only then are the
+    authoritative pages mapped back; uses wait through both halves."""
+    from client.placed import tensor as placed_module
+
+    source = _source(4 * MiB)
+    seen: list[bool | None] = []
+    close = placed_module._PlacedMapping.close
+
+    def recording_close(self):
+        lease = next((l for l in placed.leases() if l._mapping is self), None)
+        seen.append(("acked" in lease.timeline) if lease is not None else None)
+        close(self)
+
+    monkeypatch.setattr(placed_module._PlacedMapping, "close", recording_close)
+    with plain_node.connect() as c:
+        with c.place(source, chunk_bytes=MiB, lease_bytes=4 * MiB, refill_s=None) as placed:
+            (lease,) = placed.leases()
+            result = c.reclaim(plain_node.lender_id(), _granted(plain_node) + 60 * MiB)
+            assert result.revoked == [lease.id]
+            wait_for(lambda: placed.revocations == 1, what="the remap")
+            assert seen and seen[0] is True  # acknowledged before the close ran
+            assert placed.tiers()["host"] == 4 * MiB
+            assert torch.equal(placed.tensor, source)
+
+            # The halves by hand: between them no use begins.
+            c.restore(plain_node.lender_id())
+            wait_for(lambda: placed.refill() > 0, what="a lease again")
+            (lease,) = placed.leases()
+            mapping = lease._mapping
+            mapping.fence()
+            entered = threading.Event()
+
+            def reader() -> None:
+                with placed.use():
+                    entered.set()
+
+            t = threading.Thread(target=reader)
+            t.start()
+            assert not entered.wait(0.2)
+            mapping.close()
+            assert entered.wait(5)
+            t.join(5)
+            assert torch.equal(placed.tensor, source)
+
+
 def test_tiers_name_every_tier():
     assert {t.value for t in Tier} == {"local", "gpu-lease", "host-lease", "host"}
     assert PlacedTensor.__doc__
@@ -326,3 +391,24 @@ def test_a_remap_that_keeps_failing_refuses_every_use(plain_node, monkeypatch):
             placed.write_(0, 1.0)
         monkeypatch.undo()
         placed.close()
+
+
+def test_auto_placement_is_placed_only_where_a_gpu_maps_host_memory(monkeypatch):
+    from client.placed import choice
+    from lender.backends import vmm_host
+
+    assert choice.choose_placement("auto", "cpu") == "copy"
+    assert choice.choose_placement("placed", "cpu") == "placed"
+    assert choice.choose_placement("copy", "cuda:0") == "copy"
+    with pytest.raises(InvalidArgument, match="placement"):
+        choice.choose_placement("elsewhere")
+
+    def unavailable(ordinal):
+        from harvestd.errors import BackendUnavailable
+
+        raise BackendUnavailable(f"device {ordinal} cannot map VMM host memory")
+
+    monkeypatch.setattr(vmm_host, "host_location", unavailable)
+    assert choice.choose_placement("auto", "cuda:0") == "copy"  # the copy path serves
+    monkeypatch.setattr(vmm_host, "host_location", lambda ordinal: (None, 2 * MiB, "host-numa"))
+    assert choice.choose_placement("auto", "cuda:0") == "placed"

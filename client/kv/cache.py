@@ -60,8 +60,9 @@ from client.kv.layer import (
     stack_blocks,
     write_tail,
 )
-from client.kv.placed import PLACEMENTS, PlacedKV, PlacedOptions
+from client.kv.placed import PlacedKV, PlacedOptions
 from client.kv.prefetch import LayerFetch, Prefetcher
+from client.placed.choice import choose_placement
 from harvestd.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,9 @@ class HarvestCache(Cache):
     come, so that it holds no lease in use (``None``: never; a revocation of an idle
     cache then waits out its grace period).
 
+    ``placement``: ``"auto"`` (the default) is ``"placed"`` where this process's CUDA
+    device maps VMM host memory and ``"copy"`` elsewhere (:mod:`client.placed.choice`;
+    the CPU, or with ``cache=``); :attr:`placement` says which was chosen.
     ``placement="placed"``: compute on the K/V where they lie (:mod:`client.kv.placed`):
     each layer in one placed tensor with room for ``max_tokens`` tokens (more is
     refused; without it, the first update's tokens rounded up to whole ``block_tokens``,
@@ -158,7 +162,8 @@ class HarvestCache(Cache):
     layer leases only if its device's lease backend (``cuda-vmm`` on a GPU, ``host`` on
     the CPU) is in ``backends`` and its bytes fit, with the layers placed before it,
     under ``borrow_bytes`` (``0``: nothing is leased, the host copy is read in place).
-    ``cache``, ``prefetch`` and ``release_idle_s`` are the copy path's."""
+    ``cache``, ``prefetch`` and ``release_idle_s`` are the copy path's; the copy path
+    ignores ``max_tokens`` when ``"auto"`` chose it."""
 
     def __init__(
         self,
@@ -174,22 +179,25 @@ class HarvestCache(Cache):
         refill_every: float | None = 0.25,
         prefetch: bool = True,
         release_idle_s: float | None = 0.05,
-        placement: str = "copy",
+        placement: str = "auto",
         max_tokens: int | None = None,
         chunk_bytes: int = 2 << 20,
     ) -> None:
         if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens <= 0:
             raise InvalidArgument(f"block_tokens must be a positive int, got {block_tokens!r}")
-        if placement not in PLACEMENTS:
-            raise InvalidArgument(f"placement must be 'copy' or 'placed', got {placement!r}")
+        asked = placement
+        if placement == "auto" and cache is not None:
+            placement = "copy"  # a shared tiered cache is the copy path's
+        placement = choose_placement(placement)
         if max_tokens is not None and (
-            placement != "placed"
+            asked == "copy"
             or isinstance(max_tokens, bool)
             or not isinstance(max_tokens, int)
             or max_tokens <= 0
         ):
             raise InvalidArgument(
-                f"max_tokens must be a positive int, for placement='placed'; got {max_tokens!r}"
+                "max_tokens must be a positive int, for placement 'placed' or 'auto' (the "
+                f"copy path has no capacity); got {max_tokens!r}"
             )
         if placement == "placed" and cache is not None:
             raise InvalidArgument("placed K/V are in placed tensors: cache= is the copy path's")

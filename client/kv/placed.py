@@ -46,7 +46,6 @@ from client.placed.tensor import PlacedTensor
 from harvestd.errors import FailedPrecondition, InvalidArgument
 from harvestd.sizes import round_up
 
-PLACEMENTS = ("copy", "placed")
 STACKED_TOKENS = 64  # an update of at most this many tokens writes K and V in one go
 
 

@@ -41,6 +41,7 @@ from client.moe.compute import (
 )
 from client.moe.placed import PlacedExperts
 from client.moe.split import SplitExperts, fused_weights
+from client.placed.choice import PLACEMENTS, choose_placement
 from harvestd.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,7 @@ def offload_experts(
     ttl: float | None = None,
     refill_every: float | None = 0.25,
     compute: Compute | str = Compute.EAGER,
-    placement: str = "copy",
+    placement: str = "auto",
 ) -> ExpertOffload:
     """Take ``fraction`` of every MoE layer's experts off the model's device into memory
     borrowed through ``client`` (a :func:`client.connect` client); the model then fetches
@@ -320,15 +321,20 @@ def offload_experts(
     tokens of transformers' eager experts) or ``"grouped"`` (grouped GEMMs, far fewer
     kernels at a serving batch; the tokens of the same module with ``fraction=0``).
 
-    ``placement``: ``"copy"`` fetches the routed experts into staging rows before they
+    ``placement``: ``"auto"`` (the default) is ``"placed"`` where the experts' CUDA
+    device maps VMM host memory and ``"copy"`` elsewhere, the CPU included
+    (:mod:`client.placed.choice`; the result's ``placement`` says which).
+    ``"copy"`` fetches the routed experts into staging rows before they
     are computed; ``"placed"`` puts each layer's offloaded experts in placed tensors
     (:meth:`client.connection.Client.place`) that the compute reads where they lie, with
     leases of ``slab_bytes`` at most, and reads the authoritative host copy in place where
     nothing is leased (``borrow_bytes=0``: nothing is). ``backends`` and ``local_bytes``
     are the copy path's: a placed tensor leases what its device can map (GPU leases on a
     GPU, host leases on the CPU)."""
-    if placement not in ("copy", "placed"):
-        raise InvalidArgument(f"placement must be 'copy' or 'placed', got {placement!r}")
+    if placement not in PLACEMENTS:
+        raise InvalidArgument(
+            f"placement must be one of {', '.join(PLACEMENTS)}; got {placement!r}"
+        )
     if (
         isinstance(fraction, bool)
         or not isinstance(fraction, (int, float))
@@ -354,7 +360,7 @@ def offload_experts(
         row = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
         total += row * len(plan[name])
     device = fused_weights(next(iter(modules.values())))[0].device
-    if placement == "placed":
+    if choose_placement(placement, device) == "placed":
         return _place_experts(
             model,
             client,

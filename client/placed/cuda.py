@@ -152,13 +152,32 @@ class CudaLeasePages:
             self.evict()  # the host chunks are back: let the lease go
             raise
 
-    def evict(self) -> None:
-        """Map the host chunks back (when placed) and release the lease. Idempotent once
-        it has succeeded; after a failure, calling it again maps what is still missing."""
+    def cut(self) -> None:
+        """Unmap the lease from the span (when placed) and release it: nothing in this
+        process reaches its memory afterwards, and its lender may free it. The span maps
+        nothing until :meth:`restore`; the caller keeps kernels off it meanwhile.
+        Idempotent once it has succeeded."""
         if not self._evicted:
             scratch, self._scratch = self._scratch, None
-            self.fence_ms = self._space._evict(self._key, scratch, self.offset, self.nbytes)
+            self.fence_ms = self._space._cut(self._key, scratch, self.offset, self.nbytes)
             self._evicted = True
+
+    def restore(self) -> None:
+        """Map the host chunks back wherever the span lacks them, and grant access (after
+        :meth:`cut`; a retry maps what a failed one left out)."""
+        restored = self._space._restore(self.offset, self.nbytes)
+        if restored:
+            cut = {k: v for k, v in self.fence_ms.items() if k != "total"}
+            self.fence_ms = {**cut, **restored}
+            self.fence_ms["total"] = sum(
+                ms for step, ms in self.fence_ms.items() if step not in ("total", "chunks")
+            )
+
+    def evict(self) -> None:
+        """:meth:`cut`, then :meth:`restore`. Idempotent once it has succeeded; after a
+        failure, calling it again maps what is still missing."""
+        self.cut()
+        self.restore()
 
 
 class CudaRange:
@@ -374,9 +393,9 @@ class CudaRange:
             self._free_scratch(drv, scratch)
             self._swap_in(drv, state.imports[key], key, offset, nbytes)
 
-    def _evict(self, key: int, scratch: int | None, offset: int, nbytes: int) -> dict[str, float]:
-        """Map the host chunks back if lease ``key`` is placed at ``offset``, free its
-        staging address, release its handle; each step's time in ms."""
+    def _cut(self, key: int, scratch: int | None, offset: int, nbytes: int) -> dict[str, float]:
+        """Unmap lease ``key`` if it is placed at ``offset``, free its staging address,
+        release its handle; each step's time in ms. The span maps nothing afterwards."""
         state, marks = self._state, [("start", time.perf_counter())]
         with state.lock:
             if state.freed:  # the finalizer unmapped and released everything
@@ -389,19 +408,6 @@ class CudaRange:
                         cu.check(drv.cuMemUnmap(state.base + offset, nbytes), "cuMemUnmap")
                         del state.spans[offset]
                         marks.append(("unmap", time.perf_counter()))
-                        state.ungranted.add(offset)
-                        self._map_host(drv, offset, nbytes)
-                        marks.append(("map", time.perf_counter()))
-                        self._grant(drv, state.base + offset, nbytes)
-                        state.ungranted.discard(offset)
-                        marks.append(("access", time.perf_counter()))
-                    elif offset not in state.spans and self._hole(offset, nbytes):
-                        # An earlier evict unmapped the lease and failed to map the host
-                        # chunks back (or to grant access): finish it now.
-                        self._map_host(drv, offset, nbytes)
-                        self._grant(drv, state.base + offset, nbytes)
-                        state.ungranted.discard(offset)
-                        marks.append(("healed", time.perf_counter()))
                     self._free_scratch(drv, scratch)
                 finally:  # nothing maps the lease now (or, if the unmap failed, the mapping
                     # and not the handle keeps its pages): let go of it either way
@@ -409,7 +415,27 @@ class CudaRange:
                     if handle is not None:
                         _quiet(drv.cuMemRelease(handle), "cuMemRelease", logging.WARNING)
                     marks.append(("release", time.perf_counter()))
-        ms = {step: (t - marks[i][1]) * 1e3 for i, (step, t) in enumerate(marks[1:])}
-        ms["total"] = (marks[-1][1] - marks[0][1]) * 1e3
-        ms["chunks"] = nbytes // self.granularity if "map" in ms else 0
-        return ms
+        return _steps(marks)
+
+    def _restore(self, offset: int, nbytes: int) -> dict[str, float]:
+        """Map the host chunks of the span that are missing and grant access, unless a
+        lease is placed there; each step's time in ms (empty: nothing was missing)."""
+        state, marks = self._state, [("start", time.perf_counter())]
+        with state.lock:
+            if state.freed or offset in state.spans or not self._hole(offset, nbytes):
+                return {}
+            with cu.on_device(state.ordinal) as drv:
+                state.ungranted.add(offset)  # until the grant below succeeds
+                self._map_host(drv, offset, nbytes)
+                marks.append(("map", time.perf_counter()))
+                self._grant(drv, state.base + offset, nbytes)
+                state.ungranted.discard(offset)
+                marks.append(("access", time.perf_counter()))
+        return {**_steps(marks), "chunks": nbytes // self.granularity}
+
+
+def _steps(marks: list[tuple[str, float]]) -> dict[str, float]:
+    """Each step's ms from ``(step, perf_counter())`` marks, the first being the start."""
+    ms = {step: (t - marks[i][1]) * 1e3 for i, (step, t) in enumerate(marks[1:])}
+    ms["total"] = (marks[-1][1] - marks[0][1]) * 1e3
+    return ms

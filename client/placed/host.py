@@ -69,6 +69,14 @@ class HostLeasePages:
         self._placed = True
         self._let_go()
 
+    def cut(self) -> None:
+        """:meth:`evict`: one ``mmap`` maps the authoritative pages over the lease's, so
+        the span is never left unmapped here."""
+        self.evict()
+
+    def restore(self) -> None:
+        """Nothing: :meth:`cut` mapped the authoritative pages back already."""
+
     def evict(self) -> None:
         """Map the authoritative pages back (when placed) and drop the lease's pages."""
         if self._evicted:

@@ -42,6 +42,16 @@ class RemapLock:
     @contextlib.contextmanager
     def remap(self) -> Iterator[None]:
         """Wait for every use in flight (no new one starts meanwhile), then run alone."""
+        self.begin_remap()
+        try:
+            yield
+        finally:
+            self.end_remap()
+
+    def begin_remap(self) -> None:
+        """:meth:`remap`'s start, for a remap whose two halves run apart (a revocation's:
+        the lease is cut, acknowledged, then the host pages mapped back); every
+        ``begin_remap`` needs its :meth:`end_remap`, which any thread may call."""
         with self._cond:
             if self._users.get(threading.get_ident()):
                 raise FailedPrecondition(
@@ -54,9 +64,9 @@ class RemapLock:
             finally:
                 self._waiting -= 1
             self._remapping = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._remapping = False
-                self._cond.notify_all()
+
+    def end_remap(self) -> None:
+        """Let uses (and the next remap) in again."""
+        with self._cond:
+            self._remapping = False
+            self._cond.notify_all()

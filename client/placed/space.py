@@ -46,9 +46,18 @@ class LeasePages(Protocol):
         """Map the pages at their offset in the range, over the authoritative ones. The
         caller makes sure no device work reads the span while it changes."""
 
+    def cut(self) -> None:
+        """Let go of the lease's memory: nothing in this process reaches it afterwards
+        (its lender may free it). The span may map nothing until :meth:`restore`; the
+        caller keeps device work off it meanwhile. Idempotent once it has succeeded."""
+
+    def restore(self) -> None:
+        """Map the authoritative pages wherever the span lacks them (after :meth:`cut`;
+        nothing where the span is whole). A retry maps what a failed one left out."""
+
     def evict(self) -> None:
-        """Map the authoritative pages back over the span (when placed) and let go of the
-        lease's memory: nothing in this process reaches it afterwards. Idempotent."""
+        """:meth:`cut`, then :meth:`restore`: the authoritative pages back over the span
+        and the lease's memory let go. Idempotent."""
 
 
 @runtime_checkable

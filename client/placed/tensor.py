@@ -53,7 +53,12 @@ def make_range(device: "torch.device", nbytes: int, chunk_bytes: int) -> Address
 
 class _PlacedMapping:
     """The :class:`~lender.backends.base.Mapping` a placed tensor gives each of its leases:
-    the lease's fence is the placed tensor's remap."""
+    the lease's fence cuts the lease off with the tensor's uses held off, and its close,
+    right after the acknowledgement (``cover_at_once``), maps the authoritative pages back
+    and lets the uses in again. So the lender's memory is free before the slow part of the
+    remap (granting access to the host pages) begins."""
+
+    cover_at_once = True  # see client.lease: close right after the acknowledgement
 
     def __init__(self, owner: "PlacedTensor", pages: LeasePages, first: int, count: int):
         self.owner = owner
@@ -62,12 +67,14 @@ class _PlacedMapping:
         self.count = count
         self.nbytes = pages.nbytes
         self.placed = False
-        self.fence_ms: float | None = None  # how long the remap took, once fenced
+        self.fence_ms: float | None = None  # the remap, cut to restore, once done
+        self._cut_at: float | None = None  # set while uses are held off between the halves
+        self._lock = threading.Lock()
 
     @property
     def steps_ms(self) -> dict[str, float]:
-        """The remap's steps, where the range times them (the GPU's: sync, unmap, map,
-        access, release); empty on the CPU twin or before the fence."""
+        """The remap's steps, where the range times them (the GPU's: sync, unmap, release,
+        map, access); empty on the CPU twin or before the fence."""
         return dict(getattr(self.pages, "fence_ms", None) or {})
 
     @property
@@ -80,12 +87,19 @@ class _PlacedMapping:
         return self.owner._space.tensor()[self.pages.offset : self.pages.offset + self.nbytes]
 
     def fence(self) -> None:
-        """Map the authoritative pages over the lease's span and let go of its memory."""
-        self.owner._evict(self)
+        """Hold off the tensor's uses and let go of the lease's memory; :meth:`close`
+        maps the authoritative pages back and lets the uses in. Idempotent."""
+        with self._lock:
+            if self._cut_at is None and self.fence_ms is None:
+                self._cut_at = self.owner._cut(self)
 
     def close(self) -> None:
-        """The fence did everything."""
+        """Finish the remap :meth:`fence` began (fencing first if it has not run)."""
         self.fence()
+        with self._lock:
+            cut_at, self._cut_at = self._cut_at, None
+            if cut_at is not None:
+                self.owner._restore(self, cut_at)
 
 
 class PlacedTensor:
@@ -334,32 +348,46 @@ class PlacedTensor:
         lease.on_revoke(self._revoked)
         return True
 
-    def _evict(self, mapping: _PlacedMapping) -> None:
-        """A lease's fence: wait for the uses in flight, then the device, then map the
-        authoritative pages over its span."""
-        with self._lock.remap():
-            start = time.perf_counter()
-            was_placed = mapping.placed
-            if was_placed:
-                self._space.synchronize()
-            for attempt in range(_EVICT_ATTEMPTS):
-                try:
-                    mapping.pages.evict()  # a retry maps what a failed one left out
-                    break
-                except Exception as err:
-                    if attempt + 1 == _EVICT_ATTEMPTS:
-                        # A span that maps nothing would fault the next kernel over it:
-                        # refuse every use from here on instead.
-                        self._broken = f"remapping {mapping.nbytes} bytes failed: {err}"
-                        raise
-                    log.warning("evicting a lease's pages failed (%s); retrying", err)
-                    time.sleep(0.01 * (attempt + 1))
-            if was_placed:
+    def _cut(self, mapping: _PlacedMapping) -> float:
+        """A lease's fence, first half: wait for the uses in flight and hold off new ones,
+        then let go of the lease's memory. Returns when it began; :meth:`_restore` must
+        follow (it lets the uses in again)."""
+        self._lock.begin_remap()
+        start = time.perf_counter()
+        try:
+            self._retry(mapping, mapping.pages.cut, "letting go of a lease's pages")
+        except BaseException:
+            self._lock.end_remap()
+            raise
+        return start
+
+    def _restore(self, mapping: _PlacedMapping, start: float) -> None:
+        """A lease's fence, second half: the authoritative pages back over its span; then
+        the uses go on."""
+        try:
+            self._retry(mapping, mapping.pages.restore, "mapping the host copy back")
+            if mapping.placed:
                 mapping.placed = False
                 self._tiers[mapping.first : mapping.first + mapping.count] = [Tier.HOST] * (
                     mapping.count
                 )
-                mapping.fence_ms = (time.perf_counter() - start) * 1e3
+            mapping.fence_ms = (time.perf_counter() - start) * 1e3
+        finally:
+            self._lock.end_remap()
+
+    def _retry(self, mapping: _PlacedMapping, step: Any, what: str) -> None:
+        for attempt in range(_EVICT_ATTEMPTS):
+            try:
+                step()  # a retry does what a failed one left undone
+                return
+            except Exception as err:
+                if attempt + 1 == _EVICT_ATTEMPTS:
+                    # A span that maps nothing would fault the next kernel over it:
+                    # refuse every use from here on instead.
+                    self._broken = f"{what} ({mapping.nbytes} bytes) failed: {err}"
+                    raise
+                log.warning("%s failed (%s); retrying", what, err)
+                time.sleep(0.01 * (attempt + 1))
 
     def _revoked(self, lease: Lease, reason: str) -> None:
         with self._version_lock:

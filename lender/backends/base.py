@@ -102,7 +102,11 @@ class Mapping(Protocol):
 
     def close(self) -> None:
         """Fence, cover the range with private memory where the fence left it unmapped,
-        and release this process's resources as soon as no view is left."""
+        and release this process's resources as soon as no view is left.
+
+        A lease closes its fenced mapping a little after acknowledging (covers are not on
+        the tenant's path), or at once after the acknowledgement where the mapping has a
+        true ``cover_at_once`` attribute (a placed tensor's uses wait for it)."""
 
 
 @runtime_checkable

@@ -54,11 +54,13 @@ CONFIG = {
     "computes; blocks, the on-GPU tail and the new token assembled into contiguous K and V "
     "work buffers (the DynamicCache layout); nothing written back: a block goes to the host "
     "once, when it fills (one device-to-host copy on the side stream)",
-    "harvest-host": "client.kv.HarvestCache(backends=('host',), refill_every=None): full "
+    "harvest-host": "client.kv.HarvestCache(backends=('host',), refill_every=None, "
+    "placement='copy'): full "
     "blocks in host leases (pinned host memory lent through Harvest) plus their pinned "
     "host copy; one batched fetch per layer per step, the next layer's while this one "
     "computes; read-only",
-    "harvest-gpu": "client.kv.HarvestCache(backends=('cuda-vmm',), refill_every=None): full "
+    "harvest-gpu": "client.kv.HarvestCache(backends=('cuda-vmm',), refill_every=None, "
+    "placement='copy'): full "
     "blocks in CUDA VMM leases lent by the GPU of --lender-gpu (on a one-GPU machine the "
     "decoding GPU itself: the stand-in for a peer GPU's memory), plus their pinned host "
     "copy; one batched fetch per layer per step, the next layer's while this one computes",

@@ -133,6 +133,7 @@ def test_tokens_and_logits_equal_dynamic_cache(node, case, backend, tier):
             backends=(backend,),
             slab_bytes=32 << 20,
             borrow_bytes=256 << 20,
+            placement="copy",
         )
         tokens, logits = generate(model, cache, prompt=prompt)
         torch.cuda.synchronize()
@@ -159,6 +160,7 @@ def test_revocation_mid_generation_changes_no_token(node, backend):
             backends=(backend,),
             slab_bytes=8 << 20,
             refill_every=None,
+            placement="copy",
         )
         calls = {"n": 0}
 

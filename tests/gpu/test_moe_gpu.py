@@ -82,7 +82,7 @@ def test_experts_in_leases_give_the_resident_tokens(node, backend, tier):
     model = copy.deepcopy(reference)
     with node.connect() as client:
         offload = offload_experts(
-            model, client, fraction=0.5, backends=(backend,), slab_bytes=8 << 20
+            model, client, fraction=0.5, backends=(backend,), slab_bytes=8 << 20, placement="copy"
         )
         assert torch.equal(generate(model), want)
         assert set(offload.cache.stats.hits) == {tier}
@@ -103,6 +103,7 @@ def test_revocation_mid_generation_on_gpu_leases(node):
             backends=("cuda-vmm",),
             slab_bytes=4 << 20,
             refill_every=None,
+            placement="copy",
         )
         slabs = list(offload.cache._slabs.slabs)
         calls = {"n": 0}
@@ -143,7 +144,13 @@ def test_grouped_experts_in_leases_give_the_grouped_resident_tokens(node, backen
         assert torch.equal(want, transformers_grouped)
         model = copy.deepcopy(base)
         offload = offload_experts(
-            model, client, fraction=0.5, backends=(backend,), slab_bytes=8 << 20, compute="grouped"
+            model,
+            client,
+            fraction=0.5,
+            backends=(backend,),
+            slab_bytes=8 << 20,
+            compute="grouped",
+            placement="copy",
         )
         assert torch.equal(generate(model), want)
         assert set(offload.cache.stats.hits) == {tier}
