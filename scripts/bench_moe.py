@@ -44,12 +44,22 @@ same run. A revocation run (per model, batch 1, half the experts) decodes from G
 while the lender's tenant reclaims a slab every --revoke-every seconds (and gives the
 memory back half a period later), against the same offload without revocations and
 against host leases, also --repeats times in alternating order, each repeat counting its
-revocations.
+revocations. Where harvest-gpu-placed is among --modes, a second revocation run does the
+same for placed tensors: the placed experts in GPU leases while the tenant reclaims (each
+revoked lease's chunks remapped to the host copy, read there in place until a refill),
+against the same placed offload without revocations, against the all-host placed run
+(host-placed: nothing leased) and against the copy path's host leases.
+
+GPU memory: each mode records what its setup kept on the GPU (torch's allocator and NVML's
+figure for this process) and, from it, its staging: the borrower's own GPU memory beyond
+the model's own non-offloaded part (``FIELDS`` says how each is measured).
 
 The defaults are sized for the GPU suite (scripts/gpu_bench.sh): both models at 2 layers,
 half the experts offloaded, batch 1, 3 repeats of 64 steps; about 2.5 to 3.5 minutes on an
 H200 (estimated from the H100 run), over half of it accelerate-default's 3 x 66 steps of
-Mixtral (each copies a whole layer's experts, 2.8 GB, from pageable memory):
+Mixtral (each copies a whole layer's experts, 2.8 GB, from pageable memory). That
+estimate predates the placed revocation run, which adds three setups and 12 runs per
+model (not yet timed on a GPU):
 
     python scripts/bench_moe.py --lender-gpu 0 --out bench/results/moe.json
 
@@ -65,6 +75,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import json
 import logging
@@ -79,10 +90,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from benchkit.gpumem import GpuBytes, gpu_memory, grown
 from benchkit.node import REPO, bench_node, pyplot, steady_attention
 from benchkit.stats import MIN_REPEATS, MIN_STEPS, alternating, fmt, spread
 
-from harvestd.sizes import GiB
+from harvestd.sizes import GiB, MiB
 
 log = logging.getLogger("bench_moe")
 
@@ -101,11 +113,32 @@ MODES = (
 # host-placed: the placed path with nothing leased (--smoke runs it: on the CPU it is the
 # only placed mode; on a GPU, scripts/bench_place.py measures host pages read in place).
 OPTIONAL_MODES = ("resident-grouped-mm", "host-placed")
-# The modes whose tokens decide the exit status (the revocation run's modes too).
-HARVEST_MODES = ("harvest-host", "harvest-gpu", "host-placed", "harvest-gpu-placed")
+# The modes whose tokens decide the exit status (every mode of a revocation run too).
+HARVEST_MODES = (
+    "harvest-host",
+    "harvest-gpu",
+    "host-placed",
+    "harvest-gpu-placed",
+    "harvest-gpu-revoked",
+    "harvest-gpu-placed-revoked",
+)
 # Modes whose experts sit in placed tensors, read where they lie (issue 15).
 PLACED_MODES = ("host-placed", "harvest-gpu-placed")
+# Modes that lease memory: before each run every offloaded expert is borrowed again.
+# host-placed leases nothing, so that it reads its host copy in place.
+BORROWING = ("harvest-host", "harvest-gpu", "harvest-gpu-placed")
 REVOCATION_MODES = ("harvest-gpu-revoked", "harvest-gpu", "harvest-host")
+# The placed path's revocation run (only when harvest-gpu-placed is among --modes): the
+# revoked placed run against the quiet one, the all-host placed run, and the copy path's
+# host leases (its all-host figure).
+PLACED_REVOCATION_MODES = (
+    "harvest-gpu-placed-revoked",
+    "harvest-gpu-placed",
+    "host-placed",
+    "harvest-host",
+)
+# A revocation run's batch and offloaded fraction.
+REVOKE_BATCH, REVOKE_FRACTION = 1, 0.5
 # Modes that run Harvest's experts module (computed as --compute says).
 HARVEST_CODE = (
     "resident-same-code",
@@ -185,6 +218,44 @@ HOW = {
     "resident-grouped-mm": (
         "transformers' own model, every expert resident, experts_implementation="
         "'grouped_mm' (its grouped GEMM numerics give other tokens than eager)."
+    ),
+}
+
+# What a mode's GPU-memory and revocation fields mean (the JSON's "fields"). None: on the
+# CPU, or where NVML cannot tell.
+FIELDS = {
+    "gpu_allocated_bytes": (
+        "torch.cuda.memory_allocated(device) after the mode's setup (model copied, experts "
+        "offloaded or placed) less before it, before any step: what the setup kept in "
+        "torch's allocator (every mode lives in one process, so the growth); resident: the "
+        "model as built"
+    ),
+    "gpu_process_bytes": (
+        "the same growth of this process's GPU memory as NVML counts it "
+        "(nvmlDeviceGetComputeRunningProcesses, this PID), which also sees memory outside "
+        "torch's allocator (ranges mapped through the VMM API)"
+    ),
+    "staging_bytes": (
+        "gpu_allocated_bytes - (resident's gpu_allocated_bytes - offloaded_bytes): the "
+        "borrower's own GPU memory beyond the model's own non-offloaded part; for placed "
+        "modes, against one page (placed_chunk_bytes) per placed object"
+    ),
+    "staging_process_bytes": "staging_bytes from gpu_process_bytes (NVML)",
+    "placed_objects": "placed modes: how many placed tensors hold the offloaded experts",
+    "placed_chunk_bytes": "placed modes: a placed tensor's page (its unit of placement)",
+    "gpu_allocated_growth_bytes": (
+        "the most torch.cuda.memory_allocated grew across one run, its own tensors freed: "
+        "what a mode allocates at its first steps and keeps (the copy path's staging rows, "
+        "made at its first fetch, are here, not in staging_bytes)"
+    ),
+    "revocations": "revoked runs: leases the tenant's reclaims revoked, per repeat",
+    "revocations_seen": (
+        "revoked runs: revocations of this offload's own leases, per repeat (its cache's, "
+        "or the sum over its placed tensors)"
+    ),
+    "remap_ms": (
+        "placed revoked runs: each revocation's remap of a placed tensor's chunks to the "
+        "host copy (PlacedTensor.remap_ms), over every repeat"
     ),
 }
 
@@ -420,18 +491,20 @@ def setup_mode(
     device: torch.device,
 ) -> Setup:
     """Make ``mode``'s model from ``base`` (``resident`` is ``base`` itself)."""
-    from client.moe import offload_experts
-
     if mode == "resident":
         return Setup(mode, base, info={"offloaded_bytes": 0})
-    model = copy.deepcopy(base)
     if mode == "resident-grouped-mm":
+        model = copy.deepcopy(base)
         model.config._experts_implementation = "grouped_mm"
         return Setup(mode, model, info={"offloaded_bytes": 0})
     if mode in ("accelerate-pinned", "accelerate-default"):
+        model = copy.deepcopy(base)
         info = accelerate_offload(model, fraction, device, pinned=mode == "accelerate-pinned")
         return Setup(mode, model, info=info)
+    # The copy modes ask for the copy path: the default ("auto") is placed on a GPU.
     kwargs: dict[str, Any] = {"slab_bytes": args.slab_bytes, "compute": args.compute}
+    if mode in ("resident-same-code", "best-host-offload", "harvest-host", "harvest-gpu"):
+        kwargs["placement"] = "copy"
     if mode == "resident-same-code":
         kwargs.update(fraction=0.0, backends=("host",))
     elif mode == "best-host-offload":
@@ -446,22 +519,67 @@ def setup_mode(
         kwargs.update(fraction=fraction, placement="placed")
     else:
         raise SystemExit(f"unknown mode {mode!r} ({', '.join(MODES + OPTIONAL_MODES)})")
+    return harvest_setup(mode, base, client, device, **kwargs)
+
+
+def harvest_setup(mode: str, base: Any, client: Any, device: torch.device, **kwargs: Any) -> Setup:
+    """``mode``'s model: a copy of ``base`` with ``offload_experts(model, client,
+    **kwargs)``; what it offloaded and borrowed (and, placed, in how many placed
+    tensors). A mode that must read its host copy and borrowed is refused."""
+    from client.moe import offload_experts
+
+    model = copy.deepcopy(base)
     offload = offload_experts(model, client, **kwargs)
     release(device)
-    info = {
+    info: dict[str, Any] = {
         "offloaded_bytes": offload.stats.bytes_offloaded,
         "offloaded_experts": offload.stats.experts_offloaded,
         "experts": offload.stats.experts_total,
         "host_copy_pinned": device.type == "cuda",
     }
-    if mode in PLACED_MODES:
+    if offload.placement == "placed":
         tiers = offload.tiers()
-        info.update(tiers=tiers, borrowed_bytes=tiers["gpu-lease"] + tiers["host-lease"])
-        return Setup(mode, model, offload, info)
-    info["borrowed_bytes"] = offload.cache.borrowed_bytes
-    if mode == "best-host-offload" and offload.cache.borrowed_bytes:
-        raise RuntimeError("best-host-offload borrowed memory: it must read its host copy")
+        placed = placed_tensors(offload)
+        info.update(
+            tiers=tiers,
+            borrowed_bytes=tiers["gpu-lease"] + tiers["host-lease"],
+            placed_objects=len(placed),
+            placed_chunk_bytes=max((p.chunk_bytes for p in placed), default=0),
+        )
+    else:
+        info["borrowed_bytes"] = offload.cache.borrowed_bytes
+    if mode in ("best-host-offload", "host-placed") and info["borrowed_bytes"]:
+        offload.close()
+        raise RuntimeError(f"{mode} borrowed memory: it must read its host copy")
     return Setup(mode, model, offload, info)
+
+
+def measured_setup(make: Callable[[], Setup], device: torch.device, model: GpuBytes) -> Setup:
+    """``make()``, with what it kept on the GPU and its staging in its info (``FIELDS``);
+    ``model``: what the model as built holds (``resident``'s figures: it is that model)."""
+    release(device)
+    before = gpu_memory(device)
+    setup = make()
+    release(device)
+    if setup.mode == "resident":
+        setup.info.update(model)
+    else:
+        setup.info.update(grown(before, gpu_memory(device)))
+        setup.info.update(staging(setup.info, model))
+    return setup
+
+
+def staging(info: dict[str, Any], model: GpuBytes) -> GpuBytes:
+    """A set-up mode's own GPU memory beyond the model's own non-offloaded part (what
+    the model as built holds, ``model``, less what the mode offloaded), both ways."""
+    out: GpuBytes = {}
+    for key, of in (
+        ("staging_bytes", "gpu_allocated_bytes"),
+        ("staging_process_bytes", "gpu_process_bytes"),
+    ):
+        own, whole = info.get(of), model.get(of)
+        out[key] = None if own is None or whole is None else own - (whole - info["offloaded_bytes"])
+    return out
 
 
 def close(setup: Setup) -> None:
@@ -485,6 +603,11 @@ def skip_reason(mode: str, device: torch.device, lenders: dict[str, Any]) -> str
 
 def offloaded_keys(offload: Any) -> list[tuple[str, int]]:
     return [(name, e) for name, module in offload.modules.items() for e in module.offloaded]
+
+
+def placed_tensors(offload: Any) -> list[Any]:
+    """The placed tensors (:class:`client.placed.PlacedTensor`) of a placed offload."""
+    return [p for m in offload.modules.values() for p in getattr(m, "placed", None) or ()]
 
 
 def borrowed(offload: Any, timeout: float = 5.0) -> dict[str, Any]:
@@ -514,12 +637,22 @@ def borrowed(offload: Any, timeout: float = 5.0) -> dict[str, Any]:
 def placed_borrowed(offload: Any, timeout: float) -> dict[str, Any]:
     """:func:`borrowed` for placed experts: refill until no byte reads the host copy."""
     began = time.monotonic()
-    placed = [p for m in offload.modules.values() for p in m.placed or ()]
+    placed = placed_tensors(offload)
     while offload.tiers()["host"] and time.monotonic() - began < timeout:
         for p in placed:
             p.refill()
         time.sleep(0.02)
     return {"tiers": offload.tiers(), "refill_wait_s": round(time.monotonic() - began, 3)}
+
+
+def placed_revocations(placed: list[Any], marks: list[tuple[int, int]]) -> dict[str, Any]:
+    """What revocations ``placed`` (placed tensors) saw since ``marks`` (each one's
+    ``(revocations, len(remap_ms))`` then): their count, summed, and each remap's ms."""
+    pairs = list(zip(placed, marks, strict=True))
+    return {
+        "revocations_seen": sum(p.revocations - seen for p, (seen, _) in pairs),
+        "remap_ms": [round(ms, 3) for p, (_, n) in pairs for ms in p.remap_ms[n:]],
+    }
 
 
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -537,14 +670,18 @@ def run_once(
     refill: bool = True,
 ) -> dict[str, Any]:
     """One timed decode of a set-up mode: its figures, and for a mode that copies experts
-    what it copied per step against the PCIe bound (``tokens``: popped by the caller).
-    A mode that borrows starts with every expert borrowed (``refill``: see to it here)."""
+    what it copied per step against the PCIe bound (``tokens``: popped by the caller);
+    for placed experts, their tiers after the run and the revocations they saw. A mode
+    that borrows starts with every expert borrowed (``refill``: see to it here)."""
     off = setup.offload
     run: dict[str, Any] = {}
     fetched_at: list[int] = []
     copies = off is not None and off.placement == "copy"
-    if off is not None and refill and setup.mode in ("harvest-host", "harvest-gpu", *PLACED_MODES):
+    placed = placed_tensors(off) if off is not None and not copies else []
+    if off is not None and refill and setup.mode in BORROWING:
         run.update(borrowed(off))
+    marks = [(p.revocations, len(p.remap_ms)) for p in placed]
+    kept = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     if copies:
         stats = off.cache.stats
         before = (dict(stats.hits), stats.revocations, stats.fallbacks, off.stats.bytes_fetched)
@@ -559,8 +696,14 @@ def run_once(
         seconds=seconds,
     )
     per_step: float | None = None
+    if kept is not None:
+        gc.collect()  # the decode's cache and activations go: only what stays counts
+        run["gpu_allocated_growth_bytes"] = torch.cuda.memory_allocated(device) - kept
     if off is not None and not copies:
-        run["tiers_after"] = off.tiers()
+        tiers = run["tiers_after"] = off.tiers()
+        if setup.mode == "host-placed" and tiers["gpu-lease"] + tiers["host-lease"]:
+            raise RuntimeError(f"host-placed read leased memory: {tiers}")
+        run.update(placed_revocations(placed, marks))
     if copies:
         stats = off.cache.stats
         start = fetched_at[args.warmup - 1] if args.warmup else before[3]
@@ -625,6 +768,8 @@ def mode_entry(
             entry[key] = spread(values)
     if runs[0].get("pcie_bound_step_ms") is not None:
         entry["pcie_bound_step_ms"] = spread([r["pcie_bound_step_ms"] for r in runs])
+    growth = [r["gpu_allocated_growth_bytes"] for r in runs if "gpu_allocated_growth_bytes" in r]
+    entry["gpu_allocated_growth_bytes"] = max(growth) if growth else None
     if any("borrowed_experts" in r for r in runs):
         # Whether each run started with every offloaded expert in borrowed memory.
         entry["all_borrowed"] = all(
@@ -703,9 +848,11 @@ def run_fraction(
     device: torch.device,
     pinned: float,
     emit: Callable[[dict[str, Any]], None],
+    model_gpu: GpuBytes,
 ) -> None:
     """Every mode for one model and fraction: set up once, then one row per batch size,
-    each mode decoded ``args.repeats`` times in alternating order."""
+    each mode decoded ``args.repeats`` times in alternating order (``model_gpu``: what
+    the model as built holds on the GPU, for each mode's staging)."""
     setups: dict[str, Setup] = {}
     absent: dict[str, dict[str, Any]] = {}
     # GPU leases last: the lender sees no more of this process's allocations after them.
@@ -716,7 +863,8 @@ def run_fraction(
             continue
         began = time.monotonic()
         try:
-            setups[mode] = setup_mode(mode, base, fraction, client, args, device)
+            make = functools.partial(setup_mode, mode, base, fraction, client, args, device)
+            setups[mode] = measured_setup(make, device, model_gpu)
             setups[mode].info["setup_s"] = round(time.monotonic() - began, 2)
         except Exception as exc:  # noqa: BLE001 - one failed mode must not lose the rest
             if mode == "resident":
@@ -850,13 +998,199 @@ def reference_tokens(
     if args.compute == "eager":
         return decode(base, batch, args.prompt, steps, args.warmup, device)["tokens"]
     model = copy.deepcopy(base)
-    offload = offload_experts(model, client, fraction=0.0, backends=("host",), compute=args.compute)
+    offload = offload_experts(
+        model, client, fraction=0.0, backends=("host",), compute=args.compute, placement="copy"
+    )
     try:
         return decode(model, batch, args.prompt, steps, args.warmup, device)["tokens"]
     finally:
         offload.close()
         del model
         release(device)
+
+
+@dataclass
+class Revocations:
+    """One revocation run of a model. ``uses``: its modes, in the order a repeat starts
+    from, each with the key of the offload it decodes (``make(key)`` makes one);
+    ``revoked``: the mode decoded while ``lender``'s tenant reclaims (``lender`` None:
+    this node has no ``lender_backend`` lender, and the row says so); ``per_run``: keys
+    made anew for each run of theirs and closed after it, so that no reclaim can fall on
+    their leases; ``how``: what the row says of each mode; ``headline``: its ratios,
+    name: (mode, baseline)."""
+
+    experiment: str
+    uses: dict[str, str]
+    revoked: str
+    make: Callable[[str], Setup]
+    lender: dict[str, Any] | None
+    lender_backend: str
+    how: dict[str, str]
+    headline: dict[str, tuple[str, str]]
+    per_run: frozenset[str] = frozenset()
+
+
+def lease_bytes(offload: Any) -> int:
+    """The largest lease under ``offload`` (a slab of its cache, or one of its placed
+    tensors' leases): what each reclaim takes beyond the lender's idle memory."""
+    if offload.placement == "copy":
+        sizes = [s.lease.nbytes for s in offload.cache._slabs.slabs]
+    else:
+        sizes = [lease.nbytes for p in placed_tensors(offload) for lease in p.leases()]
+    if not sizes:
+        raise RuntimeError("nothing leased: there is no lease to revoke")
+    return max(sizes)
+
+
+def revocation_run(
+    setup: Setup,
+    args: argparse.Namespace,
+    client: Any,
+    device: torch.device,
+    revoke: tuple[dict[str, Any], int] | None,
+    spy: bool,
+) -> dict[str, Any]:
+    """One run of a revocation row: every expert borrowed again first (after a revoked
+    run too), then a decode; with ``revoke`` (the lender, the bytes of a lease) while
+    the lender's tenant reclaims, at least ``args.revoke_seconds`` long, counting the
+    reclaims and the leases they revoked."""
+    off = setup.offload
+    run: dict[str, Any] = borrowed(off) if setup.mode in BORROWING else {}
+    copies = off.placement == "copy"
+    refills = off.cache.stats.refills if copies else 0
+    nan = float("nan")  # no PCIe bound here
+    if revoke is None:
+        res = run_once(setup, REVOKE_BATCH, args, device, nan, args.steps, refill=False)
+    else:
+        if spy:
+            threading.Timer(args.revoke_seconds / 2, spy_dump).start()
+        lender, nbytes = revoke
+        with revoking(client, lender, args.revoke_every, nbytes) as counts:
+            res = run_once(
+                setup, REVOKE_BATCH, args, device, nan, args.steps, args.revoke_seconds, False
+            )
+        run.update(counts)
+    if copies:
+        res["refills"] = off.cache.stats.refills - refills
+    return {**run, **res}
+
+
+def revocation_entry(
+    mode: str,
+    spec: Revocations,
+    info: dict[str, Any],
+    runs: list[dict[str, Any]],
+    tokens: list[torch.Tensor],
+    ref: torch.Tensor,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """A mode of a revocation row; the revoked one with its revocations per repeat."""
+    ref_name = "resident" if args.compute == "eager" else "resident-same-code"
+    entry = mode_entry(mode, Setup(mode, None, info=info), runs, tokens, ref_name, ref, None)
+    entry["how"] = spec.how[mode]
+    if mode == spec.revoked:
+        # Per repeat: leases the tenant's reclaims revoked, and revocations this
+        # offload saw (its own leases taken mid-run).
+        entry["revocations"] = [r.get("revoked", 0) for r in runs]
+        entry["reclaims"] = [r.get("reclaims", 0) for r in runs]
+        entry["revocations_seen"] = [r.get("revocations_seen", 0) for r in runs]
+        if "remap_ms" in runs[0]:
+            remaps = [ms for r in runs for ms in r["remap_ms"]]
+            entry["remap_ms"] = spread(remaps) if remaps else None
+    return entry
+
+
+def revocation_row(
+    spec: Revocations,
+    name: str,
+    base: Any,
+    args: argparse.Namespace,
+    client: Any,
+    device: torch.device,
+    model_gpu: GpuBytes,
+) -> dict[str, Any]:
+    """``spec``'s row: half the experts offloaded, batch 1, every mode decoded
+    ``args.repeats`` times (:func:`revocation_modes`), or why none could be."""
+    began = time.monotonic()
+    if spec.lender is None:
+        reason = f"skipped (no {spec.lender_backend} lender on this node)"
+        order: list[list[str]] = []
+        entries: dict[str, Any] = {m: {"status": reason, "how": spec.how[m]} for m in spec.uses}
+    else:
+        order, entries = revocation_modes(spec, base, args, client, device, model_gpu)
+    return {
+        "model": name,
+        "batch": REVOKE_BATCH,
+        "fraction": REVOKE_FRACTION,
+        "layers": args.layers[name],
+        "experiment": spec.experiment,
+        "lender_backend": spec.lender_backend,
+        "revoke_every_s": args.revoke_every,
+        "order": order,
+        "modes": entries,
+        "headline": {k: ratio(entries, a, b) for k, (a, b) in spec.headline.items()},
+        "elapsed_s": round(time.monotonic() - began, 1),
+    }
+
+
+def revocation_modes(
+    spec: Revocations,
+    base: Any,
+    args: argparse.Namespace,
+    client: Any,
+    device: torch.device,
+    model_gpu: GpuBytes,
+) -> tuple[list[list[str]], dict[str, Any]]:
+    """``spec``'s modes decoded ``args.repeats`` times in alternating order, the revoked
+    one while the lender's tenant reclaims (:func:`revoking`); each mode's entry, its
+    tokens checked against the reference; and the order of each repeat."""
+    assert spec.lender is not None  # revocation_row says why there is no run without one
+    modes = list(spec.uses)
+    revoked_key = spec.uses[spec.revoked]
+    made: dict[str, Setup] = {}
+    info: dict[str, dict[str, Any]] = {}
+
+    def setup_of(key: str) -> Setup:
+        return measured_setup(functools.partial(spec.make, key), device, model_gpu)
+
+    try:
+        # The revoked run's offload last: a GPU lender sees none of this process's
+        # allocations after its leases (each other setup copies the model on the GPU).
+        for key in sorted(dict.fromkeys(spec.uses.values()), key=lambda k: k == revoked_key):
+            if key not in spec.per_run:
+                made[key] = setup_of(key)
+        revoke = (spec.lender, lease_bytes(made[revoked_key].offload))
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+        tokens: dict[str, list[torch.Tensor]] = {m: [] for m in modes}
+        order: list[list[str]] = [[] for _ in range(args.repeats)]
+        for r, mode in alternating(modes, args.repeats):
+            order[r].append(mode)
+            key = spec.uses[mode]
+            setup = setup_of(key) if key in spec.per_run else made[key]
+            try:
+                res = revocation_run(
+                    setup,
+                    args,
+                    client,
+                    device,
+                    revoke if mode == spec.revoked else None,
+                    spy=args.spy and r == 0,
+                )
+            finally:
+                if key in spec.per_run:
+                    close(setup)
+            info[mode] = setup.info
+            tokens[mode].append(res.pop("tokens"))
+            runs[mode].append({"repeat": r, "position": len(order[r]) - 1, **res})
+        longest = max(t.shape[1] for ts in tokens.values() for t in ts)
+        ref = reference_tokens(base, client, args, REVOKE_BATCH, longest, device)
+    finally:
+        for setup in made.values():
+            close(setup)
+        made.clear()
+        release(device)
+    entries = {m: revocation_entry(m, spec, info[m], runs[m], tokens[m], ref, args) for m in modes}
+    return order, entries
 
 
 def run_revocations(
@@ -867,6 +1201,7 @@ def run_revocations(
     lenders: dict[str, Any],
     device: torch.device,
     emit: Callable[[dict[str, Any]], None],
+    model_gpu: GpuBytes,
 ) -> None:
     """Harvest on GPU leases while the lender's tenant keeps taking memory back, against
     the same offload with no revocations and against host leases; half the experts, batch
@@ -875,134 +1210,141 @@ def run_revocations(
     one's leases); before each run every expert is back in borrowed memory. Where the
     host lender stands in for a GPU lender (no GPU), the host-lease offload lives only
     for its own runs, so that every reclaim falls on the revoked run's leases."""
-    from client.moe import offload_experts
-
-    batch, fraction = 1, 0.5
     # On a node without a GPU lender (the CPU smoke run) the host lender stands in.
     fast = "cuda-vmm" if "cuda-vmm" in lenders else "host"
     shared = fast == "host"
-    began = time.monotonic()
-    made: dict[str, Setup] = {}
 
-    def make(key: str, backend: str) -> Setup:
-        model = copy.deepcopy(base)
-        offload = offload_experts(
-            model,
+    def make(key: str) -> Setup:
+        return harvest_setup(
+            f"harvest-{key}",
+            base,
             client,
-            fraction=fraction,
-            backends=(backend,),
+            device,
+            fraction=REVOKE_FRACTION,
+            backends=(fast if key == "gpu" else "host",),
             slab_bytes=args.slab_bytes,
             refill_every=0.05,
             compute=args.compute,
+            placement="copy",
         )
-        release(device)
-        return Setup(f"harvest-{key}", model, offload)
 
-    try:
-        made["gpu"] = make("gpu", fast)
-        if not shared:
-            made["host"] = make("host", "host")
-        offloaded = made["gpu"].offload.stats.bytes_offloaded
-        slab = max(s.lease.nbytes for s in made["gpu"].offload.cache._slabs.slabs)
-        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in REVOCATION_MODES}
-        tokens: dict[str, list[torch.Tensor]] = {m: [] for m in REVOCATION_MODES}
-        order: list[list[str]] = [[] for _ in range(args.repeats)]
-        for r, mode in alternating(REVOCATION_MODES, args.repeats):
-            order[r].append(mode)
-            if mode == "harvest-host":
-                setup = make("host", "host") if shared else made["host"]
-            else:
-                setup = made["gpu"]
-            try:
-                # Every expert borrowed again before the run (after a revoked one, too).
-                run: dict[str, Any] = borrowed(setup.offload)
-                before = setup.offload.cache.stats.refills
-                nan = float("nan")  # no PCIe bound here
-                if mode == "harvest-gpu-revoked":
-                    if args.spy and r == 0:
-                        threading.Timer(args.revoke_seconds / 2, spy_dump).start()
-                    with revoking(client, lenders[fast], args.revoke_every, slab) as counts:
-                        res = run_once(
-                            setup, batch, args, device, nan, args.steps, args.revoke_seconds, False
-                        )
-                    run.update(counts)
-                else:
-                    res = run_once(setup, batch, args, device, nan, args.steps, refill=False)
-                res["refills"] = setup.offload.cache.stats.refills - before
-            finally:
-                if shared and mode == "harvest-host":
-                    close(setup)
-            tokens[mode].append(res.pop("tokens"))
-            runs[mode].append({"repeat": r, "position": len(order[r]) - 1, **run, **res})
-        longest = max(t.shape[1] for ts in tokens.values() for t in ts)
-        ref = reference_tokens(base, client, args, batch, longest, device)
-        modes = {}
-        for mode in REVOCATION_MODES:
-            how = {
-                "harvest-gpu-revoked": (
-                    f"harvest-gpu (refill_every=0.05) while the {fast} lender's tenant "
-                    f"reclaims all idle memory and one slab every {args.revoke_every} s and "
-                    f"gives it back {args.revoke_every / 2} s later; decodes at least "
-                    f"{args.steps} steps and {args.revoke_seconds} s"
-                ),
-                "harvest-gpu": f"the same offload, no revocations ({fast} lender)",
-                "harvest-host": "half the experts in host leases, no revocations"
-                + (
-                    " (set up for each of its runs: one lender stands in for both)"
-                    if shared
-                    else ""
-                ),
-            }[mode]
-            entry = mode_entry(
-                mode,
-                Setup(mode, None, info={"offloaded_bytes": offloaded}),
-                runs[mode],
-                tokens[mode],
-                "resident" if args.compute == "eager" else "resident-same-code",
-                ref,
-                None,
+    every = args.revoke_every
+    spec = Revocations(
+        experiment="revocations",
+        uses=dict(zip(REVOCATION_MODES, ("gpu", "gpu", "host"), strict=True)),
+        revoked="harvest-gpu-revoked",
+        make=make,
+        lender=lenders[fast],
+        lender_backend=fast
+        if fast == "cuda-vmm"
+        else "host (standing in for a GPU lender: no cuda-vmm lender on this node)",
+        how={
+            "harvest-gpu-revoked": (
+                f"harvest-gpu (refill_every=0.05) while the {fast} lender's tenant "
+                f"reclaims all idle memory and one slab every {every} s and gives it back "
+                f"{every / 2} s later; decodes at least {args.steps} steps and "
+                f"{args.revoke_seconds} s"
+            ),
+            "harvest-gpu": f"the same offload, no revocations ({fast} lender)",
+            "harvest-host": "half the experts in host leases, no revocations"
+            + (" (set up for each of its runs: one lender stands in for both)" if shared else ""),
+        },
+        headline={
+            "revoked_vs_host": ("harvest-gpu-revoked", "harvest-host"),
+            "revoked_vs_gpu": ("harvest-gpu-revoked", "harvest-gpu"),
+        },
+        per_run=frozenset({"host"} if shared else ()),
+    )
+    emit(revocation_row(spec, name, base, args, client, device, model_gpu))
+
+
+def run_placed_revocations(
+    name: str,
+    base: Any,
+    args: argparse.Namespace,
+    client: Any,
+    lenders: dict[str, Any],
+    device: torch.device,
+    emit: Callable[[dict[str, Any]], None],
+    model_gpu: GpuBytes,
+) -> None:
+    """:func:`run_revocations` for placed tensors (issue 15): the placed experts in GPU
+    leases while the lender's tenant reclaims (each revoked lease's chunks remapped to
+    the host copy, read there in place until a refill leases them again), against the
+    same placed offload with no revocations, the all-host placed run (host-placed:
+    nothing leased) and the copy path's host leases (its all-host figure). On the CPU the
+    placed tensors lease host memory (the CPU twin's placed range maps host leases): the
+    host lender stands in for the GPU lender, and harvest-host's offload lives only for
+    its own runs; host-placed leases nothing, so one offload serves every run."""
+    backend = "cuda-vmm" if device.type == "cuda" else "host"
+    shared = backend == "host"
+
+    def make(key: str) -> Setup:
+        common: dict[str, Any] = {
+            "fraction": REVOKE_FRACTION,
+            "slab_bytes": args.slab_bytes,
+            "compute": args.compute,
+        }
+        if key == "host-placed":
+            common.update(placement="placed", borrow_bytes=0, refill_every=None)
+        elif key == "harvest-host":
+            common.update(backends=("host",), refill_every=0.05, placement="copy")
+        else:
+            common.update(placement="placed", refill_every=0.05)
+        return harvest_setup(key, base, client, device, **common)
+
+    every = args.revoke_every
+    spec = Revocations(
+        experiment="revocations-placed",
+        uses=dict(
+            zip(
+                PLACED_REVOCATION_MODES,
+                ("harvest-gpu-placed", "harvest-gpu-placed", "host-placed", "harvest-host"),
+                strict=True,
             )
-            entry["how"] = how
-            if mode == "harvest-gpu-revoked":
-                # Per repeat: leases the tenant's reclaims revoked, and revocations this
-                # offload's cache saw (its own leases taken mid-run).
-                entry["revocations"] = [r.get("revoked", 0) for r in runs[mode]]
-                entry["reclaims"] = [r.get("reclaims", 0) for r in runs[mode]]
-                entry["revocations_seen"] = [r.get("revocations_seen", 0) for r in runs[mode]]
-            modes[mode] = entry
-        emit(
-            {
-                "model": name,
-                "batch": batch,
-                "fraction": fraction,
-                "layers": args.layers[name],
-                "experiment": "revocations",
-                "lender_backend": fast
-                if fast == "cuda-vmm"
-                else "host (standing in for a GPU lender: no cuda-vmm lender on this node)",
-                "revoke_every_s": args.revoke_every,
-                "order": order,
-                "modes": modes,
-                "headline": {
-                    "revoked_vs_host": ratio(modes, "harvest-gpu-revoked", "harvest-host"),
-                    "revoked_vs_gpu": ratio(modes, "harvest-gpu-revoked", "harvest-gpu"),
-                },
-                "elapsed_s": round(time.monotonic() - began, 1),
-            }
-        )
-    finally:
-        for setup in made.values():
-            close(setup)
-        made.clear()
-        release(device)
+        ),
+        revoked="harvest-gpu-placed-revoked",
+        make=make,
+        lender=lenders.get(backend),
+        lender_backend=backend
+        if not shared
+        else "host (standing in for a GPU lender: on the CPU placed tensors lease host memory)",
+        how={
+            "harvest-gpu-placed-revoked": (
+                f"harvest-gpu-placed (refill_every=0.05: each placed tensor leases again "
+                f"what reads the host copy every 0.05 s) while the {backend} lender's "
+                f"tenant reclaims all idle memory and one lease every {every} s and gives "
+                f"it back {every / 2} s later: each revoked lease's chunks are remapped to "
+                f"the host copy (nothing copied) and read there in place until a refill; "
+                f"decodes at least {args.steps} steps and {args.revoke_seconds} s"
+            ),
+            "harvest-gpu-placed": f"the same placed offload, no revocations ({backend} lender)",
+            "host-placed": (
+                "the same experts placed with nothing leased (borrow_bytes=0): every "
+                "offloaded expert read in place from the host copy (the all-host placed run)"
+            ),
+            "harvest-host": (
+                "the copy path's all-host figure: half the experts in host leases, fetched "
+                "as routed, no revocations"
+            )
+            + (" (set up for each of its runs: one lender stands in for both)" if shared else ""),
+        },
+        headline={
+            "placed_revoked_vs_host_placed": ("harvest-gpu-placed-revoked", "host-placed"),
+            "placed_revoked_vs_placed": ("harvest-gpu-placed-revoked", "harvest-gpu-placed"),
+        },
+        per_run=frozenset({"harvest-host"} if shared else ()),
+    )
+    emit(revocation_row(spec, name, base, args, client, device, model_gpu))
 
 
 # ---------------------------------------------------------------------- reporting
 
 
 def print_row(row: dict[str, Any]) -> None:
-    """A row as a table: each mode's median (min-max) over the repeats."""
-    what = "revocations, " if row.get("experiment") else ""
+    """A row as a table: each mode's median (min-max) over the repeats, and its staging
+    (``FIELDS``: torch's figure / NVML's, MiB)."""
+    what = f"{row['experiment']}, " if row.get("experiment") else ""
     modes = row["modes"]
     measured = [m for m in modes.values() if m.get("status") == "measured"]
     shape = (
@@ -1012,10 +1354,13 @@ def print_row(row: dict[str, Any]) -> None:
         f"\n{row['model']} batch {row['batch']} fraction {row['fraction']} ({what}"
         f"{row['layers']} layers; {shape}; median (min-max); {row['elapsed_s']} s)"
     )
-    print(f"  {'mode':<20} {'tokens/s':>26} {'step ms':>24} {'of PCIe bound':>20}  tokens")
+    print(
+        f"  {'mode':<26} {'tokens/s':>26} {'step ms':>24} {'of PCIe bound':>20} "
+        f"{'staging MiB torch/NVML':>22}  tokens"
+    )
     for mode, m in modes.items():
         if m.get("status") != "measured":
-            print(f"  {mode:<20} {m.get('status')} {m.get('error', '')}")
+            print(f"  {mode:<26} {m.get('status')} {m.get('error', '')}")
             continue
         bound = fmt(m["of_pcie_bound"], digits=2) if "of_pcie_bound" in m else "-"
         if m["reference"] == mode:
@@ -1024,22 +1369,60 @@ def print_row(row: dict[str, Any]) -> None:
             verdict = f"identical to {m['reference']}"
         else:
             verdict = f"DIFFER from {m['reference']}"
-        extra = ""
-        if "revocations" in m:
-            extra = (
-                f"  leases revoked per repeat {m['revocations']}, "
-                f"seen by its cache {m['revocations_seen']}"
-            )
-        elif any(r.get("revocations_seen") for r in m["runs"]):
-            extra = "  (REVOKED during the run)"
+        extra = revocation_note(m) + memory_note(m)
         if m.get("all_borrowed") is False:
             extra += "  (NOT every expert borrowed: some read from the host copy)"
         print(
-            f"  {mode:<20} {fmt(m['tokens_per_s'], digits=2):>26} "
-            f"{fmt(m['step_ms_median'], digits=2):>24} {bound:>20}  {verdict}{extra}"
+            f"  {mode:<26} {fmt(m['tokens_per_s'], digits=2):>26} "
+            f"{fmt(m['step_ms_median'], digits=2):>24} {bound:>20} {staging_cell(m):>22}"
+            f"  {verdict}{extra}"
         )
     for key, h in row["headline"].items():
         print(f"  {headline_line(key, h)}")
+
+
+def revocation_note(m: dict[str, Any]) -> str:
+    """What a mode's runs saw of revocations, for its line in the table."""
+    if "revocations" in m:
+        placed = "remap_ms" in m
+        note = (
+            f"  leases revoked per repeat {m['revocations']}, seen by its "
+            f"{'placed tensors' if placed else 'cache'} {m['revocations_seen']}"
+        )
+        if m.get("remap_ms"):
+            note += f", remap ms {fmt(m['remap_ms'], digits=2)}"
+        return note
+    if any(r.get("revocations_seen") for r in m["runs"]):
+        return "  (REVOKED during the run)"
+    return ""
+
+
+def staging_cell(m: dict[str, Any]) -> str:
+    """A mode's staging, MiB: torch's figure / NVML's (``-`` where unknown)."""
+    cells = [m.get(k) for k in ("staging_bytes", "staging_process_bytes")]
+    if cells[0] is None:
+        return "-"
+    return " / ".join("-" if c is None else f"{c / MiB:.1f}" for c in cells)
+
+
+def memory_note(m: dict[str, Any]) -> str:
+    """What to compare a placed mode's staging with (one page per placed object), and
+    what a mode's runs allocated and kept (the copy path's staging rows)."""
+    note = ""
+    if m.get("staging_bytes") is not None and m.get("placed_objects"):
+        n, page = m["placed_objects"], m["placed_chunk_bytes"] / MiB
+        note += f"  (vs one page per placed object: {n} x {page:g} = {n * page:g} MiB)"
+    growth = m.get("gpu_allocated_growth_bytes")
+    if growth is not None and growth >= MiB:
+        note += f"  (+{growth / MiB:.1f} MiB kept after its steps)"
+    return note
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """How the summary and the verdicts name a row."""
+    if row.get("experiment"):
+        return f"{row['model']} {row['experiment']}"
+    return f"{row['model']} batch {row['batch']} fraction {row['fraction']}"
 
 
 def headline_line(key: str, h: dict[str, Any] | None) -> str:
@@ -1054,10 +1437,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     """The headlines of every row, by row."""
     out: dict[str, Any] = {}
     for row in result["rows"]:
-        label = f"{row['model']} batch {row['batch']} fraction {row['fraction']}"
-        if row.get("experiment"):
-            label = f"{row['model']} revocations"
-        out[label] = row["headline"]
+        out[row_label(row)] = row["headline"]
     return out
 
 
@@ -1212,6 +1592,7 @@ def main(argv: list[str] | None = None) -> int:
             "per-repeat ratios, with their min and max",
         },
         "modes": {m: HOW[m] for m in args.modes},
+        "fields": FIELDS,
         "rows": [],
     }
     out = Path(
@@ -1229,9 +1610,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=1, default=str))
 
     def emit(row: dict[str, Any]) -> None:
-        label = f"{row['model']} batch {row['batch']} fraction {row['fraction']}"
-        if row.get("experiment"):
-            label = f"{row['model']} revocations"
+        label = row_label(row)
         for mode, entry in row["modes"].items():
             harvest = bool(row.get("experiment")) or mode in HARVEST_MODES
             verdict.check(label, mode, entry, harvest)
@@ -1255,7 +1634,13 @@ def main(argv: list[str] | None = None) -> int:
         with node.connect() as client:
             lenders = {l["backend"]: l for l in node.lenders()}
             for name in args.models.split(","):
+                release(device)
+                before = gpu_memory(device)
                 base = build(name, args.layers[name], device, dtype, args.smoke)
+                release(device)
+                # What the model as built holds: resident's figures, and each mode's
+                # staging is what it holds beyond this less what it offloaded.
+                model_gpu = grown(before, gpu_memory(device))
                 for fraction in args.fractions:
                     try:
                         run_fraction(
@@ -1268,6 +1653,7 @@ def main(argv: list[str] | None = None) -> int:
                             device,
                             result["pinned_h2d_gbps"],
                             emit,
+                            model_gpu,
                         )
                     except Exception as exc:  # noqa: BLE001 - the other models still run
                         # Without resident's tokens no Harvest run is checked: a failure.
@@ -1277,14 +1663,18 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         save()
                 if args.revoke_every > 0 and name in args.revoke_models:
-                    try:
-                        run_revocations(name, base, args, client, lenders, device, emit)
-                    except Exception as exc:  # noqa: BLE001 - as above
-                        log.exception("%s revocations failed", name)
-                        verdict.harvest_errors.append(
-                            f"{name} revocations: {type(exc).__name__}: {exc}"
-                        )
-                        save()
+                    runs = [("revocations", run_revocations)]
+                    if "harvest-gpu-placed" in args.modes:
+                        runs.append(("revocations-placed", run_placed_revocations))
+                    for what, run in runs:
+                        try:
+                            run(name, base, args, client, lenders, device, emit, model_gpu)
+                        except Exception as exc:  # noqa: BLE001 - as above
+                            log.exception("%s %s failed", name, what)
+                            verdict.harvest_errors.append(
+                                f"{name} {what}: {type(exc).__name__}: {exc}"
+                            )
+                            save()
                 del base
                 release(device)
     result["summary"] = summarise(result)

@@ -1,7 +1,7 @@
 """Smoke test of scripts/bench_moe.py: its --smoke run on the CPU (tiny Mixtral- and
 Qwen-MoE-shaped models, a host node), end to end: every mode the CPU can run, three
 repeats of at least 64 timed steps in alternating order, the token verdicts, and the
-revocation runs."""
+revocation runs (the copy path's and the placed tensors')."""
 
 from __future__ import annotations
 
@@ -75,6 +75,17 @@ def test_moe_smoke_measures_every_mode_with_repeats_and_identical_harvest_tokens
         assert best["borrowed_bytes"] == 0
         assert all(set(r["reads_by_tier"]) == {"host"} for r in best["runs"])
         assert modes["accelerate-default"]["offloaded_bytes"] == best["offloaded_bytes"]
+        # host-placed leases nothing: every run read its host copy in place.
+        host_placed = modes["host-placed"]
+        assert host_placed["borrowed_bytes"] == 0
+        assert all(
+            r["tiers_after"]["host"] == host_placed["offloaded_bytes"] for r in host_placed["runs"]
+        )
+        # GPU memory: every measured mode has the fields; on the CPU they are None.
+        for mode in measured:
+            assert modes[mode]["gpu_allocated_bytes"] is None, mode
+            assert modes[mode]["gpu_process_bytes"] is None, mode
+        assert host_placed["staging_bytes"] is None and host_placed["placed_objects"] >= 1
         # Headlines name their baselines; without a GPU they say why they are missing.
         head = row["headline"]
         assert head["harvest_gpu_vs_best_host_offload"]["baseline"] == "best-host-offload"
@@ -93,6 +104,35 @@ def test_moe_smoke_measures_every_mode_with_repeats_and_identical_harvest_tokens
         for entry in row["modes"].values():
             assert entry["tokens_identical"] is True
         assert "ratio" in row["headline"]["revoked_vs_host"]
+
+    # The placed path's revocation run: on the CPU the host lender stands in for the GPU
+    # lender, as it does for the copy path's.
+    placed = [r for r in doc["rows"] if r.get("experiment") == "revocations-placed"]
+    assert {r["model"] for r in placed} == {"mixtral", "qwen2-moe"}
+    for row in placed:
+        modes = row["modes"]
+        assert list(modes) == [
+            "harvest-gpu-placed-revoked",
+            "harvest-gpu-placed",
+            "host-placed",
+            "harvest-host",
+        ]
+        revoked = modes["harvest-gpu-placed-revoked"]
+        assert revoked["repeats"] >= 3 and revoked["steps"] >= 64
+        assert all(r["reclaims"] >= 1 for r in revoked["runs"])
+        # The reclaims fell on the placed tensors' own leases, each remapped to the host.
+        assert all(n >= 1 for n in revoked["revocations_seen"]), revoked["revocations_seen"]
+        assert len(revoked["remap_ms"]["values"]) >= 1
+        assert revoked["placed_objects"] >= 1 and revoked["staging_bytes"] is None
+        assert modes["host-placed"]["borrowed_bytes"] == 0
+        for entry in modes.values():
+            assert entry["tokens_identical"] is True
+        head = row["headline"]
+        assert head["placed_revoked_vs_host_placed"]["baseline"] == "host-placed"
+        assert head["placed_revoked_vs_placed"]["baseline"] == "harvest-gpu-placed"
+        assert "ratio" in head["placed_revoked_vs_host_placed"]
+        assert "ratio" in head["placed_revoked_vs_placed"]
+    assert {"gpu_allocated_bytes", "gpu_process_bytes", "staging_bytes"} <= set(doc["fields"])
 
     verdict = doc["verdict"]
     assert verdict["harvest_tokens_identical"] is True and not verdict["failed"]

@@ -5,6 +5,8 @@
 - :mod:`benchkit.multi`: for the multi-GPU benchmarks, a node of plain host-lender
   processes (their --smoke runs), JSON-line worker processes, GPU and result helpers;
 - :mod:`benchkit.peer`: copy-engine ceilings between GPUs (peer copies);
+- :mod:`benchkit.gpumem`: what the benchmark's own process holds on its GPU (torch's
+  allocator, NVML's per-process figure) and what a setup grew it by;
 - :mod:`benchkit.reader`: the borrower process those benchmarks drive
   (``scripts/benchreader.py`` is its command line).
 
