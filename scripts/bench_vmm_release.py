@@ -17,7 +17,8 @@ is timed; ``visible`` is when NVML shows the GPU's free memory back where it was
 
     python3 scripts/bench_vmm_release.py --gpu 0 --count 24 --size 4GiB
 
-Needs a GPU (CUDA VMM with POSIX fds, NVML); writes bench/results/vmm_release.json.
+Needs a GPU (CUDA VMM with POSIX fds, NVML): without one it exits 2 and says so (it has
+no CPU twin: it measures the driver itself). Writes bench/results/vmm_release.json.
 """
 
 from __future__ import annotations
@@ -259,6 +260,20 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
+def _has_gpu(ordinal: int) -> bool:
+    """Whether NVML sees GPU ``ordinal`` (NVML only: CUDA must not start before the fork)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return 0 <= ordinal < pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no library, no driver, no device: all say no GPU
+        return False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", type=int, default=0)
@@ -267,6 +282,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "bench/results/vmm_release.json"))
     args = parser.parse_args()
+    if not _has_gpu(args.gpu):
+        print(f"bench_vmm_release: needs NVIDIA GPU {args.gpu} (NVML found none)", file=sys.stderr)
+        return 2
     # Fork before either side touches CUDA: a forked CUDA context is unusable.
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()

@@ -183,3 +183,19 @@ def test_planner_smoke_splits_each_shape_against_transfer_only(tmp_path):
     assert targets["results_verified"]["met"] is True  # else the script exits 1
     assert "MET  results_verified" in stdout
     assert out.with_suffix(".png").exists()
+
+
+def test_vmm_release_probe_refuses_cleanly_without_a_gpu(tmp_path: Path):
+    """scripts/bench_vmm_release.py measures the CUDA driver itself: with no GPU it exits
+    2 with a one-line reason, not a traceback, and writes nothing."""
+    out = tmp_path / "vmm.json"
+    proc = subprocess.run(
+        [PY, str(SCRIPTS / "bench_vmm_release.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=node_env(),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "needs NVIDIA GPU" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
