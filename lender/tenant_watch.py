@@ -111,6 +111,14 @@ class TenantWatch:
         it. Returns what the lender may hold now."""
         with self._lock:
             lendable = self.capacity.lendable(self._held())
+            episode = self._episode
+            if episode is not None:
+                # A tenant ramping into lent memory stalls while it waits for it, so
+                # mid-reclaim it looks as if it needs less than it will. What this reclaim
+                # set out to give back stays given back (freed, not pooled or re-lent)
+                # until the reclaim ends: otherwise the last leases' memory is pooled, and
+                # the tenant waits for a second reclaim to get it.
+                lendable = min(lendable, episode.lendable)
             # Under pressure, memory coming back is freed at once (not zeroed and kept).
             self.pool.keep_bytes = min(
                 self.capacity.pool_bytes(), max(0, lendable - self.pool.out_bytes)

@@ -182,3 +182,73 @@ def test_a_missing_or_bad_host_device_is_a_clear_error(tmp_path):
         HostDevice(tmp_path / "empty")
     with pytest.raises(InvalidArgument):
         HostDevice.create(tmp_path / "zero", 0)
+
+
+class _ScriptedCapacity:
+    """What the tenant leaves lendable at each look, in order (the last one repeats): the
+    reading of the device a lender would get from NVML."""
+
+    def __init__(self, *lendable: int) -> None:
+        self.script = list(lendable)
+        self.reclaims: list[float] = []
+
+    def lendable(self, held: int) -> int:
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+    def pool_bytes(self) -> int:
+        return 64 * MiB
+
+    def promise(self, nbytes: int, ttl_s: float) -> None:
+        pass
+
+    def reclaimed_in(self, seconds: float) -> None:
+        self.reclaims.append(seconds)
+
+
+def test_what_a_reclaim_gives_back_is_freed_even_if_the_tenant_looks_smaller_midway():
+    """A tenant stalled on lent memory looks, mid-reclaim, as if it needed less: the
+    memory of the reclaim's last leases must still be freed, not pooled, or the tenant
+    waits for a second reclaim to get it."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from lender.backends.host import HostBackend
+    from lender.pool import Pool
+    from lender.tenant_watch import TenantWatch
+
+    pool = Pool(HostBackend())
+    lent = [pool.take(MiB) for _ in range(4)]  # four leases' memory, out with holders
+    three_back, go = threading.Event(), threading.Event()
+
+    class Broker:  # the broker's revocations: the holders give the memory back
+        def report(self, capacity: int) -> None:
+            pass
+
+        def reclaim(self) -> SimpleNamespace:
+            for alloc in lent[:3]:
+                pool.give_back(alloc, clean=True)
+            three_back.set()
+            go.wait(10)
+            pool.give_back(lent[3], clean=True)
+            return SimpleNamespace(revoked=["a", "b", "c", "d"], elapsed_s=0.0)
+
+    capacity = _ScriptedCapacity(0, 2 * MiB)  # pressed to 0, then the tenant stalls
+    watch = TenantWatch(
+        capacity,  # type: ignore[arg-type]
+        pool,
+        Broker(),
+        held=lambda: pool.out_bytes + pool.idle_bytes,
+        interval_s=1.0,
+    )
+    watch.look()  # the tenant presses: the reclaim starts
+    assert three_back.wait(10)
+    watch.look()  # mid-reclaim the tenant looks smaller: 2 MiB lendable, 1 MiB still out
+    go.set()
+    deadline = time.monotonic() + 10
+    while watch.busy() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert watch.last is not None and not watch.busy()
+    assert watch.last.held_after == 0 and pool.idle_bytes == 0  # freed, none pooled
+    assert watch.last.lendable == 0
+    pool.close()
