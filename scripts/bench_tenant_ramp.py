@@ -3,7 +3,10 @@
 borrow what it left. A holder borrows LENT bytes in LEASE-sized leases and reads them
 without pause (checking every read); the tenant then allocates PIECE after PIECE until it
 holds TARGET, retrying a failed allocation every millisecond. Per scenario and piece:
-failed allocations, time to hold everything, leases revoked, the holder's wrong reads.
+failed allocations, time to hold everything, leases revoked, the holder's wrong reads,
+and a ``timeline`` on one clock (ms from the ramp's start): when each piece was held,
+when each allocation failed, the slowest gap between two pieces, and each of the
+lender's reclaims from start to end, so that a run shows what the tenant waited for.
 
 Scenarios (each on a fresh node, so that no earlier peak is remembered unless wanted):
 
@@ -146,7 +149,10 @@ def tenant(args: argparse.Namespace) -> None:
                     raise
 
             start = time.perf_counter()
-            deadline = time.monotonic() + 60.0
+            started_at = time.monotonic()  # the clock of the lender's reclaim traces
+            deadline = started_at + 60.0
+            took_ms: list[float] = []  # when each piece was held, ms from the start
+            failed_ms: list[float] = []  # when each allocation failed
             if mode == "room":
                 room_s = cooperating.make_room(target).elapsed_s
             while len(memory.blocks) * piece < target and time.monotonic() < deadline:
@@ -155,13 +161,19 @@ def tenant(args: argparse.Namespace) -> None:
                         cooperating.allocate(counted, nbytes=piece)
                     except out_of_memory:
                         failures += 1
+                        failed_ms.append((time.perf_counter() - start) * 1e3)
+                        continue
+                    took_ms.append((time.perf_counter() - start) * 1e3)
                     continue
                 try:
                     memory.take(piece)
+                    took_ms.append((time.perf_counter() - start) * 1e3)
                 except out_of_memory:
                     failures += 1
+                    failed_ms.append((time.perf_counter() - start) * 1e3)
                     time.sleep(0.001)
             seconds = time.perf_counter() - start
+            gaps = [b - a for a, b in zip([0.0, *took_ms[:-1]], took_ms, strict=True)]
             say(
                 event="ramped",
                 failures=failures,
@@ -170,6 +182,10 @@ def tenant(args: argparse.Namespace) -> None:
                 room_s=room_s,
                 held=len(memory.blocks) * piece,
                 complete=len(memory.blocks) * piece >= target,
+                started_at=started_at,
+                took_ms=[round(t, 3) for t in took_ms],
+                failed_ms=[round(t, 3) for t in failed_ms],
+                slowest_take_ms=round(max(gaps, default=0.0), 3),
             )
         elif cmd[0] == "free":
             memory.release()
@@ -215,21 +231,45 @@ def run_scenario(args: argparse.Namespace, scenario: str, piece: int) -> dict[st
             ramp = ten.ask(f"ramp {target} {piece} {mode}", "ramped", 120)
             time.sleep(0.5)  # reads go on past the ramp
             stats = hold.ask("stats", "stats") if borrowed["count"] else {}
+            reclaims = reclaim_traces(node, "ramp")
             row.update(
                 failures=ramp["failures"],
                 oom_retries=ramp["retries"],
                 seconds=ramp["seconds"],
                 room_s=ramp["room_s"],
                 complete=ramp["complete"],
+                timeline=_timeline(ramp, reclaims),
                 revoked=stats.get("revoked", 0),
                 wrong_reads=stats.get("wrong", 0),
                 reads=stats.get("reads", 0),
-                reclaims=reclaim_traces(node, "ramp"),
+                reclaims=reclaims,
             )
             return row
         finally:
             hold.close()
             ten.close()
+
+
+def _timeline(ramp: dict[str, Any], reclaims: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ramp and the lender's reclaims on one clock (ms from the ramp's start; both
+    sides read the host's monotonic clock): each piece held, each failure, each reclaim's
+    start and end, so that a reader sees what the tenant waited for."""
+    t0 = ramp["started_at"]
+    return {
+        "took_ms": ramp["took_ms"],
+        "failed_ms": ramp["failed_ms"],
+        "slowest_take_ms": ramp["slowest_take_ms"],
+        "reclaims_ms": [
+            {
+                "why": r.get("why"),
+                "start": round((r["started_at"] - t0) * 1e3, 3),
+                "done": round((r["started_at"] + r.get("done_s", 0.0) - t0) * 1e3, 3),
+                "revoked": r.get("revoked", 0),
+            }
+            for r in reclaims
+            if "started_at" in r
+        ],
+    }
 
 
 def _print(rows: list[dict[str, Any]]) -> None:

@@ -40,8 +40,16 @@ def test_tenant_ramp_smoke_holds_everything_with_no_wrong_read(tmp_path):
         assert row["complete"] and row["wrong_reads"] == 0, row
         if scenario in ("back-to-peak", "cooperating", "room-ahead"):
             assert row["failures"] == 0, row
+        timeline = row["timeline"]
+        held = timeline["took_ms"]
+        assert len(held) * row["piece"] >= row["target"] and held == sorted(held), row
+        assert len(timeline["failed_ms"]) == row["failures"]
+        assert 0 <= timeline["slowest_take_ms"] <= row["seconds"] * 1e3 + 1
         if scenario == "into-lent":
             assert row["revoked"] > 0 and row["reclaims"], row
+            # The lender's reclaims on the ramp's clock: one began while the tenant ramped.
+            starts = [r["start"] for r in timeline["reclaims_ms"]]
+            assert any(0 <= t <= held[-1] for t in starts), timeline
         if scenario == "back-to-peak":
             assert row["revoked"] == 0, row  # only what lay above the peak was lent
     assert (tmp_path / "ramp.png").exists()
