@@ -138,7 +138,7 @@ def tenant(args: argparse.Namespace) -> None:
             continue
         if cmd[0] == "ramp":
             target, piece, mode = int(cmd[1]), int(cmd[2]), cmd[3]
-            failures, retries, room_s = 0, 0, 0.0
+            retries, room_s = 0, 0.0
 
             def counted(piece: int = piece) -> Any:
                 nonlocal retries
@@ -156,27 +156,22 @@ def tenant(args: argparse.Namespace) -> None:
             if mode == "room":
                 room_s = cooperating.make_room(target).elapsed_s
             while len(memory.blocks) * piece < target and time.monotonic() < deadline:
-                if mode == "cooperating":
-                    try:
-                        cooperating.allocate(counted, nbytes=piece)
-                    except out_of_memory:
-                        failures += 1
-                        failed_ms.append((time.perf_counter() - start) * 1e3)
-                        continue
-                    took_ms.append((time.perf_counter() - start) * 1e3)
-                    continue
                 try:
-                    memory.take(piece)
-                    took_ms.append((time.perf_counter() - start) * 1e3)
+                    if mode == "cooperating":  # waits for room itself
+                        cooperating.allocate(counted, nbytes=piece)
+                    else:
+                        memory.take(piece)
                 except out_of_memory:
-                    failures += 1
                     failed_ms.append((time.perf_counter() - start) * 1e3)
-                    time.sleep(0.001)
+                    if mode != "cooperating":
+                        time.sleep(0.001)  # the plain tenant retries every millisecond
+                    continue
+                took_ms.append((time.perf_counter() - start) * 1e3)
             seconds = time.perf_counter() - start
             gaps = [b - a for a, b in zip([0.0, *took_ms[:-1]], took_ms, strict=True)]
             say(
                 event="ramped",
-                failures=failures,
+                failures=len(failed_ms),
                 retries=retries,
                 seconds=seconds,
                 room_s=room_s,

@@ -33,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from benchkit.multi import write_json
 from benchkit.node import REPO
 
 from harvestd.sizes import GiB, format_size, parse_size
@@ -303,10 +304,7 @@ def main() -> int:
         **lender(ours, args),
     }
     os.waitpid(pid, 0)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
-    print("wrote", args.out)
+    print("wrote", write_json(doc, args.out))
     return 0
 
 

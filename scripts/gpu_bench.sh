@@ -49,8 +49,8 @@ export PYTHONUNBUFFERED=1
 
 # Where the limits come from: every default part measured in one call on one H200
 # (2026-12-01, 412 s in all, wheels' install included): kv 74 s, planner 27 s, bandwidth
-# 31 s, reclaim 41 s, moe 235 s (226 s of its own clock: mixtral with its revocations 99 s,
-# accelerate-default's 314 ms steps the largest share; qwen2-moe 58 s; node start 9 s; the
+# 31 s, reclaim 41 s, moe 235 s (226 s of its own clock: mixtral with its revocations 114 s,
+# accelerate-default's 352 ms steps the largest share; qwen2-moe 58 s; node start 9 s; the
 # rest building models and the plot). Each limit is that plus room: moe's most (the placed
 # revocation modes joined it after that run, ~15-20 s by their step counts).
 # - kv: batch 1 at 8k and 32k only. Batch 8 does not fit beside the others (32k x 8:

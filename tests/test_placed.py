@@ -297,23 +297,33 @@ def test_remap_lock_orders_uses_and_remaps():
                     pass
 
 
-def test_a_remap_begun_in_one_thread_can_end_in_another():
-    lock = RemapLock()
-    lock.begin_remap()
+def _held_off_until(use, release) -> None:
+    """A thread entering ``use()`` waits while the remap is open, and enters once
+    ``release()`` has run."""
     entered = threading.Event()
 
     def user() -> None:
-        with lock.use():
+        with use():
             entered.set()
 
     t = threading.Thread(target=user)
     t.start()
-    assert not entered.wait(0.1)  # held off while the remap is open
-    ender = threading.Thread(target=lock.end_remap)
-    ender.start()
-    ender.join(5)
+    assert not entered.wait(0.2)  # held off while the remap is open
+    release()
     assert entered.wait(5)
     t.join(5)
+
+
+def test_a_remap_begun_in_one_thread_can_end_in_another():
+    lock = RemapLock()
+    lock.begin_remap()
+
+    def end_in_another_thread() -> None:
+        ender = threading.Thread(target=lock.end_remap)
+        ender.start()
+        ender.join(5)
+
+    _held_off_until(lock.use, end_in_another_thread)
 
 
 def test_a_revocation_acknowledges_before_the_host_pages_are_back(plain_node, monkeypatch):
@@ -347,18 +357,7 @@ def test_a_revocation_acknowledges_before_the_host_pages_are_back(plain_node, mo
             (lease,) = placed.leases()
             mapping = lease._mapping
             mapping.fence()
-            entered = threading.Event()
-
-            def reader() -> None:
-                with placed.use():
-                    entered.set()
-
-            t = threading.Thread(target=reader)
-            t.start()
-            assert not entered.wait(0.2)
-            mapping.close()
-            assert entered.wait(5)
-            t.join(5)
+            _held_off_until(placed.use, mapping.close)
             assert torch.equal(placed.tensor, source)
 
 

@@ -41,7 +41,7 @@ from client.moe.compute import (
 )
 from client.moe.placed import PlacedExperts
 from client.moe.split import SplitExperts, fused_weights
-from client.placed.choice import PLACEMENTS, choose_placement
+from client.placed.choice import check_placement, choose_placement
 from harvestd.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -331,10 +331,7 @@ def offload_experts(
     nothing is leased (``borrow_bytes=0``: nothing is). ``backends`` and ``local_bytes``
     are the copy path's: a placed tensor leases what its device can map (GPU leases on a
     GPU, host leases on the CPU)."""
-    if placement not in PLACEMENTS:
-        raise InvalidArgument(
-            f"placement must be one of {', '.join(PLACEMENTS)}; got {placement!r}"
-        )
+    check_placement(placement)  # bad input fails before the model is looked at
     if (
         isinstance(fraction, bool)
         or not isinstance(fraction, (int, float))

@@ -18,14 +18,19 @@ log = logging.getLogger(__name__)
 PLACEMENTS = ("auto", "copy", "placed")
 
 
-def choose_placement(placement: str, device: Any = None) -> str:
-    """``"copy"`` or ``"placed"`` for ``placement`` on ``device`` (default: this
-    process's current CUDA device, if it has one)."""
+def check_placement(placement: Any) -> str:
+    """``placement`` if it is one of :data:`PLACEMENTS`, else :class:`InvalidArgument`."""
     if placement not in PLACEMENTS:
         raise InvalidArgument(
             f"placement must be one of {', '.join(PLACEMENTS)}; got {placement!r}"
         )
-    if placement != "auto":
+    return placement
+
+
+def choose_placement(placement: str, device: Any = None) -> str:
+    """``"copy"`` or ``"placed"`` for ``placement`` on ``device`` (default: this
+    process's current CUDA device, if it has one)."""
+    if check_placement(placement) != "auto":
         return placement
     return "placed" if places_in_place(device) else "copy"
 
