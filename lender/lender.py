@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -32,6 +30,7 @@ from harvestd.paths import StateDir, node_name
 from lender.backends import Allocation, BackendKind, get_backend
 from lender.capacity import Capacity, capacity_for
 from lender.config import LenderConfig
+from lender.frees import Frees
 from lender.host_device import HostDevice
 from lender.metrics import LenderMetrics
 from lender.pickup import Peer, PickupServer
@@ -82,13 +81,10 @@ class Lender:
         self._broker = pb_grpc.BrokerStub(self._channel)
         self._pickup = PickupServer(str(self.state.pickup_socket(self.id)), self._hand_out)
         self.metrics = LenderMetrics(self.id, config.gpu_uuid, self.memory_bytes)
-        # FREE events go from the watch stream to the thread that frees and confirms:
-        # under load it confirms many in one RPC instead of one RPC per ended lease.
-        self._frees: queue.SimpleQueue[pb.LenderEvent] = queue.SimpleQueue()
-        self._releaser = ThreadPoolExecutor(max_workers=8, thread_name_prefix="harvest-release")
+        self._frees = Frees(self._take, self._give_back, self._confirm_free, self._stop, self.log)
         self._threads = [
             threading.Thread(target=self._watch, name="harvest-lender-watch", daemon=True),
-            threading.Thread(target=self._confirm, name="harvest-lender-free", daemon=True),
+            *self._frees.threads,
             threading.Thread(target=self._report, name="harvest-lender-report", daemon=True),
         ]
         if self.tenant_watch is not None:
@@ -124,7 +120,7 @@ class Lender:
         for alloc in allocations:
             self.pool.give_back(alloc, clean=False)
         self.pool.close()
-        self._releaser.shutdown(wait=False)
+        self._frees.close()
         self.log.info("lender %s stopped", self.id)
 
     def _register(self) -> None:
@@ -264,54 +260,29 @@ class Lender:
 
     # ------------------------------------------------------------ following the broker
 
-    def _free(self, events: list[pb.LenderEvent]) -> None:
-        done, back = [], []
-        for event in events:
-            with self._lock:
-                alloc = self._allocations.pop(event.lease_id, None)
-                if alloc is None:
-                    self._ended[event.lease_id] = None
-                    while len(self._ended) > 100_000:
-                        self._ended.popitem(last=False)
-            if alloc is not None:
-                back.append((alloc, event.clean))
-            done.append(event.lease_id)
-        # Releasing (or zeroing) device memory takes a while per allocation, and a
-        # reclaim waits for all of it: release them side by side.
-        if len(back) > 1:
-            list(self._releaser.map(lambda item: self._give_back(*item), back))
-        elif back:
-            self._give_back(*back[0])
+    def _take(self, lease_id: str) -> Allocation | None:
+        """The allocation of a lease that ended, off our books (``None``: none here)."""
+        with self._lock:
+            alloc = self._allocations.pop(lease_id, None)
+            if alloc is None:  # ended before its pick-up, or a FREE sent again
+                self._ended[lease_id] = None
+                while len(self._ended) > 100_000:
+                    self._ended.popitem(last=False)
+        return alloc
+
+    def _confirm_free(self, lease_ids: list[str]) -> None:
         self._call(
             self._broker.ConfirmFree,
-            pb.ConfirmFreeRequest(lender_id=self.id, generation=self.generation, lease_ids=done),
+            pb.ConfirmFreeRequest(
+                lender_id=self.id, generation=self.generation, lease_ids=lease_ids
+            ),
         )
-        self.log.debug("freed %d leases", len(done))
 
     def _give_back(self, alloc: Allocation, clean: bool) -> None:
         self.pool.give_back(alloc, clean=clean)
         self.metrics.freed(clean)
         if self.tenant_watch is not None:
             self.tenant_watch.freed()
-
-    def _confirm(self) -> None:
-        """Free what the broker says ended, and confirm it: everything queued at once."""
-        while not self._stop.is_set():
-            try:
-                batch = [self._frees.get(timeout=0.5)]
-            except queue.Empty:
-                continue
-            while len(batch) < 1000:
-                try:
-                    batch.append(self._frees.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self._free(batch)
-            except HarvestError as err:
-                # The broker sends every unconfirmed FREE again when the stream reopens.
-                if not self._stop.is_set():
-                    self.log.info("confirming %d frees failed: %s", len(batch), err)
 
     def _watch(self) -> None:
         backoff = 0.1
@@ -323,7 +294,7 @@ class Lender:
                 for event in stream:
                     backoff = 0.1
                     if event.kind == pb.LenderEvent.FREE:
-                        self._frees.put(event)
+                        self._frees.put(event.lease_id, event.clean)
             except grpc.RpcError as err:
                 self._recover(from_rpc_error(err))
             except HarvestError as err:

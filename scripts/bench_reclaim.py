@@ -130,14 +130,20 @@ def tenant(args: argparse.Namespace) -> None:
         def free() -> int:
             return device.memory()[1]
 
+    free_before = 0
     for line in sys.stdin:
         cmd = line.split()
         if not cmd or cmd[0] == "exit":
             break
         if cmd[0] == "press":
             leave, lent = int(cmd[1]), int(cmd[2])
+            free_before = free()
             began = time.monotonic()
-            memory.take(max(0, free() - leave))
+            try:
+                memory.take(max(0, free() - leave))
+            except memory.out_of_memory as err:  # the driver says no: report, not hang
+                say(event="pressed", error=f"the tenant's allocation failed: {err}")
+                continue
             pressed = time.monotonic()
             # Back: all that was lent is free again (to within 1%: other processes' noise).
             # The lender may be done before the allocation returns: the goal is counted
@@ -156,6 +162,12 @@ def tenant(args: argparse.Namespace) -> None:
             )
         elif cmd[0] == "release":
             memory.release()
+            # Back only once the device shows it all free: a freed allocation leaves the
+            # device's books over some milliseconds, and a lender that looks meanwhile sees
+            # a tenant still holding it (a reclaim before the next round's press).
+            deadline = time.monotonic() + 10
+            while free() < free_before - (1 << 30) and time.monotonic() < deadline:
+                time.sleep(0.005)
             say(event="released")
 
 
@@ -227,6 +239,8 @@ def run_config(args: argparse.Namespace, lent: int, holders: int) -> dict[str, A
                 time.sleep(args.settle)  # holders at full speed
                 seen = len(reclaim_traces(node, "reclaim"))
                 press = ten.ask(f"press {args.leave} {lent}", "pressed", 120)
+                if "error" in press:
+                    raise RuntimeError(f"round {r}: {press['error']}")
                 done = [w.expect("done", 120) for w in workers]
                 wait(lambda seen=seen: len(reclaim_traces(node, "reclaim")) > seen, 30, "the trace")
                 trace = reclaim_traces(node, "reclaim")[seen]

@@ -33,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from benchkit.driver import fork, has_gpu, holder, lend, nvml_free, recv, send, timed, wait_visible
 from benchkit.multi import write_json
 from benchkit.node import REPO
 
@@ -44,98 +45,6 @@ ORDERINGS = (
     "lender-released-first",
     "lender-unmapped-early",
 )
-
-
-def _send(sock: socket.socket, doc: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = (json.dumps(doc) + "\n").encode()
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.sendall(data)
-
-
-def _recv(reader: Any) -> dict[str, Any]:
-    line = reader.readline()
-    if not line:
-        raise SystemExit("the other process went away")
-    return json.loads(line)
-
-
-def _timed(fn: Any, *args: Any) -> float:
-    t0 = time.perf_counter()
-    fn(*args)
-    return (time.perf_counter() - t0) * 1e3
-
-
-def holder(sock: socket.socket, ordinal: int) -> None:
-    """The borrower: import and map what it is sent; fence on command, timing each call."""
-    from lender.backends import cuda_driver as cu
-
-    drv = cu.driver()
-    posix = drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
-    gran = cu.vmm_granularity(ordinal)
-    maps: list[tuple[Any, int, int]] = []
-    with cu.on_device(ordinal):
-        while True:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 256)
-            doc: dict[str, Any] = (
-                json.loads(msg.decode().splitlines()[0]) if msg else {"cmd": "quit"}
-            )
-            if doc["cmd"] == "quit":
-                return
-            if doc["cmd"] == "map":
-                size = doc["size"]
-                t0 = time.perf_counter()
-                for fd in fds:
-                    handle = cu.check(drv.cuMemImportFromShareableHandle(fd, posix), "import")
-                    os.close(fd)
-                    va = cu.map_range(drv, handle, size, ordinal, gran)
-                    maps.append((handle, va, size))
-                _send(sock, {"ms": (time.perf_counter() - t0) * 1e3})
-            elif doc["cmd"] == "fence":
-                steps: dict[str, list[float]] = {"sync": [], "unmap": [], "release": []}
-
-                def fence(
-                    item: tuple[Any, int, int], steps: dict[str, list[float]] = steps
-                ) -> None:
-                    handle, va, size = item
-                    steps["sync"].append(_timed(drv.cuCtxSynchronize))
-                    steps["unmap"].append(_timed(drv.cuMemUnmap, va, size))
-                    steps["release"].append(_timed(drv.cuMemRelease, handle))
-
-                t0 = time.perf_counter()
-                if doc["threads"] > 1:
-
-                    def fence_on_device(item: tuple[Any, int, int]) -> None:
-                        with cu.on_device(ordinal):
-                            fence(item)
-
-                    with ThreadPoolExecutor(doc["threads"]) as pool:
-                        list(pool.map(fence_on_device, maps))
-                else:
-                    for item in maps:
-                        fence(item)
-                wall = (time.perf_counter() - t0) * 1e3
-                for _h, va, size in maps:
-                    drv.cuMemAddressFree(va, size)
-                maps.clear()
-                _send(sock, {"wall_ms": wall, "steps": steps})
-
-
-def _nvml_free(ordinal: int) -> int:
-    import pynvml
-
-    return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(ordinal)).free)
-
-
-def _wait_visible(ordinal: int, free_before: int, slack: int) -> float:
-    """Milliseconds (monotonic) at which NVML shows the memory free again."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if _nvml_free(ordinal) >= free_before - slack:
-            return time.monotonic()
-        time.sleep(0.0002)
-    return float("nan")
 
 
 def lender(sock: socket.socket, args: argparse.Namespace) -> dict[str, Any]:
@@ -151,42 +60,18 @@ def lender(sock: socket.socket, args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     with cu.on_device(ordinal):
         cu.check(drv.cuCtxSynchronize(), "sync")
-        gran = cu.vmm_granularity(ordinal)
-        posix = drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
         for rnd in range(args.rounds):
             for ordering in ORDERINGS:
-                free_before = _nvml_free(ordinal)
-                setup: dict[str, list[float]] = {"create": [], "map": [], "zero": [], "export": []}
-                allocs = []
-                for _ in range(args.count):
-                    t0 = time.perf_counter()
-                    handle = cu.check(
-                        drv.cuMemCreate(args.size, cu.vmm_prop(drv, ordinal), 0), "cuMemCreate"
-                    )
-                    t1 = time.perf_counter()
-                    va = cu.map_range(drv, handle, args.size, ordinal, gran)
-                    t2 = time.perf_counter()
-                    cu.check(drv.cuMemsetD8(va, 0, args.size), "cuMemsetD8")
-                    cu.check(drv.cuCtxSynchronize(), "sync")
-                    t3 = time.perf_counter()
-                    fd = int(cu.check(drv.cuMemExportToShareableHandle(handle, posix, 0), "export"))
-                    t4 = time.perf_counter()
-                    for key, t_from, t_to in (
-                        ("create", t0, t1),
-                        ("map", t1, t2),
-                        ("zero", t2, t3),
-                        ("export", t3, t4),
-                    ):
-                        setup[key].append((t_to - t_from) * 1e3)
-                    allocs.append([handle, va, fd])
-                _send(sock, {"cmd": "map", "size": args.size}, [a[2] for a in allocs])
+                free_before = nvml_free(ordinal)
+                allocs, setup = lend(drv, ordinal, args.count, args.size)
+                send(sock, {"cmd": "map", "size": args.size}, [a[2] for a in allocs])
                 for a in allocs:
                     os.close(a[2])
-                imported_ms = _recv(reader)["ms"]
+                imported_ms = recv(reader)["ms"]
                 early: list[float] = []
                 if ordering == "lender-unmapped-early":
                     for a in allocs:
-                        early.append(_timed(drv.cuMemUnmap, a[1], args.size))
+                        early.append(timed(drv.cuMemUnmap, a[1], args.size))
                         drv.cuMemAddressFree(a[1], args.size)
                         a[1] = None
                 time.sleep(0.2)
@@ -199,11 +84,11 @@ def lender(sock: socket.socket, args: argparse.Namespace) -> dict[str, Any]:
                 def free(a: list[Any], lender_steps: dict[str, list[float]] = lender_steps) -> None:
                     with cu.on_device(ordinal):
                         if a[1] is not None:
-                            lender_steps["unmap"].append(_timed(drv.cuMemUnmap, a[1], args.size))
+                            lender_steps["unmap"].append(timed(drv.cuMemUnmap, a[1], args.size))
                             lender_steps["address_free"].append(
-                                _timed(drv.cuMemAddressFree, a[1], args.size)
+                                timed(drv.cuMemAddressFree, a[1], args.size)
                             )
-                        lender_steps["release"].append(_timed(drv.cuMemRelease, a[0]))
+                        lender_steps["release"].append(timed(drv.cuMemRelease, a[0]))
 
                 threads = 8 if ordering.endswith("threads") else 1
                 start = time.monotonic()
@@ -213,8 +98,8 @@ def lender(sock: socket.socket, args: argparse.Namespace) -> dict[str, Any]:
                     for a in allocs:
                         free(a)
                     lender_wall = (time.perf_counter() - t0) * 1e3
-                _send(sock, {"cmd": "fence", "threads": threads})
-                fenced = _recv(reader)
+                send(sock, {"cmd": "fence", "threads": threads})
+                fenced = recv(reader)
                 if ordering != "lender-released-first":
                     t0 = time.perf_counter()
                     if threads > 1:
@@ -224,7 +109,7 @@ def lender(sock: socket.socket, args: argparse.Namespace) -> dict[str, Any]:
                         for a in allocs:
                             free(a)
                     lender_wall = (time.perf_counter() - t0) * 1e3
-                visible = _wait_visible(ordinal, free_before, slack=args.size // 2)
+                visible = wait_visible(ordinal, free_before, slack=args.size // 2)
                 row = {
                     "round": rnd,
                     "ordering": ordering,
@@ -248,7 +133,7 @@ def lender(sock: socket.socket, args: argparse.Namespace) -> dict[str, Any]:
                     f"visible {row['total_to_visible_ms']:7.1f} ms",
                     flush=True,
                 )
-    _send(sock, {"cmd": "quit"})
+    send(sock, {"cmd": "quit"})
     return {"rows": rows}
 
 
@@ -261,20 +146,6 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def _has_gpu(ordinal: int) -> bool:
-    """Whether NVML sees GPU ``ordinal`` (NVML only: CUDA must not start before the fork)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return 0 <= ordinal < pynvml.nvmlDeviceGetCount()
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no library, no driver, no device: all say no GPU
-        return False
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", type=int, default=0)
@@ -283,19 +154,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "bench/results/vmm_release.json"))
     args = parser.parse_args()
-    if not _has_gpu(args.gpu):
+    if not has_gpu(args.gpu):
         print(f"bench_vmm_release: needs NVIDIA GPU {args.gpu} (NVML found none)", file=sys.stderr)
         return 2
-    # Fork before either side touches CUDA: a forked CUDA context is unusable.
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:
-        ours.close()
-        try:
-            holder(theirs, args.gpu)
-        finally:
-            os._exit(0)
-    theirs.close()
+    ours, pid = fork(holder, args.gpu)  # before this process touches CUDA
     doc = {
         "benchmark": "vmm_release",
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),

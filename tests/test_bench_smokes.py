@@ -185,12 +185,14 @@ def test_planner_smoke_splits_each_shape_against_transfer_only(tmp_path):
     assert out.with_suffix(".png").exists()
 
 
-def test_vmm_release_probe_refuses_cleanly_without_a_gpu(tmp_path: Path):
-    """scripts/bench_vmm_release.py measures the CUDA driver itself: with no GPU it exits
-    2 with a one-line reason, not a traceback, and writes nothing."""
-    out = tmp_path / "vmm.json"
+@pytest.mark.parametrize("script", ["bench_vmm_release.py", "bench_driver_ramp.py"])
+def test_driver_probes_refuse_cleanly_without_a_gpu(tmp_path: Path, script: str):
+    """The driver probes (the release calls, the tenant's ramp floor) measure the CUDA
+    driver itself: with no GPU each exits 2 with a one-line reason, not a traceback, and
+    writes nothing."""
+    out = tmp_path / "probe.json"
     proc = subprocess.run(
-        [PY, str(SCRIPTS / "bench_vmm_release.py"), "--out", str(out)],
+        [PY, str(SCRIPTS / script), "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -72,7 +72,10 @@ class PlacedLayer(KVLayer):
         self.placed: PlacedTensor | None = None
         self.capacity = 0
         self.borrows = False  # whether its placed tensor may lease
-        self.holds: set[_Hold] = set()  # use() blocks of views still alive
+        self.holds: set[_Hold] = set()  # uses of views still alive
+        # The placed tensor's K and V halves: each update returns narrowings of them.
+        # (Not transformers' ``keys`` / ``values``: those mean the layer's K/V.)
+        self.key_half = self.value_half = torch.empty(0)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Take the batch, heads, head size, dtype and device of the first K/V."""
@@ -88,33 +91,42 @@ class PlacedLayer(KVLayer):
 
 
 class _Hold:
-    """One ``use()`` block of a placed tensor, entered by ``update`` and left once: when
-    the last of the ``views`` it guards dies, or at once by :meth:`leave` (when the cache
-    lets go of the tensor)."""
+    """One use of a placed tensor, begun by ``update`` and ended once: when the last of
+    the views it guards dies, or at once by :meth:`leave` (when the cache lets go of the
+    tensor). Weak references with callbacks rather than ``weakref.finalize``, and plain
+    ``begin_use`` / ``end_use`` calls: this runs for every layer of every decode step."""
+
+    __slots__ = ("__weakref__", "_placed", "_user", "_holds", "_guard", "_views", "_refs")
 
     def __init__(
-        self, placed: PlacedTensor, holds: set["_Hold"], guard: threading.RLock, views: int
+        self,
+        placed: PlacedTensor,
+        holds: set["_Hold"],
+        guard: threading.RLock,
+        views: tuple[torch.Tensor, ...],
     ) -> None:
-        self._use = placed.use()
-        self._use.__enter__()
-        self._holds, self._guard, self._views = holds, guard, views
+        self._placed, self._holds, self._guard = placed, holds, guard
+        self._user = placed.begin_use()
+        self._views = len(views)
         with guard:
             holds.add(self)
+        # The references live as long as the hold: a dead one never calls back.
+        self._refs = [weakref.ref(view, self._view_died) for view in views]
 
-    def view_died(self) -> None:
+    def _view_died(self, _ref: object) -> None:
         with self._guard:
             self._views -= 1
             if self._views > 0 or self not in self._holds:
                 return
             self._holds.discard(self)
-        self._use.__exit__(None, None, None)
+        self._placed.end_use(self._user)
 
     def leave(self) -> None:
         with self._guard:
             if self not in self._holds:
                 return
             self._holds.discard(self)
-        self._use.__exit__(None, None, None)
+        self._placed.end_use(self._user)
 
 
 def _upto(tokens: int) -> tuple[slice, ...]:
@@ -151,7 +163,7 @@ class PlacedKV:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new tokens' K/V (checked by the caller) into layer ``layer_idx``'s
-        placed tensor; return views of all its K/V, each under a ``use()`` block."""
+        placed tensor; return views of all its K/V, both under one use of it."""
         if self.closed:
             raise FailedPrecondition("this HarvestCache is closed")
         while len(self._layers) <= layer_idx:
@@ -177,14 +189,8 @@ class PlacedKV:
             placed.write_((0, *span), key_states)
             placed.write_((1, *span), value_states)
         layer.tokens = end
-        hold = _Hold(placed, layer.holds, self._guard, views=2)
-        try:
-            keys, values = placed.tensor[0, :, :, :end], placed.tensor[1, :, :, :end]
-        except BaseException:
-            hold.leave()
-            raise
-        weakref.finalize(keys, hold.view_died)  # the last view's death ends the block
-        weakref.finalize(values, hold.view_died)
+        keys, values = layer.key_half.narrow(2, 0, end), layer.value_half.narrow(2, 0, end)
+        _Hold(placed, layer.holds, self._guard, (keys, values))  # ends when both die
         return keys, values
 
     def _capacity(self, layer: PlacedLayer, need: int) -> int:
@@ -232,6 +238,7 @@ class PlacedKV:
             self._let_go(layer)
             self.regrown += 1
         layer.placed, layer.capacity, layer.borrows = placed, capacity, borrow
+        layer.key_half, layer.value_half = placed.tensor[0], placed.tensor[1]
 
     def _may_borrow(self, layer: PlacedLayer, nbytes: int) -> bool:
         assert layer.device is not None
@@ -252,6 +259,7 @@ class PlacedKV:
         for hold in holds:
             hold.leave()
         placed, layer.placed, layer.capacity, layer.borrows = layer.placed, None, 0, False
+        layer.key_half = layer.value_half = torch.empty(0)
         if placed is not None:
             placed.close()
             self._revocations_gone += placed.revocations

@@ -24,19 +24,32 @@ class RemapLock:
     def use(self) -> Iterator[None]:
         """Hold off remaps while the block runs. A thread already in a ``use`` block
         enters again at once: a remap waiting for it would otherwise wait for itself."""
+        user = self.begin_use()
+        try:
+            yield
+        finally:
+            self.end_use(user)
+
+    def begin_use(self) -> int:
+        """:meth:`use`'s start, for a use that ends elsewhere (when the views a KV cache
+        returned die); returns the user to pass to :meth:`end_use`, which any thread
+        may call. Plain calls rather than a generator: a decode step makes a few of
+        these per layer, and the generator's overhead showed in its time."""
         me = threading.get_ident()
         with self._cond:
             if not self._users.get(me):
                 while self._remapping or self._waiting:
                     self._cond.wait()
             self._users[me] = self._users.get(me, 0) + 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._users[me] -= 1
-                if not self._users[me]:
-                    del self._users[me]
+        return me
+
+    def end_use(self, user: int) -> None:
+        """End one use that :meth:`begin_use` began (``user``: what it returned)."""
+        with self._cond:
+            self._users[user] -= 1
+            if not self._users[user]:
+                del self._users[user]
+                if self._waiting:  # only a remap waits for the uses to end
                     self._cond.notify_all()
 
     @contextlib.contextmanager

@@ -242,20 +242,35 @@ class PlacedTensor:
         blocks in flight, then for the device (``cuCtxSynchronize``) before it changes a
         page, so kernels launched in a block need not finish before it ends; a kernel
         launched outside any block may run while pages change under it."""
-        self._check_open()
-        with self._lock.use():
+        user = self.begin_use()
+        try:
             yield self.tensor
+        finally:
+            self.end_use(user)
+
+    def begin_use(self) -> int:
+        """:meth:`use`'s start, for a use whose end is not the end of a block (a KV
+        cache's views, which end the use when they die); every ``begin_use`` needs its
+        :meth:`end_use`, with what it returned."""
+        self._check_open()
+        return self._lock.begin_use()
+
+    def end_use(self, user: int) -> None:
+        """End a use :meth:`begin_use` began (any thread may)."""
+        self._lock.end_use(user)
 
     def write_(self, key: Any, value: Any) -> None:
         """``tensor[key] = value``, kept in the authoritative copy too, so that no
         revocation loses it."""
-        self._check_open()
-        with self._lock.use():
-            assert self._authoritative is not None  # open: checked above
+        user = self.begin_use()
+        try:
+            assert self._authoritative is not None  # open: checked by begin_use
             self._authoritative[key] = value
             self.tensor[key] = value
             with self._version_lock:
                 self._version += 1
+        finally:
+            self.end_use(user)
 
     def leases(self) -> list[Lease]:
         """The leases under the tensor now."""

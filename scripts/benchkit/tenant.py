@@ -25,7 +25,8 @@ from harvestd.sizes import parse_size
 def lender_node(args: argparse.Namespace, lender_id: str) -> Iterator[BenchNode]:
     """A broker and one lender in a fresh state dir. ``args``: ``smoke`` (the CPU twin:
     a host device of ``device_bytes``, whose path lands in ``args.host_device``) or
-    ``gpu_uuid``; ``reserve``, ``peak_window``, and ``cap`` if set."""
+    ``gpu_uuid``; ``reserve``, ``peak_window``, and ``cap`` if set. The state dir goes
+    at the end unless ``HARVEST_BENCH_KEEP_STATE=1``."""
     state = Path(tempfile.mkdtemp(prefix="hv-tenant-", dir="/tmp"))
     node = BenchNode(state, node_env(state))
     os.environ["HARVEST_STATE_DIR"] = str(state)
@@ -60,7 +61,10 @@ def lender_node(args: argparse.Namespace, lender_id: str) -> Iterator[BenchNode]
             except subprocess.TimeoutExpired:
                 proc.kill()
         logs.close()
-        shutil.rmtree(state, ignore_errors=True)
+        if os.environ.get("HARVEST_BENCH_KEEP_STATE") == "1":  # the node's logs, for a post-mortem
+            print(f"kept the node's state dir (logs under it): {state}", file=sys.stderr)
+        else:
+            shutil.rmtree(state, ignore_errors=True)
 
 
 def _up(node: BenchNode) -> bool:
