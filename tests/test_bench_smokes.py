@@ -185,11 +185,13 @@ def test_planner_smoke_splits_each_shape_against_transfer_only(tmp_path):
     assert out.with_suffix(".png").exists()
 
 
-@pytest.mark.parametrize("script", ["bench_vmm_release.py", "bench_driver_ramp.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_vmm_release.py", "bench_driver_ramp.py", "bench_watch_cost.py"]
+)
 def test_driver_probes_refuse_cleanly_without_a_gpu(tmp_path: Path, script: str):
-    """The driver probes (the release calls, the tenant's ramp floor) measure the CUDA
-    driver itself: with no GPU each exits 2 with a one-line reason, not a traceback, and
-    writes nothing."""
+    """The GPU probes (the driver's release calls, the tenant's ramp floor, what the
+    lender's watch costs the tenant) measure the GPU itself: with no GPU each exits 2 with
+    a one-line reason, not a traceback, and writes nothing."""
     out = tmp_path / "probe.json"
     proc = subprocess.run(
         [PY, str(SCRIPTS / script), "--out", str(out)],
