@@ -34,7 +34,7 @@ import sys
 import time
 from typing import Any
 
-from benchkit.driver import fork, has_gpu, holder, lend, nvml_free, recv, send, wait_visible
+from benchkit.driver import fork, holder, lend, no_gpu, nvml_free, recv, send, wait_visible
 from benchkit.multi import write_json
 from benchkit.node import REPO
 
@@ -203,8 +203,7 @@ def main() -> int:
     )
     parser.add_argument("--out", default=str(REPO / "bench/results/driver_ramp.json"))
     args = parser.parse_args()
-    if not has_gpu(args.gpu):
-        print(f"bench_driver_ramp: needs NVIDIA GPU {args.gpu} (NVML found none)", file=sys.stderr)
+    if no_gpu("bench_driver_ramp", args.gpu):
         return 2
     hold, hold_pid = fork(holder, args.gpu)  # both before this process touches CUDA
     ten, ten_pid = fork(tenant, args.gpu)

@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from benchkit.driver import fork, has_gpu, holder, lend, nvml_free, recv, send, timed, wait_visible
+from benchkit.driver import fork, holder, lend, no_gpu, nvml_free, recv, send, timed, wait_visible
 from benchkit.multi import write_json
 from benchkit.node import REPO
 
@@ -154,8 +154,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "bench/results/vmm_release.json"))
     args = parser.parse_args()
-    if not has_gpu(args.gpu):
-        print(f"bench_vmm_release: needs NVIDIA GPU {args.gpu} (NVML found none)", file=sys.stderr)
+    if no_gpu("bench_vmm_release", args.gpu):
         return 2
     ours, pid = fork(holder, args.gpu)  # before this process touches CUDA
     doc = {

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from benchkit.driver import has_gpu
+from benchkit.driver import no_gpu
 from benchkit.multi import write_json
 from benchkit.node import REPO
 
@@ -48,8 +48,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--out", default=str(REPO / "bench/results/watch_cost.json"))
     args = parser.parse_args()
-    if not has_gpu(args.gpu):
-        print(f"bench_watch_cost: needs NVIDIA GPU {args.gpu} (NVML found none)", file=sys.stderr)
+    if no_gpu("bench_watch_cost", args.gpu):
         return 2
     import bench_kv
     import torch

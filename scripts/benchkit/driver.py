@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -173,3 +174,12 @@ def has_gpu(ordinal: int) -> bool:
             pynvml.nvmlShutdown()
     except Exception:  # noqa: BLE001 - no library, no driver, no device: all say no GPU
         return False
+
+
+def no_gpu(script: str, ordinal: int) -> bool:
+    """True (having said why on stderr) when GPU ``ordinal`` is missing: a probe that
+    measures the GPU itself has no CPU twin and exits 2."""
+    if has_gpu(ordinal):
+        return False
+    print(f"{script}: needs NVIDIA GPU {ordinal} (NVML found none)", file=sys.stderr)
+    return True
