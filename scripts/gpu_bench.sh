@@ -58,7 +58,8 @@ export PYTHONUNBUFFERED=1
 #   optional kv_batch8 (estimate ~230 s).
 # - reclaim 55: 2 configurations, each on a fresh node with its holders starting (4 and
 #   16 processes) and 3 rounds; the 64-holder one (HARVEST_RECLAIM_64=1) adds ~70 s.
-# - tenant_ramp 150: 10 scenario runs, each on a fresh node (its time not yet taken).
+# - tenant_ramp 150: 10 scenario runs, each on a fresh node (91 s on the H200, 2026-12-01,
+#   beside reclaim in a second call).
 # - place 240: the tiers and the remaps took 25 s of its own clock on the H200 at
 #   --rounds 5 (its default is 7); the limit leaves room for larger --bytes.
 PARTS=(kv planner bandwidth reclaim moe)  # the default, in this order
