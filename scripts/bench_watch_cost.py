@@ -50,15 +50,15 @@ def main() -> int:
     args = parser.parse_args()
     if no_gpu("bench_watch_cost", args.gpu):
         return 2
-    import bench_kv
     import torch
+    from benchkit.kvmodel import build_model, prefill
     from transformers import DynamicCache
 
     device = torch.device("cuda", args.gpu)
     shape = argparse.Namespace(smoke=False, layers=2, contexts=[args.context], warmup=2, decode=0)
-    model = bench_kv.build_model(shape, device)
+    model = build_model(shape, device)
     ids = torch.randint(0, model.config.vocab_size, (1, args.context), device=device)
-    kv, first = bench_kv.prefill(model, ids)
+    kv, first = prefill(model, ids)
 
     def decode() -> float:
         """ms per step over ``args.steps`` steps, after 2 untimed ones."""
@@ -103,7 +103,7 @@ def main() -> int:
     doc = {
         "benchmark": "watch_cost",
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-        "model": "2 Llama-3-8B layers, bf16, random weights (bench_kv.build_model)",
+        "model": "2 Llama-3-8B layers, bf16, random weights (benchkit.kvmodel.build_model)",
         "context": args.context,
         "steps": args.steps,
         "ms_per_step": ms,

@@ -13,7 +13,11 @@ Modes (names as they appear in the JSON):
   write by hand: full blocks in pinned host memory, read back with one copy per layer per
   step, never written back;
 - ``harvest-host`` / ``harvest-gpu``: ``client.kv.HarvestCache`` on host / GPU leases
-  (made by the benchmark, which holds the client).
+  (made by the benchmark, which holds the client);
+- ``host-placed`` / ``harvest-gpu-placed`` (:data:`PLACED_MODES`, issue 15):
+  ``HarvestCache(placement="placed")``, the K/V in placed tensors that attention reads in
+  place, on nothing leased / on GPU leases; the benchmark reports them apart, under its
+  JSON's ``placed``.
 """
 
 from __future__ import annotations
@@ -65,6 +69,34 @@ CONFIG = {
     "decoding GPU itself: the stand-in for a peer GPU's memory), plus their pinned host "
     "copy; one batched fetch per layer per step, the next layer's while this one computes",
 }
+
+PLACED_MODES = ("host-placed", "harvest-gpu-placed")
+"""Modes whose K/V sit in placed tensors, read in place (issue 15): reported apart, under
+doc["placed"], so that the issue-14 document (:data:`MODES`) keeps its shape."""
+OPTIONAL_MODES = ("host-placed",)
+"""Modes the benchmark runs only when named in ``--modes`` (``--smoke`` adds them)."""
+PLACED_NEEDS_CUDA = frozenset({"harvest-gpu-placed"})
+"""The placed modes that only run on a GPU (GPU leases need one)."""
+PLACED_AFTER = {"host-placed": "harvest-host", "harvest-gpu-placed": "harvest-gpu"}
+"""Each placed mode's copy counterpart: the mode it runs right after in every repeat."""
+KNOWN = (*MODES, *PLACED_MODES)
+"""Every mode ``--modes`` takes, in the order the tables and the plot show them."""
+TARGET_VS_PLAIN = 0.90
+"""Issue 15's target: harvest-gpu-placed decodes at least 0.90 as fast as plain."""
+PLACED_CONFIG = {
+    "harvest-gpu-placed": "client.kv.HarvestCache(placement='placed', backends=('cuda-vmm',), "
+    "max_tokens=context + warm-up + timed steps + 1, refill_every=None): each layer's K and "
+    "V in one placed tensor [2, batch, kv_heads, max_tokens, head_dim] whose 2 MiB chunks are "
+    "CUDA VMM leases of --lender-gpu mapped into one reserved range (on a one-GPU machine "
+    "that GPU's own memory, lent by the lender process), plus the authoritative host-NUMA "
+    "copy; each update writes the new token into the leased pages and the host copy and "
+    "returns [:, :, :tokens] views that attention reads in place: no fetch, no staging",
+    "host-placed": "client.kv.HarvestCache(placement='placed', borrow_bytes=0, max_tokens=..., "
+    "refill_every=None): the same placed tensors with nothing leased: attention reads the "
+    "authoritative host copy in place (host-NUMA pages mapped for the GPU through the VMM "
+    "API; a memfd on the CPU), every step's K/V crossing the PCIe link inside the kernel",
+}
+"""What each placed mode runs, word for word, for the JSON (as :data:`CONFIG`)."""
 
 
 def make_baseline(mode: str, config: Any, max_tokens: int, block_tokens: int) -> Cache:
