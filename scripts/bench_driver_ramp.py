@@ -37,6 +37,7 @@ from typing import Any
 from benchkit.driver import fork, holder, lend, no_gpu, nvml_free, recv, send, wait_visible
 from benchkit.multi import write_json
 from benchkit.node import REPO
+from benchkit.tenant import slowest_take_ms
 
 from harvestd.sizes import GiB, format_size, parse_size
 
@@ -105,14 +106,13 @@ def _row(scenario: str, rnd: int, ramp: dict[str, Any], released: list[float]) -
         return round((t - start) * 1e3, 3)
 
     took = [ms(t) for t in ramp["took"]]
-    gaps = [b - a for a, b in zip([0.0, *took[:-1]], took, strict=True)]
     return {
         "scenario": scenario,
         "round": rnd,
         "complete": ramp["complete"],
         "hold_ms": took[-1] if took else float("nan"),
         "failures": len(ramp["failed"]),
-        "slowest_take_ms": round(max(gaps, default=0.0), 3),
+        "slowest_take_ms": slowest_take_ms(took),
         "took_ms": took,
         "failed_ms": [ms(t) for t in ramp["failed"]],
         "released_ms": [ms(t) for t in released],  # each release returned (during-release)

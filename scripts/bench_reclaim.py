@@ -140,7 +140,7 @@ def tenant(args: argparse.Namespace) -> None:
             free_before = free()
             began = time.monotonic()
             try:
-                memory.take(max(0, free() - leave))
+                memory.take(max(0, free_before - leave))
             except memory.out_of_memory as err:  # the driver says no: report, not hang
                 say(event="pressed", error=f"the tenant's allocation failed: {err}")
                 continue

@@ -47,6 +47,7 @@ from benchkit.tenant import (
     lender_node,
     reclaim_traces,
     say,
+    slowest_take_ms,
     wait,
     worker_parser,
 )
@@ -168,7 +169,6 @@ def tenant(args: argparse.Namespace) -> None:
                     continue
                 took_ms.append((time.perf_counter() - start) * 1e3)
             seconds = time.perf_counter() - start
-            gaps = [b - a for a, b in zip([0.0, *took_ms[:-1]], took_ms, strict=True)]
             say(
                 event="ramped",
                 failures=len(failed_ms),
@@ -180,7 +180,7 @@ def tenant(args: argparse.Namespace) -> None:
                 started_at=started_at,
                 took_ms=[round(t, 3) for t in took_ms],
                 failed_ms=[round(t, 3) for t in failed_ms],
-                slowest_take_ms=round(max(gaps, default=0.0), 3),
+                slowest_take_ms=slowest_take_ms(took_ms),
             )
         elif cmd[0] == "free":
             memory.release()

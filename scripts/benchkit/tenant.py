@@ -109,6 +109,14 @@ def gpu_uuid(gpu: str) -> str:
     return str(pynvml.nvmlDeviceGetUUID(handle))
 
 
+def slowest_take_ms(took_ms: list[float]) -> float:
+    """The longest a ramping tenant waited for one piece: the largest gap between the
+    times (ms from the ramp's start) at which it held each piece, the first counted from
+    the start; rounded to the microsecond."""
+    gaps = [b - a for a, b in zip([0.0, *took_ms[:-1]], took_ms, strict=True)]
+    return round(max(gaps, default=0.0), 3)
+
+
 def say(**msg: Any) -> None:
     """One JSON line from a worker to its driver."""
     print(json.dumps(msg), flush=True)
